@@ -1,0 +1,179 @@
+"""Masked Autoencoder (He et al., 2021) on top of :class:`models.vit.VisionTransformer`.
+
+The encoder is a ``VisionTransformer`` (saved under ``encoder.``) that sees only the visible patches;
+a lighter decoder of the same ``Block`` reconstructs the pixels of every patch from the encoded
+tokens plus a learned mask token. Masking follows facebookresearch/mae and 🤗 ViTMAE: patches are
+ranked by ``noise`` ascending and the first ``int(L * (1 - mask_ratio))`` are kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+
+from .vit import Block, VisionTransformer, init_weights_official, sincos_pos_embed_2d
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C), each patch flattened row by row with channels last (official order)."""
+    batch, channels, height, width = images.shape
+    p = patch_size
+    x = images.reshape(batch, channels, height // p, p, width // p, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int) -> torch.Tensor:
+    """(B, L, p*p*C) -> (B, C, H, W), the inverse of :func:`patchify`."""
+    batch = patches.shape[0]
+    p = patch_size
+    grid_h, grid_w = grid_size
+    x = patches.reshape(batch, grid_h, grid_w, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(batch, channels, grid_h * p, grid_w * p)
+
+
+def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """Keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise.
+
+    Returns the visible tokens (B, L_keep, D), the mask (B, L; 1 = masked, in the original patch order)
+    and ``restore_ids`` (B, L), the permutation that puts [visible, masked] back into patch order.
+    """
+    batch, length, dim = tokens.shape
+    num_keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, length, device=tokens.device)
+    shuffle_ids = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    restore_ids = torch.argsort(shuffle_ids, dim=1)
+    visible_ids = shuffle_ids[:, :num_keep]
+    visible = torch.gather(tokens, 1, visible_ids.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(batch, length, device=tokens.device)
+    mask[:, :num_keep] = 0
+    mask = torch.gather(mask, 1, restore_ids)
+    return visible, mask, restore_ids
+
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor  # scalar: mean squared error over the masked patches
+    pred: torch.Tensor  # (B, L, p*p*C): predicted pixels (normalised per patch if norm_pix_loss)
+    mask: torch.Tensor  # (B, L): 1 = masked, 0 = visible
+
+
+class MaskedAutoencoder(nn.Module, PyTorchModelHubMixin):
+    """MAE: ViT encoder on the visible patches, light transformer decoder, MSE on the masked patches."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        custom_weight_init: bool = True,
+    ):
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.encoder = VisionTransformer(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool=False,
+            custom_weight_init=custom_weight_init,
+        )
+        grid_size = self.encoder.patch_embed.grid_size
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, grid_size, cls_token=True), persistent=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio) for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        if custom_weight_init:
+            for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+                module.apply(init_weights_official)
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.encoder.patch_embed.grid_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.num_patches
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        return unpatchify(patches, self.patch_size, self.grid_size, self.in_chans)
+
+    def forward_encoder(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Encode the visible patches: returns tokens (B, 1 + L_keep, D), mask (B, L), restore_ids (B, L)."""
+        tokens = self.encoder.embed_patches(images)
+        visible, mask, restore_ids = random_masking(tokens, mask_ratio, noise)
+        x = self.encoder.prepend_cls_token(visible)
+        for block in self.encoder.blocks:
+            x = block(x)
+        return self.encoder.norm(x), mask, restore_ids
+
+    def forward_decoder(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
+        """Decode [cls, visible] tokens plus mask tokens into per-patch pixels: (B, L, p*p*C)."""
+        x = self.decoder_embed(latent)
+        batch, num_visible = x.shape[0], x.shape[1] - 1
+        mask_tokens = self.mask_token.to(x.dtype).expand(batch, restore_ids.shape[1] - num_visible, -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [visible, masked] order
+        patches = torch.gather(patches, 1, restore_ids.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """The reconstruction target (B, L, p*p*C): pixels, normalised per patch if ``norm_pix_loss``."""
+        target = self.patchify(images)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over the masked patches only."""
+        per_patch = ((pred.float() - self.target(images).float()) ** 2).mean(dim=-1)  # (B, L)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(
+        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None
+    ) -> MAEOutput:
+        """``noise`` (B, L) fixes the mask (smallest values are kept); ``mask_ratio`` overrides the default."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, restore_ids = self.forward_encoder(pixel_values, ratio, noise)
+        pred = self.forward_decoder(latent, restore_ids)
+        return MAEOutput(loss=self.forward_loss(pixel_values, pred, mask), pred=pred, mask=mask)
+
+    def reconstruct(self, pred: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Turn predictions into an image (B, C, H, W); with ``norm_pix_loss`` each patch is de-normalised
+        with the mean and variance of the original patch, so the picture looks like an image."""
+        if self.norm_pix_loss:
+            target = self.patchify(images)
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        return self.unpatchify(pred)

@@ -1,0 +1,216 @@
+"""A plain-PyTorch Vision Transformer: the encoder of the MAE and the backbone of every downstream task.
+
+Parameter names follow timm / facebookresearch/mae (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``,
+``fc_norm``, ``head``) so that foreign checkpoints map onto this model with few renames.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (1, [1 +] H*W, D), as in MAE / MoCo v3.
+
+    Half of the channels encode the row, half the column; each half is [sin(pos * w), cos(pos * w)]
+    with w = 1 / 10000^(k / (D/4)). The cls token (if any) gets zeros.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos position embeddings, got {embed_dim}")
+    grid_h, grid_w = grid_size
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0))  # (D/4,)
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+
+    def encode(positions: np.ndarray) -> np.ndarray:  # (H*W,) -> (H*W, D/2)
+        angles = np.outer(positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    # Width first, then height: the channel order of the official implementation, so weights transfer.
+    embed = np.concatenate([encode(cols), encode(rows)], axis=1)  # (H*W, D)
+    if cls_token:
+        embed = np.concatenate([np.zeros((1, embed_dim)), embed], axis=0)
+    return torch.from_numpy(embed).float().unsqueeze(0)
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into non-overlapping patches and project each to ``embed_dim``: (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(
+                f"img_size {self.img_size[0]}x{self.img_size[1]} is not divisible by patch_size {patch_size}: "
+                f"choose an image size that is a multiple of {patch_size}"
+            )
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.in_chans or tuple(images.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
+                f"got {tuple(images.shape)}: resize the inputs or build the model with this img_size/in_chans"
+            )
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernel."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``drop_prob``."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * keep / keep_prob
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, shared by the encoder, the MAE decoder and the segmentation backbone."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights_official(module: nn.Module) -> None:
+    """facebookresearch/mae initialisation: xavier-uniform linears with zero bias, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_patch_embed_as_linear(patch_embed: PatchEmbed) -> None:
+    """Initialise the patch projection like an nn.Linear over the flattened patch (xavier-uniform)."""
+    weight = patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+
+
+class VisionTransformer(nn.Module, PyTorchModelHubMixin):
+    """ViT with a cls token and fixed 2-D sin-cos position embeddings.
+
+    ``global_pool=True`` averages the patch tokens and applies ``fc_norm`` (the MAE fine-tuning recipe);
+    otherwise the normalised cls token is the image feature. ``num_classes=0`` gives a feature extractor.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_classes: int = 0,
+        global_pool: bool = False,
+        drop_path_rate: float = 0.0,
+        custom_weight_init: bool = True,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.global_pool = global_pool
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed, so not saved: recomputed from the config, which also makes any image size loadable.
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size, cls_token=True), persistent=False
+        )
+        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in drop_rates)
+        # With global pooling the final norm moves after the pooling (fc_norm), as in MAE fine-tuning.
+        self.norm = nn.Identity() if global_pool else nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if custom_weight_init:
+            self.apply(init_weights_official)
+            init_patch_embed_as_linear(self.patch_embed)
+            nn.init.normal_(self.cls_token, std=0.02)
+            if isinstance(self.head, nn.Linear):
+                nn.init.trunc_normal_(self.head.weight, std=2e-5)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> patch tokens with position embeddings, without the cls token: (B, L, D)."""
+        return self.patch_embed(images) + self.pos_embed[:, 1:].to(images.dtype)
+
+    def prepend_cls_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens after the last block (and the final norm unless global pooling): (B, 1 + L, D)."""
+        x = self.prepend_cls_token(self.embed_patches(images))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + L, D) -> (B, D): mean of the patch tokens + fc_norm, or the cls token."""
+        return self.fc_norm(tokens[:, 1:].mean(dim=1)) if self.global_pool else tokens[:, 0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(images)))

@@ -1,0 +1,22 @@
+"""One-line errors for bad input: scripts print the message (problem and fix) and exit, no traceback."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+class UserError(ValueError):
+    """An input the user can fix; the message names the problem and the fix."""
+
+
+def run_cli(main) -> None:
+    """Call ``main()``; a ValueError from bad input becomes one line on stderr and exit code 2
+    (set MAE_DEBUG=1 to see the traceback instead)."""
+    try:
+        main()
+    except ValueError as error:  # UserError, DataError and the models' argument checks
+        if os.environ.get("MAE_DEBUG"):
+            raise
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)

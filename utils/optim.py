@@ -1,0 +1,26 @@
+"""Optimizer construction shared by the scripts."""
+from __future__ import annotations
+
+import torch
+
+NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+
+def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
+                              no_decay_names: tuple[str, ...] = NO_WEIGHT_DECAY_NAMES) -> list[dict]:
+    """Two groups: decayed weights, and undecayed norms, biases, position embeddings and tokens (MAE recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in no_decay_names):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(param_groups: list[dict], lr: float, betas=(0.9, 0.95), device: torch.device | None = None):
+    """AdamW, fused where the device supports it (CUDA), otherwise the default implementation."""
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)

@@ -1,0 +1,174 @@
+"""What every script shares: run flags, the run folder, the Accelerator, metrics.jsonl and trackers."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration
+
+from .errors import UserError
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Flags with the same meaning in every script (run folder, batch, schedule, precision, logging)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--experiment_name", type=str, default=None,
+                     help="Name of the run; everything it writes goes to <working_directory>/<experiment_name>/.")
+    run.add_argument("--working_directory", type=str, default="work_dir", help="Parent folder of all runs.")
+    run.add_argument("--wandb_run_name", type=str, default=None, help="Run name shown in wandb (default: experiment_name).")
+    run.add_argument("--seed", type=int, default=0, help="Seed of the model init, data order, augmentation and masks.")
+    run.add_argument("--epochs", type=int, default=None, help="Training epochs (a default suits each script's demo).")
+    run.add_argument("--warmup_epochs", type=float, default=None, help="Epochs of linear learning-rate warmup.")
+    run.add_argument("--max_train_steps", type=int, default=None,
+                     help="Total optimizer steps; overrides --epochs (the schedule spans these steps).")
+    run.add_argument("--per_gpu_batch_size", type=int, default=None,
+                     help="Samples each process contributes to one optimizer step; the loader's micro-batch is "
+                          "per_gpu_batch_size // gradient_accumulation_steps.")
+    run.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                     help="Micro-batches per optimizer step (gradients are all-reduced on the last one only).")
+    run.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens).")
+    run.add_argument("--max_grad_norm", type=float, default=None,
+                     help="Clip the global gradient norm to this value (0 or unset: no clipping).")
+    run.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                     help="Mixed precision; default: whatever the accelerate config says.")
+    run.add_argument("--num_workers", type=int, default=None,
+                     help="Data-loading worker processes per process (default: min(8, CPU cores - 1)).")
+    run.add_argument("--max_samples", type=int, default=None, help="Use only the first N training samples (quick runs).")
+    run.add_argument("--checkpointing_steps", type=int, default=None,
+                     help="Also save a resumable checkpoint every N optimizer steps.")
+    run.add_argument("--save_checkpoint_interval", type=int, default=1,
+                     help="Save a resumable checkpoint every N epochs (and always at the end).")
+    run.add_argument("--keep_checkpoints", type=int, default=2,
+                     help="Keep the newest K checkpoints (0 keeps all); the newest complete one is never deleted.")
+    run.add_argument("--resume_from_checkpoint", type=str, default=None,
+                     help="A checkpoint folder (checkpoints/step_*) or 'latest' (this run's newest, fresh start if none).")
+    run.add_argument("--log_every", type=int, default=10,
+                     help="Optimizer steps between metrics.jsonl rows / tracker points (1 = every step).")
+    run.add_argument("--log_with", type=str, default="tensorboard", choices=["wandb", "tensorboard", "all", "none"],
+                     help="Experiment tracker (metrics.jsonl is always written).")
+    run.add_argument("--log_wandb", action="store_true", help="Shorthand for --log_with wandb.")
+    run.add_argument("--wandb_project", type=str, default="mae-accelerate", help="wandb project name.")
+
+
+def default_num_workers() -> int:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
+
+
+@dataclass
+class RunDir:
+    """The folder of one run: ``checkpoints/``, ``final/``, ``metrics.jsonl``, ``args.json`` and more."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def subdir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def build_accelerator(args, run_dir: RunDir) -> Accelerator:
+    """One Accelerator per run: precision from the flag or the accelerate config, trackers from --log_with."""
+    if args.per_gpu_batch_size % args.gradient_accumulation_steps:
+        raise UserError(f"--per_gpu_batch_size {args.per_gpu_batch_size} is not divisible by "
+                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: choose a multiple")
+    log_with = "wandb" if args.log_wandb else args.log_with
+    trackers = {"none": None, "all": ["wandb", "tensorboard"]}.get(log_with, [log_with])
+    for tracker in trackers or []:
+        module = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}[tracker]
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"--log_with {tracker} needs the {tracker} package: pip install {tracker}"
+                            " (or pass --log_with none)") from None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(run_dir.root), logging_dir=str(run_dir.root / "logs")),
+        # Buckets are all-reduced while the backward pass continues; no unused parameters to search for.
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+    )
+    if trackers:
+        init_kwargs = {"wandb": {"name": args.wandb_run_name or args.experiment_name, "dir": str(run_dir.root)}}
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.wandb_project if "wandb" in trackers else args.experiment_name,
+                                  config=config, init_kwargs=init_kwargs)
+    return accelerator
+
+
+def save_args(args, run_dir: RunDir) -> None:
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    (run_dir.root / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+
+class MetricsLog:
+    """Append rows to ``metrics.jsonl`` (main process) and the trackers. On resume, rows after the
+    checkpoint's step (left by the interrupted run) are dropped, so the file reads as one run."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None = None):
+        self.accelerator, self.path = accelerator, path
+        if accelerator.is_main_process and path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            keep = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"},
+                             step=row["step"])
+
+    def log_image(self, name: str, image, step: int) -> None:
+        """Log a (H, W, C) uint8 numpy picture to the trackers that take images."""
+        if not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, image, step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: wandb.Image(image)}, step=step)
+
+
+class Throughput:
+    """Images per second between two calls of ``rate()``."""
+
+    def __init__(self):
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        value = self.images / max(now - self.start, 1e-9)
+        self.start, self.images = now, 0
+        return value
+
+
+def move_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

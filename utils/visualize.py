@@ -1,0 +1,48 @@
+"""Reconstruction pictures: original | masked input | reconstruction | reconstruction + visible patches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+@torch.no_grad()
+def reconstruction_panels(model, images: torch.Tensor, noise: torch.Tensor, denormalize) -> torch.Tensor:
+    """Four [0, 1] pictures per image, (B * 4, C, H, W): original, masked input (masked patches grey),
+    the model's reconstruction (de-normalised per patch under norm_pix_loss) and that reconstruction
+    with the visible patches pasted back. ``noise`` fixes the masks so pictures compare across epochs."""
+    was_training = model.training
+    model.eval()
+    output = model(images, noise=noise)
+    model.train(was_training)
+    pixel_mask = model.unpatchify(output.mask.unsqueeze(-1).expand_as(output.pred).to(images.dtype))  # 1 = masked
+    reconstruction = model.reconstruct(output.pred.float(), images.float())
+    original = denormalize(images)
+    recon = denormalize(reconstruction)
+    masked_input = original * (1 - pixel_mask) + 0.5 * pixel_mask
+    pasted = original * (1 - pixel_mask) + recon * pixel_mask
+    panels = torch.stack([original, masked_input, recon, pasted], dim=1)  # (B, 4, C, H, W)
+    return panels.flatten(0, 1).float().cpu()
+
+
+def panels_to_picture(panels: torch.Tensor, min_side: int = 112) -> np.ndarray:
+    """(N * 4, C, H, W) in [0, 1] -> a uint8 (H, W, 3) grid, one image per row; small images are enlarged
+    (nearest neighbour) so that 28-pixel Fashion-MNIST panels stay readable."""
+    scale = max(1, min_side // panels.shape[-1])
+    if scale > 1:
+        panels = F.interpolate(panels, scale_factor=scale, mode="nearest")
+    if panels.shape[1] == 1:
+        panels = panels.expand(-1, 3, -1, -1)
+    elif panels.shape[1] != 3:
+        panels = panels[:, :3] if panels.shape[1] > 3 else panels.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    grid = make_grid(panels, nrow=4, padding=2, pad_value=1.0)
+    return (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def save_picture(picture: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)
