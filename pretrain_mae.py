@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
-from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, StepBatchSampler, build_image_dataset,
     channel_stats, collate_skipping_bad,
@@ -29,6 +29,7 @@ from utils.errors import UserError, run_cli
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
     MetricsLog, RunDir, Throughput, add_run_args, build_accelerator, default_num_workers, move_to_device, save_args,
+    save_final_weights,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
@@ -97,8 +98,6 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         args.input_channels = 1
     if args.experiment_name is None:
         args.experiment_name = f"{args.model}_{args.dataset.replace('hf:', '').replace('/', '_')}"
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0
     for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every"):
@@ -155,6 +154,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(accelerator.device)
     if accelerator.is_main_process:
         save_args(args, run_dir)
     set_seed(args.seed)  # the model init; data order, augmentation and masks have their own seeds
@@ -182,6 +183,9 @@ def main(argv=None) -> None:
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, step, step // steps_per_epoch)
     elif args.resume_from_checkpoint == "latest":
         logger.info("no checkpoint under %s yet: starting fresh", run_dir.checkpoints)
+    elif complete_checkpoints(run_dir.checkpoints):
+        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
+                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
     metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
     logger.info("%d samples, %d steps/epoch, %d steps in all, global batch %d (micro-batch %d x %d accumulation x %d "
                 "processes), peak lr %.3g, %s precision", len(loader.dataset), steps_per_epoch, total_steps,
@@ -266,11 +270,10 @@ def main(argv=None) -> None:
 
     if last_saved_step != step:
         save_checkpoint(accelerator, run_dir.checkpoints, step, trainer_state(), args.keep_checkpoints)
+    save_final_weights(accelerator, model, run_dir.final)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        picture = save_reconstructions(unwrapped, vis_batch, normalize, run_dir, metrics, step,
+        picture = save_reconstructions(accelerator.unwrap_model(model), vis_batch, normalize, run_dir, metrics, step,
                                        math.ceil(step / steps_per_epoch), accelerator.device)
-        unwrapped.save_pretrained(run_dir.final)
         logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
         if skipped_images:
             logger.warning("%d unreadable images were skipped", skipped_images)

@@ -6,7 +6,7 @@ _MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16
 MAE_PRESETS: dict[str, dict] = {
     # Small images (Fashion-MNIST 28x28 -> 7x7 patches): the CPU demo and the tests.
     "mae_vit_tiny_patch4": dict(
-        img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0,
+        img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=4.0,
     ),
     "mae_vit_small_patch16": dict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration
+from safetensors.torch import save_file
 
 from .errors import UserError
 
@@ -38,7 +40,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Mixed precision; default: whatever the accelerate config says.")
     run.add_argument("--num_workers", type=int, default=None,
-                     help="Data-loading worker processes per process (default: min(8, CPU cores - 1)).")
+                     help="Data-loading worker processes per process (default: 0 on a CPU, else min(8, cores per process - 1)).")
     run.add_argument("--max_samples", type=int, default=None, help="Use only the first N training samples (quick runs).")
     run.add_argument("--checkpointing_steps", type=int, default=None,
                      help="Also save a resumable checkpoint every N optimizer steps.")
@@ -56,11 +58,17 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--wandb_project", type=str, default="mae-accelerate", help="wandb project name.")
 
 
-def default_num_workers() -> int:
-    import os
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+
+def default_num_workers(device: torch.device) -> int:
+    """Loader workers per process: none when training on the CPU (workers would steal the cores the model
+    needs; the in-process loading costs a few percent), else up to 8, one core left for the main process."""
+    if device.type == "cpu":
+        return 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, available_cores() // local_processes - 1))
 
 
 @dataclass
@@ -108,6 +116,10 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
         # Buckets are all-reduced while the backward pass continues; no unused parameters to search for.
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1; on a CPU, give each process its share of the cores instead.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, available_cores() // local_processes))
     if trackers:
         init_kwargs = {"wandb": {"name": args.wandb_run_name or args.experiment_name, "dir": str(run_dir.root)}}
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -168,6 +180,19 @@ class Throughput:
         value = self.images / max(now - self.start, 1e-9)
         self.start, self.images = now, 0
         return value
+
+
+def save_final_weights(accelerator: Accelerator, model, directory: Path) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (the ``from_pretrained`` format) from any process layout:
+    the full state dict is gathered on every process (a collective under FSDP) and written by the main one."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(unwrapped._hub_mixin_config, indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
 
 
 def move_to_device(batch: dict, device: torch.device) -> dict:

@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (the tests use the real images)")
+    return FASHION_MNIST
+
+
+def run_script(script: str, *args, processes: int = 1, check: bool = True, timeout: int = 300):
+    """Run one of the top-level scripts in a fresh process (1 process: python; more: accelerate launch, gloo)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", ""))
+    env.pop("OMP_NUM_THREADS", None) if not env["OMP_NUM_THREADS"] else None
+    if processes == 1:
+        command = [sys.executable, str(ROOT / script)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", str(processes),
+                   "--main_process_port", "29533", str(ROOT / script)]
+    result = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

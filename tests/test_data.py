@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from utils.data import (
+    DataError, ImageFolderDataset, RandomResizedCropFlip, SeededSamples, StepBatchSampler, build_image_dataset,
+    collate_skipping_bad, load_fashion_mnist, resolve_image_folder, to_channels,
+)
+
+
+def test_fashion_mnist_is_read_from_the_idx_files(fashion_mnist_dir):
+    images, labels = load_fashion_mnist("train")
+    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [6000] * 10
+    test_images, test_labels = load_fashion_mnist("test")
+    assert test_images.shape == (10000, 28, 28) and np.bincount(test_labels).tolist() == [1000] * 10
+    assert 0.25 < images.mean() / 255 < 0.32  # the known mean pixel of Fashion-MNIST is 0.286
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 3), ("RGBA", 3), ("P", 3), ("CMYK", 3), ("RGB", 1), ("LA", 1),
+                                           ("I;16", 3), ("RGBA", 4)])
+def test_image_modes_convert_to_model_channels(mode, channels):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
+    tensor = to_channels(image, channels)
+    assert tensor.shape == (channels, 10, 12) and tensor.dtype == torch.uint8
+
+
+def test_gray_to_rgb_repeats_and_rgb_to_gray_averages():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = to_channels(gray, 3)
+    assert torch.equal(rgb[0], rgb[2]) and torch.equal(rgb[1], torch.from_numpy(gray))
+    stack = np.stack([gray, gray + 3, gray + 6], axis=-1)  # (H, W, 3) array: mean is gray + 3
+    assert torch.equal(to_channels(stack, 1)[0], torch.from_numpy(gray + 3))
+    with pytest.raises(DataError, match="set --input_channels 3"):
+        to_channels(stack, 5)
+
+
+def make_folder(root, layout):
+    """layout: {relative path: kind}, kind in png / rgba / jpg / truncated / garbage / npy5."""
+    rng = np.random.default_rng(0)
+    for relative, kind in layout.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+        if kind == "png":
+            Image.fromarray(pixels).save(path)
+        elif kind == "rgba":
+            Image.fromarray(pixels).convert("RGBA").save(path)
+        elif kind == "jpg":
+            Image.fromarray(pixels).save(path, quality=90)
+        elif kind == "truncated":
+            Image.fromarray(pixels).save(path, quality=90)
+            path.write_bytes(path.read_bytes()[:200])
+        elif kind == "garbage":
+            path.write_bytes(b"this is not an image")
+        elif kind == "npy5":
+            np.save(path, rng.integers(0, 255, (20, 24, 5), dtype=np.uint8))
+
+
+def test_imagenet_layout_detected_with_class_labels(tmp_path):
+    make_folder(tmp_path, {"train/cat/a.png": "png", "train/cat/b.jpg": "jpg", "train/dog/c.png": "rgba",
+                           "val/cat/d.png": "png", "val/dog/e.png": "png"})
+    train = ImageFolderDataset(resolve_image_folder(str(tmp_path), "train"), 3)
+    assert train.classes == ["cat", "dog"] and [r.label for r in train.records] == [0, 0, 1]
+    val = build_image_dataset("folder", str(tmp_path), "val", 3, 16)
+    assert len(val) == 2 and val[1][1] == 1
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "val").rename(tmp_path / "validation" / "x")
+    assert resolve_image_folder(str(tmp_path), "val").name == "validation"
+
+
+def test_flat_unlabeled_folder_and_many_channel_arrays(tmp_path):
+    make_folder(tmp_path, {"a.png": "png", "nested/b.jpg": "jpg", "c.npy": "npy5"})
+    data = ImageFolderDataset(tmp_path, 5)
+    assert data.classes == [] and len(data) == 3
+    assert data[2][0].shape == (5, 20, 24) if data.records[2].path.suffix == ".npy" else True
+    shapes = {tuple(data[i][0].shape) for i in range(3) if data[i] is not None}
+    assert (5, 20, 24) in shapes
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    make_folder(tmp_path, {"a.png": "png", "b.jpg": "truncated", "c.png": "png", "d.jpg": "garbage", "e.jpg": "jpg"})
+    data = SeededSamples(build_image_dataset("folder", str(tmp_path), "train", 3, 16), RandomResizedCropFlip(16), 0, 4)
+    loader = DataLoader(data, batch_sampler=StepBatchSampler(5, 5, 1, shuffle=False), collate_fn=collate_skipping_bad)
+    (batch,) = list(loader)
+    assert batch["num_skipped"] == 2
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["noise"].shape == (3, 4)
+
+
+def test_missing_or_empty_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        build_image_dataset("folder", str(tmp_path / "nope"), "train", 3, 16)
+    with pytest.raises(DataError, match="no images"):
+        build_image_dataset("folder", str(tmp_path), "train", 3, 16)
+    with pytest.raises(DataError, match="no Fashion-MNIST IDX files"):
+        load_fashion_mnist("train", str(tmp_path))
+    with pytest.raises(DataError, match="unknown --dataset"):
+        build_image_dataset("imagenet21k", None, "train", 3, 16)
+
+
+def steps_of(sampler, epoch=0, start_step=0):
+    sampler.set_epoch(epoch, start_step)
+    batches = list(sampler)
+    per_step = sampler.accumulation_steps
+    return [[key for micro in batches[i:i + per_step] for key in micro] for i in range(0, len(batches), per_step)]
+
+
+def test_step_sampler_same_global_batches_for_any_process_count():
+    one = steps_of(StepBatchSampler(50, 8, 2, num_processes=1, rank=0, seed=3))
+    two = [steps_of(StepBatchSampler(50, 4, 2, num_processes=2, rank=r, seed=3)) for r in range(2)]
+    assert len(one) == 6 == len(two[0])  # 50 // 8, the incomplete last step dropped
+    for step in range(6):
+        assert one[step] == two[0][step] + two[1][step]
+    seen = [key[0] for step in one for key in step]
+    assert len(set(seen)) == len(seen) == 48  # each sample at most once per epoch
+
+
+def test_step_sampler_resumes_mid_epoch_and_reshuffles_per_epoch():
+    sampler = StepBatchSampler(40, 4, 1, seed=0)
+    full = steps_of(sampler, epoch=1)
+    assert steps_of(sampler, epoch=1, start_step=3) == full[3:]
+    assert len(sampler) == 10 - 3
+    assert steps_of(sampler, epoch=2) != full
+    with pytest.raises(DataError, match="not divisible by --gradient_accumulation_steps 4"):
+        StepBatchSampler(40, 10, 4)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        StepBatchSampler(10, 8, 1, num_processes=2)
+
+
+def test_seeded_samples_are_functions_of_seed_epoch_and_index(fashion_mnist_dir):
+    base = build_image_dataset("fashion_mnist", None, "train", 1, 28, max_samples=100)
+    samples = SeededSamples(base, RandomResizedCropFlip(28), seed=7, num_patches=49)
+    a, b = samples[(5, 0)], samples[(5, 0)]
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(samples[(5, 1)]["noise"], a["noise"])
+    other_seed = SeededSamples(base, RandomResizedCropFlip(28), seed=8, num_patches=49)
+    assert not torch.equal(other_seed[(5, 0)]["noise"], a["noise"])
+    assert a["pixel_values"].dtype == torch.uint8 and a["pixel_values"].shape == (1, 28, 28)
+
+
+def test_random_resized_crop_boxes_stay_inside_and_in_scale():
+    transform = RandomResizedCropFlip(16, scale=(0.2, 1.0))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = transform.crop_box(30, 40, generator)
+        assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40
+        assert 0.2 * 1200 * 0.8 <= h * w <= 1200

@@ -1,0 +1,111 @@
+"""End-to-end runs of pretrain_mae.py on real Fashion-MNIST images (each in a fresh process)."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_script
+from models import MaskedAutoencoder
+
+# A small model so that every run takes seconds on two cores.
+SMALL = ["--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
+         "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--seed", 1]
+
+
+def test_loss_decreases_on_fashion_mnist_and_outputs_are_written(tmp_path, fashion_mnist_dir):
+    run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "short", "--max_samples", 4096,
+               "--per_gpu_batch_size", 64, "--epochs", 2, "--warmup_epochs", 0.1, "--base_learning_rate", 2e-3,
+               "--log_every", 1, "--vis_every", 1, *SMALL)
+    run = tmp_path / "short"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 129))
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert {"step", "epoch", "loss", "lr", "images_per_sec"} <= set(rows[0])
+    assert rows[-1]["epoch"] == 2.0 and rows[-1]["images_per_sec"] > 0
+    assert len(list((run / "reconstructions").glob("epoch_*.png"))) == 2
+    args = json.loads((run / "args.json").read_text())
+    assert args["model"] == "mae_vit_tiny_patch4" and args["dataset"] == "fashion_mnist" and args["input_channels"] == 1
+    model = MaskedAutoencoder.from_pretrained(run / "final")
+    assert model.encoder.embed_dim == 64 and len(model.encoder.blocks) == 2
+    final_weights = load_file(run / "final" / "model.safetensors")
+    checkpoint = load_file(run / "checkpoints" / "step_00000128" / "model.safetensors")
+    assert final_weights.keys() == checkpoint.keys()
+    assert all(torch.equal(final_weights[k], checkpoint[k]) for k in final_weights)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
+    # 32 samples, 8 per step: 4 steps per epoch; 10 steps cross two epoch boundaries; step 6 is mid-epoch.
+    common = ["--working_directory", tmp_path, "--max_samples", 32, "--per_gpu_batch_size", 8,
+              "--gradient_accumulation_steps", 2, "--max_train_steps", 10, "--warmup_epochs", 1, "--log_every", 1,
+              "--checkpointing_steps", 3, "--keep_checkpoints", 0, "--vis_every", 0, "--max_grad_norm", 1.0, *SMALL]
+    run_script("pretrain_mae.py", "--experiment_name", "full", *common)
+    full = tmp_path / "full"
+    shutil.copytree(full, tmp_path / "resumed")
+    resumed = tmp_path / "resumed"
+    for later in ("step_00000009", "step_00000010"):  # as if the run had died after its step-6 checkpoint
+        shutil.rmtree(resumed / "checkpoints" / later)
+    shutil.rmtree(resumed / "final")
+    run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "latest", *common)
+    full_rows, resumed_rows = read_metrics(full), read_metrics(resumed)
+    assert [r["step"] for r in resumed_rows] == list(range(1, 11))
+    assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in full_rows]  # bit-identical
+    assert [r["lr"] for r in resumed_rows] == [r["lr"] for r in full_rows]
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one(tmp_path, fashion_mnist_dir):
+    common = ["--working_directory", tmp_path, "--max_samples", 64, "--max_train_steps", 6, "--warmup_epochs", 0.5,
+              "--log_every", 1, "--vis_every", 0, "--gradient_accumulation_steps", 2, *SMALL]
+    run_script("pretrain_mae.py", "--experiment_name", "one", "--per_gpu_batch_size", 16, *common)
+    run_script("pretrain_mae.py", "--experiment_name", "two", "--per_gpu_batch_size", 8, *common, processes=2)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    wa = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-5)
+
+
+def test_non_finite_loss_stops_the_run_keeping_the_last_checkpoint(tmp_path, fashion_mnist_dir):
+    result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "boom",
+                        "--max_samples", 64, "--per_gpu_batch_size", 8, "--max_train_steps", 40, "--warmup_epochs", 0,
+                        "--base_learning_rate", 1e12, "--checkpointing_steps", 1, "--keep_checkpoints", 0,
+                        "--max_bad_steps", 3, "--log_every", 1, "--vis_every", 0, *SMALL, check=False)
+    assert result.returncode != 0
+    assert "consecutive steps had a non-finite loss" in result.stderr and "Traceback" not in result.stderr
+    rows = read_metrics(tmp_path / "boom")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    checkpoints = sorted((tmp_path / "boom" / "checkpoints").glob("step_*"))
+    assert checkpoints and checkpoints[-1].name == f"step_{len(rows) + 3:08d}" or checkpoints[-1].name == f"step_{rows[-1]['step']:08d}"
+    last = load_file(checkpoints[-1] / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in last.values())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--img_size", 30], "img_size 30x30 is not divisible by patch_size 4"),
+    (["--per_gpu_batch_size", 10, "--gradient_accumulation_steps", 4], "not divisible by --gradient_accumulation_steps 4"),
+    (["--path_to_data", "/nonexistent/images"], "--path_to_data /nonexistent/images is not a folder"),
+    (["--encoder_embed_dim", 30], "embed_dim must be divisible by 4"),
+    (["--resume_from_checkpoint", "/nonexistent/ckpt"], "is not a complete checkpoint folder"),
+    (["--mask_ratio", 1.5], "mask_ratio must be in [0, 1)"),
+    (["--log_with", "wandb"], None),  # fine when wandb is installed; a one-line install hint when not
+])
+def test_bad_arguments_give_one_line_errors(tmp_path, flags, message, fashion_mnist_dir):
+    result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--max_train_steps", 1,
+                        "--max_samples", 16, "--per_gpu_batch_size", 8, "--vis_every", 0, *flags, check=False)
+    if message is None:
+        try:
+            import wandb  # noqa: F401
+            pytest.skip("wandb is installed")
+        except ImportError:
+            message = "needs the wandb package: pip install wandb"
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain_mae.py: error:"), result.stderr

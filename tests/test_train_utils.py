@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from models import MaskedAutoencoder
+from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.errors import UserError
+from utils.optim import param_groups_weight_decay
+from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 100, 10, 1.0) == 0.0
+    assert warmup_cosine(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1)
+    assert scaled_learning_rate(1.5e-4, 2048, 8) == pytest.approx(1.5e-4 * 64)
+
+
+def test_weight_decay_groups_exclude_norms_biases_and_tokens():
+    model = MaskedAutoencoder(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                              decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    decay, no_decay = param_groups_weight_decay(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    optimizer = torch.optim.AdamW([dict(decay, lr_scale=0.5), no_decay])
+    set_learning_rate(optimizer, 1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 1e-3]
+
+
+def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        save_checkpoint(accelerator, root, step, {"step": step}, keep=2)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000002", "step_00000003"]
+    # A save that died half-way (no COMPLETE marker) is never picked.
+    (root / ".partial_step_00000004").mkdir()
+    (root / "step_00000005").mkdir()
+    assert resolve_checkpoint("latest", root).name == "step_00000003"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(root / "step_00000005"), root)
+    assert resolve_checkpoint("latest", tmp_path / "none") is None
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert load_checkpoint(accelerator, root / "step_00000003") == {"step": 3}
+    assert torch.equal(model.state_dict()["weight"], saved["weight"])
