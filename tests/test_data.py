@@ -73,12 +73,14 @@ def test_imagenet_layout_detected_with_class_labels(tmp_path):
 
 
 def test_flat_unlabeled_folder_and_many_channel_arrays(tmp_path):
-    make_folder(tmp_path, {"a.png": "png", "nested/b.jpg": "jpg", "c.npy": "npy5"})
+    make_folder(tmp_path, {"a.npy": "npy5", "nested/b.npy": "npy5", "c.png": "png"})
+    Image.open(tmp_path / "c.png").convert("L").save(tmp_path / "c.png")  # grayscale fills all channels
     data = ImageFolderDataset(tmp_path, 5)
-    assert data.classes == [] and len(data) == 3
-    assert data[2][0].shape == (5, 20, 24) if data.records[2].path.suffix == ".npy" else True
-    shapes = {tuple(data[i][0].shape) for i in range(3) if data[i] is not None}
-    assert (5, 20, 24) in shapes
+    assert data.classes == [] and len(data) == 3 and {r.label for r in data.records} == {-1}
+    assert all(tuple(data[i][0].shape) == (5, 20, 24) for i in range(3))
+    rgb_only = ImageFolderDataset(tmp_path, 3)
+    with pytest.raises(DataError, match="has 5 channels but the model expects 3: set --input_channels 5"):
+        rgb_only[0]
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

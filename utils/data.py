@@ -138,7 +138,8 @@ def to_channels(image, num_channels: int) -> torch.Tensor:
     more channels, and an RGB image is averaged down to one.
     """
     if isinstance(image, Image.Image):
-        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(num_channels, "RGB")
+        single_band = len(image.getbands()) == 1 and image.mode != "P"
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(num_channels, "L" if single_band else "RGB")
         if image.mode == "P" and mode == "RGB" and "transparency" in image.info:
             image = image.convert("RGBA")  # PIL warns if palette transparency is dropped directly
         array = np.asarray(image.convert(mode))
@@ -149,7 +150,9 @@ def to_channels(image, num_channels: int) -> torch.Tensor:
     if array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8) if array.dtype.kind in "iu" else (
             np.clip(array * 255.0, 0, 255).round().astype(np.uint8))
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (C, H, W)
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")  # PIL's buffers are read-only; torch wants to own writable memory
+    tensor = torch.from_numpy(array).permute(2, 0, 1)  # (C, H, W)
     channels = tensor.shape[0]
     if channels == num_channels:
         return tensor

@@ -95,6 +95,13 @@ class RunDir:
         return path
 
 
+def launched_on_cpu_only() -> bool:
+    """True for several processes (torchrun / accelerate launch) on a machine without an accelerator:
+    Accelerate then needs ``cpu=True`` to set up gloo instead of running each process alone."""
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+
+
 def build_accelerator(args, run_dir: RunDir) -> Accelerator:
     """One Accelerator per run: precision from the flag or the accelerate config, trackers from --log_with."""
     if args.per_gpu_batch_size % args.gradient_accumulation_steps:
@@ -110,6 +117,7 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
             raise UserError(f"--log_with {tracker} needs the {tracker} package: pip install {tracker}"
                             " (or pass --log_with none)") from None
     accelerator = Accelerator(
+        cpu=launched_on_cpu_only(),
         mixed_precision=args.mixed_precision,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(run_dir.root), logging_dir=str(run_dir.root / "logs")),
