@@ -30,6 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--norm_pix_loss", action="store_true", help="Time with the per-patch normalised target.")
+    parser.add_argument("--output", default=None, help="Also append the result as a JSON line to this file.")
     return parser.parse_args(argv)
 
 
@@ -65,15 +66,24 @@ def main(argv=None):
         step()
     sync()
     elapsed = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the process's peak resident memory (Linux reports KiB)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "model": args.model, "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "images_per_sec": round(args.batch_size / elapsed, 1), "step_time_ms": round(elapsed * 1000, 1),
-        "peak_memory_gib": round(peak, 2),
+        "peak_memory_gib": round(peak, 2), "peak_memory_kind": "allocated" if device.type == "cuda" else "process RSS",
     }
+    result["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(result))
+    if args.output:
+        with open(args.output, "a") as handle:
+            handle.write(json.dumps(result) + "\n")
     return result
 
 

@@ -150,3 +150,19 @@ def test_random_resized_crop_boxes_stay_inside_and_in_scale():
         top, left, h, w = transform.crop_box(30, 40, generator)
         assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40
         assert 0.2 * 1200 * 0.8 <= h * w <= 1200
+
+
+def test_hub_dataset_from_disk_with_image_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(6)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    split = datasets.Dataset.from_dict({"img": images, "label": [0, 1] * 3}, features=features)
+    datasets.DatasetDict({"train": split, "test": split.select(range(2))}).save_to_disk(str(tmp_path / "hub"))
+    train = build_image_dataset(f"hf:{tmp_path / 'hub'}", None, "train", 1, 16)
+    assert len(train) == 6 and train.classes == ["a", "b"]
+    image, label = train[1]
+    assert image.shape == (1, 20, 20) and image.dtype == torch.uint8 and label == 1
+    assert len(build_image_dataset(f"hf:{tmp_path / 'hub'}", None, "val", 3, 16)) == 2
+    with pytest.raises(DataError, match="cannot open 🤗 dataset"):
+        build_image_dataset(f"hf:{tmp_path / 'missing'}", None, "train", 3, 16)

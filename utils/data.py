@@ -339,22 +339,31 @@ class SyntheticDataset(Dataset):
 
 
 def load_hub_split(name: str, split: str, streaming: bool = False):
+    """One split of a 🤗 dataset: a Hub name, a folder written by ``save_to_disk``, or a local data folder."""
     try:
         import datasets
     except ImportError:
         raise DataError("--dataset hf:... needs the `datasets` package: pip install datasets") from None
-    builder = name
-    if Path(name).expanduser().is_dir():
-        builder = str(Path(name).expanduser())
+    wanted = ("train",) if split == "train" else ("validation", "val", "test")
+    local = Path(name).expanduser()
     try:
-        available = datasets.get_dataset_split_names(builder)
+        if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+            loaded = datasets.load_from_disk(str(local))
+            if isinstance(loaded, datasets.Dataset):
+                return loaded
+            available = list(loaded.keys())
+        else:
+            available = datasets.get_dataset_split_names(str(local) if local.is_dir() else name)
+            loaded = None
     except Exception as error:
-        raise DataError(f"cannot open 🤗 dataset {name!r} ({type(error).__name__}: {error}); check the name or path") from None
-    names = ("train",) if split == "train" else ("validation", "val", "test")
-    chosen = next((n for n in names if n in available), available[0] if split == "train" or not available else None)
-    if chosen is None:
-        raise DataError(f"🤗 dataset {name!r} has no split for {split}: it has {available}")
-    return datasets.load_dataset(builder, split=chosen, streaming=streaming)
+        raise DataError(f"cannot open 🤗 dataset {name!r} ({type(error).__name__}: {str(error).splitlines()[0]}): "
+                        "check the name, the path, or your connection") from None
+    chosen = next((n for n in wanted if n in available), available[0] if split == "train" else None)
+    if chosen is None:  # no held-out split: pictures come from the training split
+        chosen = available[0]
+    if loaded is not None:
+        return loaded[chosen]
+    return datasets.load_dataset(str(local) if local.is_dir() else name, split=chosen, streaming=streaming)
 
 
 def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int, img_size: int,
