@@ -11,20 +11,21 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
-from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint, set_aside_newer,
+)
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, StepBatchSampler, build_image_dataset,
     channel_stats, collate_skipping_bad,
 )
+from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, sync_context
 from utils.errors import UserError, run_cli
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
@@ -100,9 +101,16 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         args.experiment_name = f"{args.model}_{args.dataset.replace('hf:', '').replace('/', '_')}"
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0
-    for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    positive = ["epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every", "save_checkpoint_interval",
+                "num_vis_images", "max_bad_steps", "max_train_steps", "checkpointing_steps", "max_samples", "img_size",
+                "input_channels", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
+                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "encoder_mlp_ratio", "decoder_mlp_ratio"]
+    for flag in positive:
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} must be positive, got {value}")
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
     config = mae_config(
         args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.input_channels,
         embed_dim=args.encoder_embed_dim, depth=args.encoder_depth, num_heads=args.encoder_num_heads,
@@ -114,16 +122,14 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
     return config
 
 
-def build_train_loader(args, num_patches: int, accelerator) -> tuple[DataLoader, StepBatchSampler]:
+def build_train_loader(args, num_patches: int, accelerator):
     """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler)."""
     base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
                                args.max_samples, args.image_column)
     samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches)
     sampler = StepBatchSampler(len(samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
                                accelerator.num_processes, accelerator.process_index, args.seed)
-    loader = DataLoader(samples, batch_sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=collate_skipping_bad, pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=args.num_workers > 0)
+    loader = build_loader(samples, sampler, args.num_workers, accelerator.device)
     return loader, sampler
 
 
@@ -135,14 +141,17 @@ def fixed_vis_batch(args, num_patches: int) -> dict:
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])
 
 
-def save_reconstructions(model, vis_batch: dict, normalize: Normalize, run_dir: RunDir, metrics: MetricsLog,
-                         step: int, epoch: int, device) -> Path:
-    images = normalize(vis_batch["pixel_values"].to(device))
-    panels = reconstruction_panels(model, images, vis_batch["noise"].to(device), normalize.inverse)
-    picture = panels_to_picture(panels)
-    path = run_dir.subdir("reconstructions") / f"epoch_{epoch:04d}_step_{step:08d}.png"
-    save_picture(picture, path)
-    metrics.log_image("reconstructions", picture, step)
+def save_reconstructions(accelerator, model, vis_batch: dict, normalize: Normalize, run_dir: RunDir,
+                         metrics: MetricsLog, step: int, epoch: int) -> Path:
+    """Every process runs the forward (FSDP needs all of them); the main one writes and logs the picture."""
+    images = normalize(vis_batch["pixel_values"].to(accelerator.device))
+    panels = reconstruction_panels(model, accelerator.unwrap_model(model), images,
+                                   vis_batch["noise"].to(accelerator.device), normalize.inverse)
+    path = run_dir.root / "reconstructions" / f"epoch_{epoch:04d}_step_{step:08d}.png"
+    if accelerator.is_main_process:
+        picture = panels_to_picture(panels)
+        save_picture(picture, path)
+        metrics.log_image("reconstructions", picture, step)
     return path
 
 
@@ -150,6 +159,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = resolve_defaults(args)
     run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
+    if not args.resume_from_checkpoint and complete_checkpoints(run_dir.checkpoints):
+        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
+                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
     accelerator = build_accelerator(args, run_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -159,10 +171,17 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         save_args(args, run_dir)
     set_seed(args.seed)  # the model init; data order, augmentation and masks have their own seeds
+    try:
+        train(args, config, run_dir, accelerator)
+    finally:
+        accelerator.end_training()
 
+
+def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     model = MaskedAutoencoder(**config)
-    loader, sampler = build_train_loader(args, model.num_patches, accelerator)
-    vis_batch = fixed_vis_batch(args, model.num_patches) if accelerator.is_main_process else None
+    with accelerator.main_process_first():  # a Hub data set is downloaded once, then read from the cache
+        loader, sampler = build_train_loader(args, model.num_patches, accelerator)
+        vis_batch = fixed_vis_batch(args, model.num_patches)
     normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
 
     steps_per_epoch = sampler.steps_per_epoch
@@ -172,42 +191,55 @@ def main(argv=None) -> None:
     optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), peak_lr, device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step = 0
+    # What the run carries between steps; saved in every checkpoint so that a resumed run logs the same rows.
+    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch,
+             "log_loss_sum": 0.0, "log_steps": 0, "skipped_images": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        if state["steps_per_epoch"] != steps_per_epoch:
-            raise UserError(f"checkpoint {checkpoint} was written with {state['steps_per_epoch']} steps per epoch, this run "
-                            f"has {steps_per_epoch}: resume with the same data, batch size and number of processes")
-        step = state["step"]
-        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, step, step // steps_per_epoch)
+        saved = load_checkpoint(accelerator, checkpoint)
+        if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != sampler.global_batch:
+            raise UserError(f"checkpoint {checkpoint} was written with {saved['steps_per_epoch']} steps per epoch of "
+                            f"{saved['global_batch']} images, this run has {steps_per_epoch} of {sampler.global_batch}: "
+                            "resume with the same data and global batch")
+        state.update(saved)
+        if accelerator.is_main_process:
+            for moved in set_aside_newer(run_dir.checkpoints, checkpoint):
+                logger.info("set aside %s: it is newer than the checkpoint this run resumes from", moved)
+        accelerator.wait_for_everyone()
+        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], state["step"] // steps_per_epoch)
     elif args.resume_from_checkpoint == "latest":
         logger.info("no checkpoint under %s yet: starting fresh", run_dir.checkpoints)
-    elif complete_checkpoints(run_dir.checkpoints):
-        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
-                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
+    step = state["step"]
     metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
     logger.info("%d samples, %d steps/epoch, %d steps in all, global batch %d (micro-batch %d x %d accumulation x %d "
                 "processes), peak lr %.3g, %s precision", len(loader.dataset), steps_per_epoch, total_steps,
                 sampler.global_batch, sampler.micro_batch, args.gradient_accumulation_steps, accelerator.num_processes,
                 peak_lr, accelerator.mixed_precision)
 
-    def trainer_state() -> dict:
-        return {"step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                "global_batch": sampler.global_batch}
+    def count_skipped() -> int:
+        """Unreadable images so far, over all processes (a collective: call it on every process)."""
+        nonlocal skipped_images
+        skipped_images += int(accelerator.reduce(skipped_pending, reduction="sum"))
+        skipped_pending.zero_()
+        return skipped_images
 
-    uses_scaler = accelerator.scaler is not None  # fp16: the GradScaler skips overflowing steps itself
+    def checkpoint_now() -> None:
+        count_skipped()
+        state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=float(loss_sum), log_steps=logged_steps,
+                     skipped_images=skipped_images)
+        save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
+
     accumulation = args.gradient_accumulation_steps
-    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    guard = BadStepGuard(args.max_bad_steps, "pretrain_mae.py", run_dir.checkpoints)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     throughput = Throughput()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    logged_steps = bad_steps = skipped_images = 0
-    last_saved_step = step
+    loss_sum = torch.tensor(state["log_loss_sum"], device=accelerator.device)
+    logged_steps, skipped_images = state["log_steps"], state["skipped_images"]
+    last_saved_step, last_batch = step, None
+    skipped_pending = torch.zeros((), device=accelerator.device)
     model.train()
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
+        sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
         micro_batches = iter(loader)
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
@@ -215,69 +247,55 @@ def main(argv=None) -> None:
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(accumulation):
                 batch = move_to_device(next(micro_batches), accelerator.device)
-                skipped_images += batch["num_skipped"]
-                if "pixel_values" not in batch:
-                    raise UserError(f"every image of a batch was unreadable (step {step}): check the files under --path_to_data")
-                # Gradients are all-reduced on the last micro-batch only.
-                with accelerator.no_sync(model) if micro < accumulation - 1 else nullcontext():
-                    loss = model(normalize(batch["pixel_values"]), noise=batch["noise"]).loss
+                skipped_pending += batch["num_skipped"]
+                weight = 1.0
+                if "pixel_values" not in batch:  # every image unreadable: a zero-weight step keeps processes in step
+                    if last_batch is None:
+                        raise UserError("the first batch had no readable image: check the files under --path_to_data")
+                    batch, weight = last_batch, 0.0
+                last_batch = batch
+                with sync_context(accelerator, model, micro, accumulation):
+                    loss = model(normalize(batch["pixel_values"]), noise=batch["noise"]).loss * weight
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
                 throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            step_loss = accelerator.reduce(step_loss, reduction="mean")
-            if uses_scaler:
-                optimizer.step()
-                skipped = accelerator.optimizer_step_was_skipped
-            else:  # one host-device sync per optimizer step: a non-finite step never reaches the weights
-                skipped = not bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
-                if not skipped:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss,
+                                                                   args.max_grad_norm)
             step += 1
             progress.update(1)
+            guard.update(skipped, step)
             if skipped:
-                bad_steps += 1
-                logger.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, bad_steps)
-                if bad_steps >= args.max_bad_steps:
-                    raise SystemExit(f"pretrain_mae.py: stopping: {bad_steps} consecutive steps had a non-finite loss; "
-                                     f"the last good checkpoint is under {run_dir.checkpoints}. Lower "
-                                     "--base_learning_rate, set --max_grad_norm, or use bf16 instead of fp16.")
                 continue
-            bad_steps = 0
             loss_sum += step_loss
             logged_steps += 1
             if step % args.log_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": (loss_sum / logged_steps).item(),
                        "lr": lr, "grad_norm": float(grad_norm), "images_per_sec": round(throughput.rate(), 2),
-                       "skipped_images": skipped_images}
+                       "skipped_images": count_skipped()}
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
                 loss_sum.zero_()
                 logged_steps = 0
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, run_dir.checkpoints, step, trainer_state(), args.keep_checkpoints)
+                checkpoint_now()
                 last_saved_step = step
         if step % steps_per_epoch == 0:  # an epoch ended
             finished_epochs = step // steps_per_epoch
-            if accelerator.is_main_process and args.vis_every and finished_epochs % args.vis_every == 0:
-                save_reconstructions(accelerator.unwrap_model(model), vis_batch, normalize, run_dir, metrics, step,
-                                     finished_epochs, accelerator.device)
+            if args.vis_every and finished_epochs % args.vis_every == 0:
+                save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step, finished_epochs)
             if finished_epochs % args.save_checkpoint_interval == 0 and last_saved_step != step:
-                save_checkpoint(accelerator, run_dir.checkpoints, step, trainer_state(), args.keep_checkpoints)
+                checkpoint_now()
                 last_saved_step = step
     progress.close()
 
     if last_saved_step != step:
-        save_checkpoint(accelerator, run_dir.checkpoints, step, trainer_state(), args.keep_checkpoints)
+        checkpoint_now()
     save_final_weights(accelerator, model, run_dir.final)
-    if accelerator.is_main_process:
-        picture = save_reconstructions(accelerator.unwrap_model(model), vis_batch, normalize, run_dir, metrics, step,
-                                       math.ceil(step / steps_per_epoch), accelerator.device)
-        logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
-        if skipped_images:
-            logger.warning("%d unreadable images were skipped", skipped_images)
-    accelerator.end_training()
+    picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
+                                   math.ceil(step / steps_per_epoch))
+    logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
+    if skipped_images:
+        logger.warning("%d unreadable images were skipped", skipped_images)
 
 
 if __name__ == "__main__":

@@ -137,10 +137,10 @@ class MaskedAutoencoder(nn.Module, PyTorchModelHubMixin):
         """Decode [cls, visible] tokens plus mask tokens into per-patch pixels: (B, L, p*p*C)."""
         x = self.decoder_embed(latent)
         batch, num_visible = x.shape[0], x.shape[1] - 1
-        mask_tokens = self.mask_token.to(x.dtype).expand(batch, restore_ids.shape[1] - num_visible, -1)
+        mask_tokens = self.mask_token.expand(batch, restore_ids.shape[1] - num_visible, -1).to(x.dtype)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [visible, masked] order
         patches = torch.gather(patches, 1, restore_ids.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # fp32 residual stream under autocast
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]

@@ -5,7 +5,6 @@ Parameter names follow timm / facebookresearch/mae (``patch_embed.proj``, ``bloc
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -195,7 +194,8 @@ class VisionTransformer(nn.Module, PyTorchModelHubMixin):
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> patch tokens with position embeddings, without the cls token: (B, L, D)."""
-        return self.patch_embed(images) + self.pos_embed[:, 1:].to(images.dtype)
+        # No cast: under autocast the sum with the fp32 embedding keeps the residual stream in fp32 (as timm/MAE).
+        return self.patch_embed(images) + self.pos_embed[:, 1:]
 
     def prepend_cls_token(self, tokens: torch.Tensor) -> torch.Tensor:
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)

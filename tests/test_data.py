@@ -28,6 +28,14 @@ def test_image_modes_convert_to_model_channels(mode, channels):
     assert tensor.shape == (channels, 10, 12) and tensor.dtype == torch.uint8
 
 
+def test_16_bit_images_are_scaled_not_clipped():
+    values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    image = Image.fromarray(values)  # mode I;16
+    assert to_channels(image, 1)[0].tolist() == [[0, 1, 128, 255]]
+    assert to_channels(values, 3)[2].tolist() == [[0, 1, 128, 255]]
+    assert to_channels(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), 1)[0].tolist() == [[0, 128, 255]]
+
+
 def test_gray_to_rgb_repeats_and_rgb_to_gray_averages():
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     rgb = to_channels(gray, 3)

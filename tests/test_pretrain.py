@@ -1,4 +1,5 @@
 """End-to-end runs of pretrain_mae.py on real Fashion-MNIST images (each in a fresh process)."""
+import importlib.util
 import json
 import shutil
 
@@ -39,7 +40,7 @@ def test_loss_decreases_on_fashion_mnist_and_outputs_are_written(tmp_path, fashi
 def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
     # 32 samples, 8 per step: 4 steps per epoch; 10 steps cross two epoch boundaries; step 6 is mid-epoch.
     common = ["--working_directory", tmp_path, "--max_samples", 32, "--per_gpu_batch_size", 8,
-              "--gradient_accumulation_steps", 2, "--max_train_steps", 10, "--warmup_epochs", 1, "--log_every", 1,
+              "--gradient_accumulation_steps", 2, "--max_train_steps", 10, "--warmup_epochs", 1, "--log_every", 4,
               "--checkpointing_steps", 3, "--keep_checkpoints", 0, "--vis_every", 0, "--max_grad_norm", 1.0, *SMALL]
     run_script("pretrain_mae.py", "--experiment_name", "full", *common)
     full = tmp_path / "full"
@@ -50,7 +51,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
     shutil.rmtree(resumed / "final")
     run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "latest", *common)
     full_rows, resumed_rows = read_metrics(full), read_metrics(resumed)
-    assert [r["step"] for r in resumed_rows] == list(range(1, 11))
+    # Rows every 4 steps: the one at step 8 averages steps 5-8 across the resume at step 6.
+    assert [r["step"] for r in resumed_rows] == [4, 8, 10]
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in full_rows]  # bit-identical
     assert [r["lr"] for r in resumed_rows] == [r["lr"] for r in full_rows]
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
@@ -96,18 +98,21 @@ def test_non_finite_loss_stops_the_run_keeping_the_last_checkpoint(tmp_path, fas
     (["--path_to_data", "/nonexistent/images"], "--path_to_data /nonexistent/images is not a folder"),
     (["--encoder_embed_dim", 30], "embed_dim must be divisible by 4"),
     (["--resume_from_checkpoint", "/nonexistent/ckpt"], "is not a complete checkpoint folder"),
-    (["--mask_ratio", 1.5], "mask_ratio must be in [0, 1)"),
+    (["--mask_ratio", 1.5], "--mask_ratio must be between 0 and 1 (exclusive), got 1.5"),
+    (["--mask_ratio", 0], "--mask_ratio must be between 0 and 1 (exclusive), got 0"),
+    (["--patch_size", 0], "--patch_size must be positive, got 0"),
+    (["--encoder_depth", -1], "--encoder_depth must be positive, got -1"),
+    (["--max_train_steps", 0], "--max_train_steps must be positive, got 0"),
+    (["--dataset", "folder"], "--dataset folder needs --path_to_data DIR"),
     (["--log_with", "wandb"], None),  # fine when wandb is installed; a one-line install hint when not
 ])
 def test_bad_arguments_give_one_line_errors(tmp_path, flags, message, fashion_mnist_dir):
     result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--max_train_steps", 1,
                         "--max_samples", 16, "--per_gpu_batch_size", 8, "--vis_every", 0, *flags, check=False)
     if message is None:
-        try:
-            import wandb  # noqa: F401
+        if importlib.util.find_spec("wandb") is not None:
             pytest.skip("wandb is installed")
-        except ImportError:
-            message = "needs the wandb package: pip install wandb"
+        message = "needs the wandb package: pip install wandb"
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain_mae.py: error:"), result.stderr
@@ -122,3 +127,33 @@ def test_fresh_start_refuses_to_overwrite_an_earlier_run(tmp_path, fashion_mnist
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "already holds checkpoints of an earlier run: continue it with --resume_from_checkpoint latest" in result.stderr
     assert marker.exists()
+
+
+def test_bf16_norm_pix_loss_run_with_accumulation(tmp_path, fashion_mnist_dir):
+    run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "bf16", "--max_samples", 64,
+               "--per_gpu_batch_size", 16, "--gradient_accumulation_steps", 2, "--max_train_steps", 4,
+               "--mixed_precision", "bf16", "--norm_pix_loss", "--log_every", 1, "--vis_every", 1, *SMALL)
+    rows = read_metrics(tmp_path / "bf16")
+    assert len(rows) == 4 and all(0.0 < r["loss"] < 10.0 for r in rows)
+    model = MaskedAutoencoder.from_pretrained(tmp_path / "bf16" / "final")
+    assert model.norm_pix_loss and next(model.parameters()).dtype == torch.float32
+    assert list((tmp_path / "bf16" / "reconstructions").glob("*.png"))
+
+
+def test_a_corrupt_image_is_skipped_during_a_run(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(15):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    (images / "15.png").write_bytes(b"not a png")
+    result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "corrupt",
+                        "--path_to_data", images, "--model", "mae_vit_tiny_patch4", "--img_size", 32,
+                        "--input_channels", 3, "--per_gpu_batch_size", 8, "--epochs", 1, "--log_every", 1,
+                        "--vis_every", 0, *SMALL)
+    rows = read_metrics(tmp_path / "corrupt")
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["skipped_images"] == 1
+    assert "skipping unreadable image" in result.stderr and "1 unreadable images were skipped" in result.stderr

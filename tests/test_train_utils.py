@@ -1,11 +1,13 @@
-import math
 
 import pytest
 import torch
 from accelerate import Accelerator
 
 from models import MaskedAutoencoder
-from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint, set_aside_newer,
+)
+from utils.training import sync_context
 from utils.errors import UserError
 from utils.optim import param_groups_weight_decay
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
@@ -56,3 +58,27 @@ def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
         model.weight.add_(1.0)
     assert load_checkpoint(accelerator, root / "step_00000003") == {"step": 3}
     assert torch.equal(model.state_dict()["weight"], saved["weight"])
+
+    # Resuming from step 2 sets step 3 aside; the next save (keep=1) never deletes the checkpoint it wrote.
+    moved = set_aside_newer(root, root / "step_00000002")
+    assert [p.name for p in moved] == ["step_00000003"] and (root / "abandoned" / "step_00000003").exists()
+    save_checkpoint(accelerator, root, 3, {"step": 3}, keep=1)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000003"]
+    assert not list(root.glob(".partial_*"))  # the dead partial save was cleaned up
+    save_checkpoint(accelerator, root, 1, {"step": 1}, keep=1)  # even when it is older than the others
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000001"]
+
+
+def test_gradients_are_synchronised_on_the_last_micro_batch_only():
+    class RecordingAccelerator:
+        def __init__(self):
+            self.no_sync_calls = 0
+
+        def no_sync(self, model):
+            self.no_sync_calls += 1
+            return torch.no_grad()  # any context manager
+
+    accelerator = RecordingAccelerator()
+    contexts = [sync_context(accelerator, None, micro, 4) for micro in range(4)]
+    assert accelerator.no_sync_calls == 3
+    assert type(contexts[-1]).__name__ == "nullcontext"

@@ -22,24 +22,30 @@ def complete_checkpoints(checkpoint_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator, checkpoint_root: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Save the full training state at ``step``; keep only the newest ``keep`` checkpoints (0 = keep all)."""
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, trainer_state: dict, keep: int,
+                    model_config: dict | None = None) -> Path:
+    """Save the full training state at ``step``; keep only the newest ``keep`` checkpoints (0 = keep all).
+    ``model_config`` is written as ``config.json`` so the folder's ``model.safetensors`` is loadable alone."""
     final = checkpoint_root / f"step_{step:08d}"
     partial = checkpoint_root / f".partial_step_{step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in checkpoint_root.glob(".partial_step_*") if checkpoint_root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # saves that died half-way
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        if model_config is not None:
+            (partial / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
         (partial / COMPLETE_MARKER).write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
         if keep > 0:
-            for old in complete_checkpoints(checkpoint_root)[:-keep]:
+            others = [c for c in complete_checkpoints(checkpoint_root) if c != final]
+            for old in others[:max(0, len(others) - (keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -59,5 +65,27 @@ def resolve_checkpoint(resume_from: str, checkpoint_root: Path) -> Path | None:
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scaler and RNG states; return the trainer state (``step`` etc.)."""
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as error:  # e.g. size mismatches: another architecture
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error).splitlines()[0])
+        raise UserError(f"checkpoint {path} does not fit this model ({detail}): resume with the model flags "
+                        "of the run that wrote it") from None
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def set_aside_newer(checkpoint_root: Path, resumed: Path) -> list[Path]:
+    """Resuming from an older checkpoint abandons the newer ones: move them to ``abandoned/`` so that
+    ``latest`` and the keep-K pruning follow the resumed run, without deleting anything."""
+    step = int(_STEP_DIR.match(resumed.name).group(1)) if _STEP_DIR.match(resumed.name) else None
+    if step is None or resumed.parent.resolve() != checkpoint_root.resolve():
+        return []
+    moved = []
+    for newer in complete_checkpoints(checkpoint_root):
+        if int(_STEP_DIR.match(newer.name).group(1)) > step:
+            target = checkpoint_root / "abandoned" / newer.name
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            newer.rename(target)
+            moved.append(target)
+    return moved

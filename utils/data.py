@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .errors import UserError
@@ -137,6 +137,8 @@ def to_channels(image, num_channels: int) -> torch.Tensor:
     Grayscale, palette, RGBA and CMYK images are converted by PIL; a 1-channel image is repeated to fill
     more channels, and an RGB image is averaged down to one.
     """
+    if isinstance(image, Image.Image) and image.mode.startswith("I"):
+        image = np.asarray(image)  # 16/32-bit integer images: scaled below, PIL's convert would clip them
     if isinstance(image, Image.Image):
         single_band = len(image.getbands()) == 1 and image.mode != "P"
         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(num_channels, "L" if single_band else "RGB")
@@ -148,8 +150,11 @@ def to_channels(image, num_channels: int) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8) if array.dtype.kind in "iu" else (
-            np.clip(array * 255.0, 0, 255).round().astype(np.uint8))
+        if array.dtype.kind in "iu":  # 16-bit (or wider integers holding 16-bit values) -> 8 bit
+            array = (np.clip(array, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8) if array.max(initial=0) > 255 \
+                else array.astype(np.uint8)
+        else:  # floats are taken to be in [0, 1]
+            array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, order="C")  # PIL's buffers are read-only; torch wants to own writable memory
     tensor = torch.from_numpy(array).permute(2, 0, 1)  # (C, H, W)
@@ -310,15 +315,16 @@ class HubImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        row = self.split[index]
-        try:
+        try:  # the row access is where `datasets` decodes the image
+            row = self.split[index]
             image = to_channels(row[self.image_column], self.num_channels)
         except DataError:
             raise
         except Exception as error:
             logger.warning("skipping unreadable image at row %d (%s)", index, error)
             return None
-        return image, int(row[self.label_column]) if self.label_column else -1
+        label = row[self.label_column] if self.label_column else -1
+        return image, label if isinstance(label, int) else -1
 
 
 class SyntheticDataset(Dataset):

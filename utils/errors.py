@@ -17,6 +17,8 @@ def run_cli(main) -> None:
     except ValueError as error:  # UserError, DataError and the models' argument checks
         if os.environ.get("MAE_DEBUG"):
             raise
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"{os.path.basename(sys.argv[0])}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # An error raised in a DataLoader worker arrives as "Caught X in DataLoader worker ...\n<traceback>\n<message>".
+        message = lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") else lines[0]
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -11,16 +11,17 @@ from torchvision.utils import make_grid
 
 
 @torch.no_grad()
-def reconstruction_panels(model, images: torch.Tensor, noise: torch.Tensor, denormalize) -> torch.Tensor:
+def reconstruction_panels(model, mae, images: torch.Tensor, noise: torch.Tensor, denormalize) -> torch.Tensor:
     """Four [0, 1] pictures per image, (B * 4, C, H, W): original, masked input (masked patches grey),
     the model's reconstruction (de-normalised per patch under norm_pix_loss) and that reconstruction
-    with the visible patches pasted back. ``noise`` fixes the masks so pictures compare across epochs."""
+    with the visible patches pasted back. ``noise`` fixes the masks so pictures compare across epochs.
+    ``model`` runs the forward (it may be wrapped by DDP/FSDP); ``mae`` is the plain MaskedAutoencoder."""
     was_training = model.training
     model.eval()
     output = model(images, noise=noise)
     model.train(was_training)
-    pixel_mask = model.unpatchify(output.mask.unsqueeze(-1).expand_as(output.pred).to(images.dtype))  # 1 = masked
-    reconstruction = model.reconstruct(output.pred.float(), images.float())
+    pixel_mask = mae.unpatchify(output.mask.unsqueeze(-1).expand_as(output.pred).to(images.dtype))  # 1 = masked
+    reconstruction = mae.reconstruct(output.pred.float(), images.float())
     original = denormalize(images)
     recon = denormalize(reconstruction)
     masked_input = original * (1 - pixel_mask) + 0.5 * pixel_mask

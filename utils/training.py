@@ -1,0 +1,64 @@
+"""The pieces of a training step that every script shares: loader, accumulation, the guarded optimizer step."""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import collate_skipping_bad
+
+logger = logging.getLogger(__name__)
+
+
+def build_loader(samples, batch_sampler, num_workers: int, device: torch.device) -> DataLoader:
+    """A loader over ``(index, epoch)`` keys. Its private generator keeps the global RNG untouched, so a run
+    resumed from a checkpoint (which restores the global RNG) draws the same mixup/erasing as one never stopped."""
+    return DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def sync_context(accelerator, model, micro: int, accumulation: int):
+    """No gradient all-reduce on the micro-batches before the last one of an optimizer step."""
+    return accelerator.no_sync(model) if micro < accumulation - 1 else nullcontext()
+
+
+def guarded_optimizer_step(accelerator, model, optimizer, step_loss: torch.Tensor, max_grad_norm: float):
+    """Clip, then step unless the loss or the gradients are non-finite; returns (skipped, grad_norm, mean loss).
+
+    ``step_loss`` is this process's loss of the step; it is averaged over processes so that every process
+    takes the same decision. Under fp16 the GradScaler skips overflowing steps (and lowers its scale) itself.
+    One host-device synchronisation per optimizer step.
+    """
+    grad_norm = accelerator.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], max_grad_norm if max_grad_norm > 0 else float("inf"))
+    mean_loss = accelerator.reduce(step_loss.detach(), reduction="mean")
+    if accelerator.scaler is not None:
+        optimizer.step()
+        skipped = accelerator.optimizer_step_was_skipped
+    else:
+        skipped = not bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
+        if not skipped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped, grad_norm, mean_loss
+
+
+class BadStepGuard:
+    """Counts consecutive skipped steps and stops the run once there are ``limit`` in a row."""
+
+    def __init__(self, limit: int, script: str, checkpoint_dir):
+        self.limit, self.script, self.checkpoint_dir, self.in_a_row = limit, script, checkpoint_dir, 0
+
+    def update(self, skipped: bool, step: int) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        logger.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"{self.script}: stopping: {self.in_a_row} consecutive steps had a non-finite loss; the "
+                             f"last good checkpoint is under {self.checkpoint_dir}. Lower the learning rate, set "
+                             "--max_grad_norm, or use bf16 instead of fp16.")
