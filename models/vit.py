@@ -144,6 +144,21 @@ def init_patch_embed_as_linear(patch_embed: PatchEmbed) -> None:
     nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
 
 
+HEAD_TYPES = ("linear", "linear_probe", "mlp")
+
+
+def build_head(head_type: str, embed_dim: int, num_classes: int) -> nn.Module:
+    """``linear`` (fine-tuning), ``linear_probe`` (BatchNorm without affine + linear, the MAE probing head) or
+    ``mlp`` (one hidden GELU layer, for frozen features); ``num_classes=0`` gives no head (features)."""
+    if num_classes <= 0:
+        return nn.Identity()
+    if head_type == "linear_probe":
+        return nn.Sequential(nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6), nn.Linear(embed_dim, num_classes))
+    if head_type == "mlp":
+        return nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, num_classes))
+    return nn.Linear(embed_dim, num_classes)
+
+
 class VisionTransformer(nn.Module, PyTorchModelHubMixin):
     """ViT with a cls token and fixed 2-D sin-cos position embeddings.
 
@@ -165,9 +180,13 @@ class VisionTransformer(nn.Module, PyTorchModelHubMixin):
         global_pool: bool = False,
         drop_path_rate: float = 0.0,
         custom_weight_init: bool = True,
+        head_type: str = "linear",
     ):
         super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
         self.embed_dim = embed_dim
+        self.depth = depth
         self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -180,13 +199,16 @@ class VisionTransformer(nn.Module, PyTorchModelHubMixin):
         # With global pooling the final norm moves after the pooling (fc_norm), as in MAE fine-tuning.
         self.norm = nn.Identity() if global_pool else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool else nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = build_head(head_type, embed_dim, num_classes)
         if custom_weight_init:
             self.apply(init_weights_official)
             init_patch_embed_as_linear(self.patch_embed)
             nn.init.normal_(self.cls_token, std=0.02)
-            if isinstance(self.head, nn.Linear):
-                nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            classifier = self.head if isinstance(self.head, nn.Linear) else None
+            if head_type == "linear_probe":
+                classifier = self.head[1]
+            if classifier is not None:  # small init, as in MAE fine-tuning (2e-5) and linear probing (0.01)
+                nn.init.trunc_normal_(classifier.weight, std=0.01 if head_type == "linear_probe" else 2e-5)
 
     @property
     def num_patches(self) -> int:

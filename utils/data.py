@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .errors import UserError
 import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,26 @@ class RandomResizedCropFlip:
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
         if self.flip and torch.rand(1, generator=generator).item() < 0.5:
             image = image.flip(-1)
+        return image
+
+
+class ClassifierTrainTransform(RandomResizedCropFlip):
+    """Fine-tuning augmentation: RandomResizedCrop + flip, then RandAugment (``num_ops`` ops of ``magnitude``).
+
+    RandAugment is torchvision's; it draws from the global RNG, so it runs under a forked RNG seeded from
+    the sample's generator (same view for the same (seed, epoch, index), whatever the process layout).
+    """
+
+    def __init__(self, img_size: int, min_scale: float = 0.08, randaug_magnitude: int = 0, randaug_ops: int = 2):
+        super().__init__(img_size, scale=(min_scale, 1.0))
+        self.randaug = v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude) if randaug_magnitude > 0 else None
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        image = super().__call__(image, generator)
+        if self.randaug is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                image = self.randaug(image)
         return image
 
 
@@ -480,3 +500,24 @@ class StepBatchSampler(Sampler):
             for micro in range(self.accumulation_steps):
                 ids = order[start + micro * self.micro_batch: start + (micro + 1) * self.micro_batch]
                 yield [(int(i), self.epoch) for i in ids]
+
+
+def dataset_classes(dataset) -> list[str]:
+    """Class names of a dataset built by :func:`build_image_dataset` (through a Subset too); [] if unlabeled."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return list(getattr(dataset, "classes", []) or [])
+
+
+class TensorSamples(Dataset):
+    """Pre-computed inputs (e.g. cached encoder features) and labels, served like :class:`SeededSamples`."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        return {"pixel_values": self.inputs[index], "label": int(self.labels[index])}

@@ -1,0 +1,457 @@
+"""Turn a pretrained MAE encoder into a classifier: fine-tuning, linear probing, frozen features + MLP, or
+the same ViT from scratch (the baseline), with 🤗 Accelerate.
+
+    accelerate launch finetune_classifier.py --path_to_pretrained_mae_weights work_dir/<run>/final
+    accelerate launch finetune_classifier.py --path_to_pretrained_mae_weights work_dir/<run>/final --linear_probe
+    accelerate launch finetune_classifier.py --from_scratch
+
+Everything a run writes goes to <working_directory>/<experiment_name>/: checkpoints/, final/ (the
+classifier, VisionTransformer.from_pretrained), metrics.jsonl, results.json and args.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
+from models.weights import encoder_state, load_encoder, read_weights
+from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.data import (
+    ClassifierTrainTransform, Normalize, ResizeCenterCrop, SeededSamples, StepBatchSampler, TensorSamples,
+    build_image_dataset, channel_stats, dataset_classes,
+)
+from utils.errors import UserError, run_cli
+from utils.metrics import topk_accuracy
+from utils.optim import param_groups_layer_decay
+from utils.run import (
+    MetricsLog, RunDir, Throughput, add_run_args, build_accelerator, default_num_workers, move_to_device, save_args,
+    save_final_weights,
+)
+from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, sync_context
+
+logger = logging.getLogger("finetune_classifier")
+
+SMALL_DATASETS = ("fashion_mnist", "synthetic")
+# Per mode: (small built-in sets, real image sets). The real-set values are facebookresearch/mae's recipes
+# (FINETUNE.md / LINPROBE.md); the small-set ones are short CPU schedules. Explicit flags win.
+DEFAULTS = {
+    "finetune": (dict(epochs=3, warmup_epochs=0.5, per_gpu_batch_size=128, base_learning_rate=1e-3, layer_decay=0.75,
+                      drop_path=0.1, random_aug_magnitude=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1,
+                      random_erasing=0.0, min_crop_scale=0.5, weight_decay=0.05),
+                 dict(epochs=100, warmup_epochs=5, per_gpu_batch_size=128, base_learning_rate=5e-4, layer_decay=0.65,
+                      drop_path=0.1, random_aug_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                      random_erasing=0.25, min_crop_scale=0.08, weight_decay=0.05)),
+    "linear_probe": (dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024, base_learning_rate=0.1, min_crop_scale=0.5),
+                     dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024, base_learning_rate=0.1, min_crop_scale=0.08)),
+    "freeze_encoder": (dict(epochs=30, warmup_epochs=2, per_gpu_batch_size=256, base_learning_rate=1e-3, min_crop_scale=0.5),
+                       dict(epochs=30, warmup_epochs=2, per_gpu_batch_size=256, base_learning_rate=1e-3, min_crop_scale=0.08)),
+}
+FROZEN_MODES = ("linear_probe", "freeze_encoder")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_argument_group("mode (default: fine-tune the whole ViT)")
+    mode.add_argument("--linear_probe", action="store_true",
+                      help="Frozen encoder, BatchNorm (no affine) + linear head, LARS, no weight decay.")
+    mode.add_argument("--freeze_encoder", action="store_true", help="Frozen encoder + a small MLP head (AdamW).")
+    mode.add_argument("--from_scratch", action="store_true", help="No pretrained weights: the baseline.")
+    mode.add_argument("--eval_only", action="store_true",
+                      help="Only evaluate the model (from --resume_from_checkpoint or the pretrained weights).")
+    mode.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
+                      help="Frozen modes: compute the encoder's features of every image once (deterministic view, "
+                           "no augmentation) and train the head on them; --no-cache_features augments every epoch.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", type=str, default=None,
+                      help="fashion_mnist (built in), synthetic, folder (--path_to_data, class subfolders) or "
+                           "hf:<name or path> with image and label columns. Default: folder if --path_to_data, "
+                           "else fashion_mnist.")
+    data.add_argument("--path_to_data", type=str, default=None,
+                      help="ImageNet-layout folder (train/ and val/ or validation/, one subfolder per class).")
+    data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
+    data.add_argument("--num_classes", type=int, default=None, help="Number of classes (default: from the data).")
+    data.add_argument("--max_val_samples", type=int, default=None, help="Evaluate on the first N validation images only.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--path_to_pretrained_mae_weights", type=str, default=None,
+                       help="pretrain_mae.py output: its final/ folder, a checkpoints/step_* folder or a .safetensors "
+                            "file. The encoder's sizes come from its config.json.")
+    model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
+                       help="Encoder preset when there are no pretrained weights to read it from "
+                            "(default: mae_vit_tiny_patch4 for the small built-in sets, else mae_vit_base_patch16).")
+    model.add_argument("--img_size", type=int, default=None, help="Input resolution (default: the pretraining one).")
+    model.add_argument("--input_channels", type=int, default=None, help="Image channels (default: the encoder's).")
+    model.add_argument("--cls_token", action="store_true",
+                       help="Classify from the cls token (default: global average pooling + norm when fine-tuning).")
+    model.add_argument("--mean_pooling", action="store_true",
+                       help="Linear probe / frozen features from the mean of the patch tokens (default: cls token).")
+    model.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate (fine-tuning).")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", type=float, default=None,
+                       help="Peak learning rate; default: --base_learning_rate x per_gpu_batch_size x processes / 256.")
+    optim.add_argument("--base_learning_rate", type=float, default=None,
+                       help="Base lr per 256 images (defaults per mode: 5e-4 fine-tune, 0.1 linear probe, 1e-3 MLP).")
+    optim.add_argument("--min_learning_rate", type=float, default=1e-6, help="Floor of the cosine decay.")
+    optim.add_argument("--layer_decay", type=float, default=None,
+                       help="Layer-wise lr decay (0.75 ViT-B in the issue's recipe, 0.65 official ViT-B/L; 1 = off).")
+    optim.add_argument("--max_bad_steps", type=int, default=20, help="Stop after this many non-finite steps in a row.")
+    aug = parser.add_argument_group("augmentation (fine-tuning)")
+    aug.add_argument("--random_aug_magnitude", type=int, default=None, help="RandAugment magnitude (0 = off).")
+    aug.add_argument("--random_aug_ops", type=int, default=2, help="RandAugment operations per image.")
+    aug.add_argument("--mixup_alpha", type=float, default=None, help="Mixup alpha (0 = off).")
+    aug.add_argument("--cutmix_alpha", type=float, default=None, help="CutMix alpha (0 = off).")
+    aug.add_argument("--mixup_prob", type=float, default=1.0, help="Probability of mixing a batch at all.")
+    aug.add_argument("--mixup_switch_prob", type=float, default=0.5, help="Probability of CutMix when both are on.")
+    aug.add_argument("--label_smoothing", type=float, default=None, help="Label smoothing.")
+    aug.add_argument("--random_erasing", type=float, default=None, help="Random-erasing probability.")
+    aug.add_argument("--min_crop_scale", type=float, default=None, help="RandomResizedCrop's smallest area share.")
+    aug.add_argument("--model_ema", action="store_true", help="Keep an EMA of the weights and evaluate it too.")
+    aug.add_argument("--model_ema_decay", type=float, default=0.9999, help="EMA decay per optimizer step.")
+    add_run_args(parser)
+    parser.set_defaults(weight_decay=None)
+    return parser.parse_args(argv)
+
+
+def run_mode(args) -> str:
+    if args.linear_probe and args.freeze_encoder:
+        raise UserError("--linear_probe and --freeze_encoder are two different modes: pass one")
+    if args.from_scratch and (args.linear_probe or args.freeze_encoder):
+        raise UserError("--from_scratch trains the whole ViT: it cannot be combined with a frozen-encoder mode")
+    return "linear_probe" if args.linear_probe else "freeze_encoder" if args.freeze_encoder else "finetune"
+
+
+def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
+    """Fill mode- and data-dependent defaults; return (mode, encoder config, pretrained state or None)."""
+    mode = run_mode(args)
+    if args.dataset is None:
+        args.dataset = "folder" if args.path_to_data else "fashion_mnist"
+    small = args.dataset in SMALL_DATASETS
+    for key, value in DEFAULTS[mode][0 if small else 1].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if mode in FROZEN_MODES:
+        args.weight_decay = 0.0 if mode == "linear_probe" else (args.weight_decay or 0.0)
+        args.drop_path = 0.0
+    for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every", "save_checkpoint_interval",
+                 "max_train_steps", "num_classes", "img_size", "max_samples", "max_val_samples"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} must be positive, got {value}")
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 0.0
+
+    state = None
+    if args.path_to_pretrained_mae_weights and not args.from_scratch:
+        pretrained_config, weights = read_weights(args.path_to_pretrained_mae_weights)
+        if pretrained_config is None:
+            raise UserError(f"no config.json beside the weights in {args.path_to_pretrained_mae_weights}: pass the "
+                            "run's final/ or checkpoints/step_* folder")
+        config = encoder_config(pretrained_config)
+        state = encoder_state(weights)
+    elif not args.from_scratch and not args.eval_only:
+        raise UserError("no pretrained weights: pass --path_to_pretrained_mae_weights DIR (a pretrain_mae.py final/ "
+                        "folder), or --from_scratch for the baseline")
+    else:
+        args.model = args.model or ("mae_vit_tiny_patch4" if small else "mae_vit_base_patch16")
+        config = encoder_config(mae_config(args.model))
+        if args.dataset == "fashion_mnist":
+            config["in_chans"] = 1
+    if args.img_size:
+        config["img_size"] = args.img_size
+    if args.input_channels:
+        config["in_chans"] = args.input_channels
+    args.img_size, args.input_channels = config["img_size"], config["in_chans"]
+    if args.experiment_name is None:
+        source = "scratch" if args.from_scratch else "mae"
+        args.experiment_name = f"{mode}_{source}_{args.dataset.replace('hf:', '').replace('/', '_')}"
+    return mode, config, state
+
+
+def build_classifier(mode: str, config: dict, num_classes: int, args) -> VisionTransformer:
+    head_type = {"finetune": "linear", "linear_probe": "linear_probe", "freeze_encoder": "mlp"}[mode]
+    global_pool = args.mean_pooling if mode in FROZEN_MODES else not args.cls_token
+    return VisionTransformer(**config, num_classes=num_classes, global_pool=global_pool, head_type=head_type,
+                             drop_path_rate=args.drop_path or 0.0)
+
+
+def load_pretrained(model: VisionTransformer, state: dict) -> None:
+    """Encoder weights into the classifier; with global pooling the pretrained final norm becomes fc_norm's start."""
+    if model.global_pool and "norm.weight" in state:
+        state = {**state, "fc_norm.weight": state["norm.weight"], "fc_norm.bias": state["norm.bias"]}
+    report = load_encoder(model, state, new_ok=("head.", "fc_norm."), unused_ok=("norm.", "head."))
+    logger.info("pretrained encoder: %s", report.summary())
+
+
+def freeze_encoder(model: VisionTransformer) -> None:
+    """Everything but the head stops training (and stays in eval mode: no dropout, no drop-path)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("head.")
+
+
+def image_samples(args, split: str, train: bool, max_samples: int | None):
+    base = build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, args.img_size,
+                               max_samples, args.image_column)
+    transform = (ClassifierTrainTransform(args.img_size, args.min_crop_scale or 0.08, args.random_aug_magnitude or 0,
+                                          args.random_aug_ops) if train else ResizeCenterCrop(args.img_size))
+    return base, SeededSamples(base, transform, args.seed)
+
+
+def check_classes(args, train_base, val_base) -> int:
+    classes = dataset_classes(train_base)
+    if not classes:
+        raise UserError("the training data has no labels: a classifier needs class subfolders (train/<class>/...), "
+                        "or a 🤗 dataset with a label column")
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise UserError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes "
+                        f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): drop the flag or fix the data")
+    val_classes = dataset_classes(val_base)
+    if val_classes and val_classes != classes:
+        raise UserError(f"the validation split has classes {val_classes[:5]}... but training has {classes[:5]}...: "
+                        "both splits need the same class subfolders")
+    return len(classes)
+
+
+@torch.no_grad()
+def compute_features(accelerator, encoder: VisionTransformer, samples, normalize: Normalize, batch_size: int):
+    """Pooled encoder features (N, D) and labels (N,) of every sample, in order, computed once."""
+    encoder.eval()
+    features, labels = [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc="features", disable=not accelerator.is_main_process):
+        items = [samples[(i, 0)] for i in range(start, min(start + batch_size, len(samples)))]
+        items = [item for item in items if item is not None]
+        images = normalize(torch.stack([item["pixel_values"] for item in items]).to(accelerator.device))
+        features.append(encoder.pool(encoder.forward_features(images)).float().cpu())
+        labels.append(torch.tensor([item["label"] for item in items]))
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, prepare_inputs) -> dict:
+    """Top-1 / top-5 (percent) and loss over the whole validation split, gathered from every process."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        batch = move_to_device(batch, accelerator.device)
+        logits = model(prepare_inputs(batch["pixel_values"]))
+        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["label"]))
+        all_logits.append(logits)
+        all_labels.append(labels)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    top1, top5 = topk_accuracy(logits, labels, ks=(1, 5))
+    return {"top1": top1, "top5": top5, "val_loss": F.cross_entropy(logits, labels).item()}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    mode, config, pretrained_state = resolve_defaults(args)
+    run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
+    if not args.resume_from_checkpoint and not args.eval_only and complete_checkpoints(run_dir.checkpoints):
+        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
+                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
+    accelerator = build_accelerator(args, run_dir)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(accelerator.device)
+    set_seed(args.seed)
+    try:
+        train(args, mode, config, pretrained_state, run_dir, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
+    with accelerator.main_process_first():
+        train_base, train_samples = image_samples(args, "train", train=mode == "finetune" or not args.cache_features,
+                                                  max_samples=args.max_samples)
+        val_base, val_samples = image_samples(args, "val", train=False, max_samples=args.max_val_samples)
+    num_classes = check_classes(args, train_base, val_base)
+    args.num_classes = num_classes
+    if accelerator.is_main_process:
+        save_args(args, run_dir)
+    normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
+
+    model = build_classifier(mode, config, num_classes, args)
+    if pretrained_state is not None:
+        load_pretrained(model, pretrained_state)
+    if mode in FROZEN_MODES:
+        freeze_encoder(model)
+    model.to(accelerator.device)
+
+    # Frozen modes with cached features: the head trains on pre-computed features, fast even on a CPU.
+    cached = mode in FROZEN_MODES and args.cache_features
+    if cached:
+        train_features, train_labels = compute_features(accelerator, model, train_samples, normalize, 256)
+        val_features, val_labels = compute_features(accelerator, model, val_samples, normalize, 256)
+        train_samples, val_samples = TensorSamples(train_features, train_labels), TensorSamples(val_features, val_labels)
+        trained, prepare_inputs = model.head, (lambda features: features)
+    else:
+        trained, prepare_inputs = model, normalize
+
+    sampler = StepBatchSampler(len(train_samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
+                               accelerator.num_processes, accelerator.process_index, args.seed)
+    loader = build_loader(train_samples, sampler, args.num_workers, accelerator.device)
+    val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
+    val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,
+                                                              accelerator.device), device_placement=False)
+
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    peak_lr = args.learning_rate or scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size,
+                                                         accelerator.num_processes)
+    if mode == "linear_probe":  # LARS, no weight decay (official linear-probing recipe)
+        from timm.optim import Lars
+
+        optimizer = Lars([p for p in trained.parameters() if p.requires_grad], lr=peak_lr, weight_decay=0.0)
+    else:
+        groups = (param_groups_layer_decay(model, args.weight_decay, args.layer_decay) if mode == "finetune" else
+                  [{"params": [p for p in trained.parameters() if p.requires_grad], "weight_decay": args.weight_decay}])
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda")
+    trained, optimizer = accelerator.prepare(trained, optimizer)
+    if not cached:
+        model = trained
+
+    mixup = None
+    if mode == "finetune" and (args.mixup_alpha > 0 or args.cutmix_alpha > 0):
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, label_smoothing=args.label_smoothing, num_classes=num_classes)
+    erasing = None
+    if mode == "finetune" and args.random_erasing > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        erasing = RandomErasing(probability=args.random_erasing, mode="pixel", device=str(accelerator.device))
+    ema = None
+    if args.model_ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            accelerator.unwrap_model(model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.model_ema_decay),
+            use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
+    label_smoothing = (args.label_smoothing or 0.0) if mode == "finetune" else 0.0
+
+    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch, "best_top1": 0.0,
+             "loss_sum": 0.0, "loss_steps": 0}
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        saved = load_checkpoint(accelerator, checkpoint)
+        if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != sampler.global_batch:
+            raise UserError(f"checkpoint {checkpoint} was written with another data size or global batch: "
+                            "resume with the same data and batch flags")
+        state.update(saved)
+        logger.info("resumed from %s at step %d", checkpoint, state["step"])
+    step = state["step"]
+    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
+    logger.info("%s: %d training samples, %d classes, %d steps/epoch, %d steps, global batch %d, peak lr %.3g%s",
+                mode, len(train_samples), num_classes, steps_per_epoch, total_steps, sampler.global_batch, peak_lr,
+                " (cached features)" if cached else "")
+
+    def run_eval() -> dict:
+        result = evaluate(accelerator, model if not cached else trained, val_loader, prepare_inputs)
+        if ema is not None:
+            ema_result = evaluate(accelerator, ema.module if not cached else ema.module.head, val_loader, prepare_inputs)
+            result.update({f"ema_{k}": v for k, v in ema_result.items()})
+        return result
+
+    if args.eval_only:
+        result = run_eval()
+        write_results(run_dir, args, result, result["top1"], accelerator)
+        logger.info("eval: top-1 %.2f%%, top-5 %.2f%%", result["top1"], result["top5"])
+        return
+
+    guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints)
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=mode)
+    throughput = Throughput()
+    loss_sum, loss_steps = torch.tensor(state["loss_sum"], device=accelerator.device), state["loss_steps"]
+    result = {}
+    accumulation = args.gradient_accumulation_steps
+
+    def checkpoint_now() -> None:
+        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
+        save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
+
+    while step < total_steps:
+        sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
+        trained.train()
+        if mode in FROZEN_MODES and not cached:
+            accelerator.unwrap_model(model).eval()
+            accelerator.unwrap_model(model).head.train()
+        micro_batches = iter(loader)
+        for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
+            set_learning_rate(optimizer, lr)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accumulation):
+                batch = move_to_device(next(micro_batches), accelerator.device)
+                inputs, labels = prepare_inputs(batch["pixel_values"]), batch["label"]
+                if erasing is not None:
+                    inputs = erasing(inputs)
+                if mixup is not None and inputs.shape[0] % 2 == 0:
+                    inputs, targets = mixup(inputs, labels)
+                else:
+                    targets = labels
+                with sync_context(accelerator, trained, micro, accumulation):
+                    logits = trained(inputs)
+                    loss = (torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                            if targets.ndim == 2 else F.cross_entropy(logits.float(), targets,
+                                                                      label_smoothing=label_smoothing))
+                    accelerator.backward(loss / accumulation)
+                step_loss += loss.detach() / accumulation
+                throughput.add(inputs.shape[0] * accelerator.num_processes)
+            skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, trained, optimizer, step_loss,
+                                                                   args.max_grad_norm)
+            step += 1
+            progress.update(1)
+            guard.update(skipped, step)
+            if skipped:
+                continue
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+            loss_sum += step_loss
+            loss_steps += 1
+            if step % args.log_every == 0:
+                progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                checkpoint_now()
+        epoch_done = step % steps_per_epoch == 0
+        if epoch_done or step == total_steps:  # evaluate at every epoch end and at the end of the run
+            images_per_sec = round(throughput.rate(), 2)
+            result = run_eval()
+            state["best_top1"] = max(state["best_top1"], result["top1"])
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                   "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr,
+                   "images_per_sec": images_per_sec, **result}
+            metrics.log(row)
+            logger.info("epoch %.2f: train loss %.4f, top-1 %.2f%%, top-5 %.2f%%", row["epoch"], row["train_loss"],
+                        result["top1"], result["top5"])
+            loss_sum.zero_()
+            loss_steps = 0
+            throughput = Throughput()  # the next epoch's rate starts after this evaluation
+            if step == total_steps or (step // steps_per_epoch) % args.save_checkpoint_interval == 0:
+                checkpoint_now()
+    progress.close()
+    save_final_weights(accelerator, model, run_dir.final)
+    write_results(run_dir, args, result, state["best_top1"], accelerator)
+
+
+def write_results(run_dir: RunDir, args, result: dict, best_top1: float, accelerator) -> None:
+    if not accelerator.is_main_process:
+        return
+    summary = {"top1": result.get("top1"), "top5": result.get("top5"), "best_top1": best_top1,
+               **{k: v for k, v in result.items() if k.startswith("ema_")}, "args": vars(args)}
+    (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    logger.info("results: top-1 %.2f%% (best %.2f%%), top-5 %.2f%%; written to %s", summary["top1"], best_top1,
+                summary["top5"], run_dir.root / "results.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,71 @@
+"""Reading this project's weights (``save_pretrained`` folders, checkpoint folders, ``.safetensors`` files)
+and loading an MAE encoder into a :class:`VisionTransformer`, with a report of every key and one-line errors.
+Foreign formats (official MAE, 🤗 transformers, timm) are converted here too, at the edge, in a later step."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ENCODER_PREFIX = "encoder."
+NOT_ENCODER = ("decoder_", "mask_token")
+
+
+def read_weights(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(config or None, state dict) from a folder with ``model.safetensors`` [+ ``config.json``] or a file."""
+    path = Path(path).expanduser()
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise ValueError(f"no weights at {path}: pass a final/ or checkpoints/step_* folder of a run, "
+                         "or a .safetensors file")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file} is not a .safetensors file: pass a folder written by save_pretrained or a checkpoint")
+    config_file = file.parent / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    return config, load_file(str(file))
+
+
+def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's weights: an MAE's ``encoder.*`` keys without the prefix; a ViT's keys as they are."""
+    if any(key.startswith(ENCODER_PREFIX) for key in state):
+        return {key[len(ENCODER_PREFIX):]: value for key, value in state.items() if key.startswith(ENCODER_PREFIX)}
+    return {key: value for key, value in state.items() if not key.startswith(NOT_ENCODER)}
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)  # in the model, not in the checkpoint: freshly initialised
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not used by the model
+
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)} tensors; newly initialised: {', '.join(self.new) or 'none'}; "
+                f"not used: {', '.join(self.unused) or 'none'}")
+
+
+def load_encoder(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                 new_ok: tuple[str, ...] = ("head.", "fc_norm."), unused_ok: tuple[str, ...] = ("norm.", "head.")) -> LoadReport:
+    """Load encoder weights into a ViT. Only the head (and fc_norm) may be new, only the final norm / an old
+    head unused; anything else, and any shape mismatch, is refused with one line naming the tensors."""
+    target = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(target[k].shape)} in the model"
+                  for k, v in state.items() if k in target and v.shape != target[k].shape]
+    if mismatched:
+        raise ValueError(f"the checkpoint is of another architecture: {'; '.join(mismatched[:3])}"
+                         f"{f' (+{len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}: "
+                         "build the model with the checkpoint's sizes (depth, width, patch size, channels)")
+    report = LoadReport(
+        loaded=sorted(k for k in state if k in target),
+        new=sorted(k for k in target if k not in state),
+        unused=sorted(k for k in state if k not in target),
+    )
+    missing = [k for k in report.new if not k.startswith(new_ok)]
+    extra = [k for k in report.unused if not k.startswith(unused_ok)]
+    if missing or extra:
+        raise ValueError(f"the checkpoint is of another architecture: missing {', '.join(missing[:4]) or 'nothing'}, "
+                         f"unexpected {', '.join(extra[:4]) or 'nothing'}: build the model with the checkpoint's depth")
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report
