@@ -24,8 +24,8 @@ from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.data import (
-    ClassifierTrainTransform, Normalize, ResizeCenterCrop, SeededSamples, StepBatchSampler, TensorSamples,
-    build_image_dataset, channel_stats, dataset_classes,
+    ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples, StepBatchSampler,
+    TensorSamples, build_image_dataset, channel_stats, dataset_classes,
 )
 from utils.errors import UserError, run_cli
 from utils.metrics import topk_accuracy
@@ -135,7 +135,8 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     small = args.dataset in SMALL_DATASETS
     for key, value in DEFAULTS[mode][0 if small else 1].items():
         if getattr(args, key, None) is None:
-            setattr(args, key, value)
+            # Layer decay is a transfer-learning device: random weights train every layer at the full rate.
+            setattr(args, key, 1.0 if key == "layer_decay" and args.from_scratch else value)
     if mode in FROZEN_MODES:
         args.weight_decay = 0.0 if mode == "linear_probe" else (args.weight_decay or 0.0)
         args.drop_path = 0.0
@@ -181,12 +182,13 @@ def build_classifier(mode: str, config: dict, num_classes: int, args) -> VisionT
                              drop_path_rate=args.drop_path or 0.0)
 
 
-def load_pretrained(model: VisionTransformer, state: dict) -> None:
+def load_pretrained(model: VisionTransformer, state: dict):
     """Encoder weights into the classifier; with global pooling the pretrained final norm becomes fc_norm's start."""
     if model.global_pool and "norm.weight" in state:
         state = {**state, "fc_norm.weight": state["norm.weight"], "fc_norm.bias": state["norm.bias"]}
     report = load_encoder(model, state, new_ok=("head.", "fc_norm."), unused_ok=("norm.", "head."))
     logger.info("pretrained encoder: %s", report.summary())
+    return report
 
 
 def freeze_encoder(model: VisionTransformer) -> None:
@@ -197,7 +199,7 @@ def freeze_encoder(model: VisionTransformer) -> None:
 
 def image_samples(args, split: str, train: bool, max_samples: int | None):
     base = build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, args.img_size,
-                               max_samples, args.image_column)
+                               max_samples, args.image_column, require_split=split != "train")
     transform = (ClassifierTrainTransform(args.img_size, args.min_crop_scale or 0.08, args.random_aug_magnitude or 0,
                                           args.random_aug_ops) if train else ResizeCenterCrop(args.img_size))
     return base, SeededSamples(base, transform, args.seed)
@@ -205,6 +207,12 @@ def image_samples(args, split: str, train: bool, max_samples: int | None):
 
 def check_classes(args, train_base, val_base) -> int:
     classes = dataset_classes(train_base)
+    if not classes and args.num_classes and isinstance(train_base, HubImageDataset) and train_base.label_column:
+        classes = [str(i) for i in range(args.num_classes)]  # integer labels without names: trust the flag
+    val_labeled = bool(dataset_classes(val_base)) or (isinstance(val_base, HubImageDataset) and val_base.label_column)
+    if classes and not val_labeled:
+        raise UserError("the validation split has no labels: it needs the same class subfolders as training "
+                        "(val/<class>/... or validation/<class>/...)")
     if not classes:
         raise UserError("the training data has no labels: a classifier needs class subfolders (train/<class>/...), "
                         "or a 🤗 dataset with a label column")
@@ -218,6 +226,21 @@ def check_classes(args, train_base, val_base) -> int:
     return len(classes)
 
 
+def build_optimizer(mode: str, trained: torch.nn.Module, model: VisionTransformer, args, lr: float, device):
+    """LARS for the linear probe (official recipe: momentum 0.9, trust ratio on weight matrices, no weight
+    decay); AdamW with layer-decay groups for fine-tuning; plain AdamW on the MLP head of frozen features."""
+    params = [p for p in trained.parameters() if p.requires_grad]
+    if mode == "linear_probe":
+        from timm.optim import Lars
+
+        return Lars([{"params": [p for p in params if p.ndim > 1], "always_adapt": True},
+                     {"params": [p for p in params if p.ndim <= 1], "always_adapt": False}],
+                    lr=lr, momentum=0.9, trust_coeff=1e-3, weight_decay=0.0)
+    groups = (param_groups_layer_decay(model, args.weight_decay, args.layer_decay) if mode == "finetune"
+              else [{"params": params, "weight_decay": args.weight_decay}])
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
 @torch.no_grad()
 def compute_features(accelerator, encoder: VisionTransformer, samples, normalize: Normalize, batch_size: int):
     """Pooled encoder features (N, D) and labels (N,) of every sample, in order, computed once."""
@@ -226,6 +249,8 @@ def compute_features(accelerator, encoder: VisionTransformer, samples, normalize
     for start in tqdm(range(0, len(samples), batch_size), desc="features", disable=not accelerator.is_main_process):
         items = [samples[(i, 0)] for i in range(start, min(start + batch_size, len(samples)))]
         items = [item for item in items if item is not None]
+        if not items:
+            continue
         images = normalize(torch.stack([item["pixel_values"] for item in items]).to(accelerator.device))
         features.append(encoder.pool(encoder.forward_features(images)).float().cpu())
         labels.append(torch.tensor([item["label"] for item in items]))
@@ -238,6 +263,8 @@ def evaluate(accelerator, model, loader, prepare_inputs) -> dict:
     model.eval()
     all_logits, all_labels = [], []
     for batch in loader:
+        if "pixel_values" not in batch:  # only unreadable images (each one is logged)
+            continue
         batch = move_to_device(batch, accelerator.device)
         logits = model(prepare_inputs(batch["pixel_values"]))
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["label"]))
@@ -275,13 +302,16 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
         val_base, val_samples = image_samples(args, "val", train=False, max_samples=args.max_val_samples)
     num_classes = check_classes(args, train_base, val_base)
     args.num_classes = num_classes
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not args.eval_only:
         save_args(args, run_dir)
     normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
 
     model = build_classifier(mode, config, num_classes, args)
     if pretrained_state is not None:
-        load_pretrained(model, pretrained_state)
+        report = load_pretrained(model, pretrained_state)
+        if accelerator.is_main_process:  # every key: loaded, newly initialised, not used
+            run_dir.root.mkdir(parents=True, exist_ok=True)
+            (run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
     if mode in FROZEN_MODES:
         freeze_encoder(model)
     model.to(accelerator.device)
@@ -308,14 +338,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.learning_rate or scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size,
                                                          accelerator.num_processes)
-    if mode == "linear_probe":  # LARS, no weight decay (official linear-probing recipe)
-        from timm.optim import Lars
-
-        optimizer = Lars([p for p in trained.parameters() if p.requires_grad], lr=peak_lr, weight_decay=0.0)
-    else:
-        groups = (param_groups_layer_decay(model, args.weight_decay, args.layer_decay) if mode == "finetune" else
-                  [{"params": [p for p in trained.parameters() if p.requires_grad], "weight_decay": args.weight_decay}])
-        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(mode, trained, model, args, peak_lr, accelerator.device)
     trained, optimizer = accelerator.prepare(trained, optimizer)
     if not cached:
         model = trained
@@ -333,9 +356,13 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
         erasing = RandomErasing(probability=args.random_erasing, mode="pixel", device=str(accelerator.device))
     ema = None
     if args.model_ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            accelerator.unwrap_model(model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.model_ema_decay),
-            use_buffers=True)
+        decay = args.model_ema_decay
+
+        def ema_update(averaged, current, num_averaged):  # decay warms up: (1 + n) / (10 + n), capped at --model_ema_decay
+            rate = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+            return averaged + (current - averaged) * (1.0 - rate)
+
+        ema = torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=ema_update, use_buffers=True)
         accelerator.register_for_checkpointing(ema)
     label_smoothing = (args.label_smoothing or 0.0) if mode == "finetune" else 0.0
 
@@ -349,12 +376,6 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                             "resume with the same data and batch flags")
         state.update(saved)
         logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    step = state["step"]
-    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
-    logger.info("%s: %d training samples, %d classes, %d steps/epoch, %d steps, global batch %d, peak lr %.3g%s",
-                mode, len(train_samples), num_classes, steps_per_epoch, total_steps, sampler.global_batch, peak_lr,
-                " (cached features)" if cached else "")
-
     def run_eval() -> dict:
         result = evaluate(accelerator, model if not cached else trained, val_loader, prepare_inputs)
         if ema is not None:
@@ -362,17 +383,26 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             result.update({f"ema_{k}": v for k, v in ema_result.items()})
         return result
 
-    if args.eval_only:
+
+    step = state["step"]
+    if args.eval_only:  # leaves the run's metrics.jsonl, args.json and results.json as they are
         result = run_eval()
-        write_results(run_dir, args, result, result["top1"], accelerator)
-        logger.info("eval: top-1 %.2f%%, top-5 %.2f%%", result["top1"], result["top5"])
+        if accelerator.is_main_process:
+            run_dir.root.mkdir(parents=True, exist_ok=True)
+            (run_dir.root / "eval_results.json").write_text(json.dumps(result, indent=2))
+        logger.info("eval: top-1 %.2f%%, top-5 %.2f%%; written to %s", result["top1"], result["top5"],
+                    run_dir.root / "eval_results.json")
         return
+    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
+    logger.info("%s: %d training samples, %d classes, %d steps/epoch, %d steps, global batch %d, peak lr %.3g%s",
+                mode, len(train_samples), num_classes, steps_per_epoch, total_steps, sampler.global_batch, peak_lr,
+                " (cached features)" if cached else "")
 
     guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=mode)
     throughput = Throughput()
     loss_sum, loss_steps = torch.tensor(state["loss_sum"], device=accelerator.device), state["loss_steps"]
-    result = {}
+    result, last_batch = {}, None
     accumulation = args.gradient_accumulation_steps
 
     def checkpoint_now() -> None:
@@ -392,6 +422,12 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(accumulation):
                 batch = move_to_device(next(micro_batches), accelerator.device)
+                weight = 1.0
+                if "pixel_values" not in batch:  # every image unreadable: a zero-weight step keeps processes in step
+                    if last_batch is None:
+                        raise UserError("the first batch had no readable image: check the files under --path_to_data")
+                    batch, weight = last_batch, 0.0
+                last_batch = batch
                 inputs, labels = prepare_inputs(batch["pixel_values"]), batch["label"]
                 if erasing is not None:
                     inputs = erasing(inputs)
@@ -403,7 +439,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                     logits = trained(inputs)
                     loss = (torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
                             if targets.ndim == 2 else F.cross_entropy(logits.float(), targets,
-                                                                      label_smoothing=label_smoothing))
+                                                                      label_smoothing=label_smoothing)) * weight
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
                 throughput.add(inputs.shape[0] * accelerator.num_processes)
@@ -420,13 +456,14 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             loss_steps += 1
             if step % args.log_every == 0:
                 progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                checkpoint_now()
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch:
+                checkpoint_now()  # (at an epoch end the checkpoint waits for the evaluation, below)
         epoch_done = step % steps_per_epoch == 0
         if epoch_done or step == total_steps:  # evaluate at every epoch end and at the end of the run
             images_per_sec = round(throughput.rate(), 2)
             result = run_eval()
             state["best_top1"] = max(state["best_top1"], result["top1"])
+            state["best_top5"] = max(state.get("best_top5", 0.0), result["top5"])
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                    "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr,
                    "images_per_sec": images_per_sec, **result}
@@ -436,17 +473,22 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             loss_sum.zero_()
             loss_steps = 0
             throughput = Throughput()  # the next epoch's rate starts after this evaluation
-            if step == total_steps or (step // steps_per_epoch) % args.save_checkpoint_interval == 0:
+            if (step == total_steps or (epoch_done and (step // steps_per_epoch) % args.save_checkpoint_interval == 0)
+                    or (args.checkpointing_steps and step % args.checkpointing_steps == 0)):
                 checkpoint_now()
     progress.close()
+    if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
+        result = run_eval()
     save_final_weights(accelerator, model, run_dir.final)
-    write_results(run_dir, args, result, state["best_top1"], accelerator)
+    write_results(run_dir, args, result, state, accelerator)
 
 
-def write_results(run_dir: RunDir, args, result: dict, best_top1: float, accelerator) -> None:
+def write_results(run_dir: RunDir, args, result: dict, state: dict, accelerator) -> None:
     if not accelerator.is_main_process:
         return
-    summary = {"top1": result.get("top1"), "top5": result.get("top5"), "best_top1": best_top1,
+    best_top1 = max(state["best_top1"], result["top1"])
+    summary = {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1,
+               "best_top5": max(state.get("best_top5", 0.0), result["top5"]),
                **{k: v for k, v in result.items() if k.startswith("ema_")}, "args": vars(args)}
     (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     logger.info("results: top-1 %.2f%% (best %.2f%%), top-5 %.2f%%; written to %s", summary["top1"], best_top1,

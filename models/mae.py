@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from huggingface_hub import PyTorchModelHubMixin
 
-from .vit import Block, VisionTransformer, init_weights_official, sincos_pos_embed_2d
+from .vit import Block, StrictHubMixin, VisionTransformer, init_weights_official, sincos_pos_embed_2d
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -62,7 +61,7 @@ class MAEOutput:
     mask: torch.Tensor  # (B, L): 1 = masked, 0 = visible
 
 
-class MaskedAutoencoder(nn.Module, PyTorchModelHubMixin):
+class MaskedAutoencoder(nn.Module, StrictHubMixin):
     """MAE: ViT encoder on the visible patches, light transformer decoder, MSE on the masked patches."""
 
     def __init__(

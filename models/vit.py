@@ -36,6 +36,15 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], cls_token: b
     return torch.from_numpy(embed).float().unsqueeze(0)
 
 
+class StrictHubMixin(PyTorchModelHubMixin):
+    """``save_pretrained`` / ``from_pretrained`` (local folders and Hub repos) with strict loading: a missing or
+    unexpected tensor is an error, never silently ignored (the mixin's default is lenient)."""
+
+    @classmethod
+    def _load_as_safetensor(cls, model, model_file, map_location, strict):
+        return super()._load_as_safetensor(model, model_file, map_location, True)
+
+
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
@@ -159,7 +168,7 @@ def build_head(head_type: str, embed_dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(embed_dim, num_classes)
 
 
-class VisionTransformer(nn.Module, PyTorchModelHubMixin):
+class VisionTransformer(nn.Module, StrictHubMixin):
     """ViT with a cls token and fixed 2-D sin-cos position embeddings.
 
     ``global_pool=True`` averages the patch tokens and applies ``fc_norm`` (the MAE fine-tuning recipe);

@@ -25,7 +25,11 @@ def read_weights(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]
         raise ValueError(f"{file} is not a .safetensors file: pass a folder written by save_pretrained or a checkpoint")
     config_file = file.parent / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else None
-    return config, load_file(str(file))
+    try:
+        return config, load_file(str(file))
+    except Exception as error:  # safetensors' own error type is not a ValueError
+        raise ValueError(f"cannot read {file} ({type(error).__name__}: {str(error).splitlines()[0]}): "
+                         "the file is damaged or not safetensors") from None
 
 
 def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -156,10 +156,19 @@ def test_bad_inputs_give_one_line_errors(tmp_path, pretrained):
     flat = tmp_path / "flat"
     flat.mkdir()
     for i in range(4):
-        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(flat / f"{i}.png")
+        for folder in (flat, tmp_path / "unlabeled_val" / "train" / f"class{i % 2}", tmp_path / "unlabeled_val" / "val",
+                       tmp_path / "unlabeled" / "train", tmp_path / "unlabeled" / "val"):
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
     cases = [
         (["--path_to_pretrained_mae_weights", pretrained, "--num_classes", 7], "--num_classes 7 but the data has 10 classes"),
-        (["--path_to_pretrained_mae_weights", pretrained, "--path_to_data", flat], "the training data has no labels"),
+        (["--path_to_pretrained_mae_weights", pretrained, "--path_to_data", flat], "no val/ or validation/ folder under"),
+        (["--path_to_pretrained_mae_weights", pretrained, "--path_to_data", tmp_path / "unlabeled_val"],
+         "the validation split has no labels"),
+        (["--path_to_pretrained_mae_weights", pretrained, "--path_to_data", tmp_path / "unlabeled"],
+         "the training data has no labels"),
+        (["--path_to_pretrained_mae_weights", tmp_path / "broken.safetensors"], "the file is damaged or not safetensors"),
         (["--path_to_pretrained_mae_weights", pretrained, "--input_channels", 3],
          "patch_embed.proj.weight (64, 1, 4, 4) in the checkpoint vs (64, 3, 4, 4) in the model"),
         (["--path_to_pretrained_mae_weights", tmp_path / "nothing"], "no weights at"),
@@ -171,3 +180,38 @@ def test_bad_inputs_give_one_line_errors(tmp_path, pretrained):
                             "--log_with", "none", *flags, check=False)
         lines = [line for line in result.stderr.strip().splitlines() if line.strip() and "INFO" not in line]
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, result.stderr[-2000:])
+
+
+def test_eval_only_keeps_the_run_records(tmp_path, pretrained):
+    common = ["--path_to_pretrained_mae_weights", pretrained, "--working_directory", tmp_path, "--experiment_name", "ft",
+              "--max_samples", 256, "--epochs", 1, "--per_gpu_batch_size", 64, "--max_val_samples", 300,
+              "--log_with", "none"]
+    run_script("finetune_classifier.py", *common)
+    before = {name: (tmp_path / "ft" / name).read_text() for name in ("metrics.jsonl", "results.json", "args.json")}
+    run_script("finetune_classifier.py", *common, "--eval_only", "--resume_from_checkpoint", "latest")
+    assert {name: (tmp_path / "ft" / name).read_text() for name in before} == before
+    evaluated = json.loads((tmp_path / "ft" / "eval_results.json").read_text())
+    assert evaluated["top1"] == pytest.approx(json.loads(before["results.json"])["top1"])
+    report = json.loads((tmp_path / "ft" / "weights_report.json").read_text())
+    assert "blocks.0.attn.qkv.weight" in report["loaded"] and report["new"] == ["head.bias", "head.weight"]
+
+
+def test_linear_probe_optimizer_is_lars_with_momentum():
+    from argparse import Namespace
+
+    from finetune_classifier import build_optimizer
+
+    torch.manual_seed(0)
+    model = small_vit(head_type="linear_probe")
+    optimizer = build_optimizer("linear_probe", model.head, model, Namespace(), 0.1, torch.device("cpu"))
+    assert type(optimizer).__name__ == "Lars" and all(g["momentum"] == 0.9 and g["weight_decay"] == 0.0
+                                                       for g in optimizer.param_groups)
+    weight = model.head[1].weight
+    before = weight.detach().clone()
+    model.head(torch.randn(16, 32)).logsumexp(1).sum().backward()
+    grad = weight.grad.clone()
+    optimizer.step()
+    # The trust ratio rescales the weight's step: it is not plain SGD.
+    trust = 1e-3 * before.norm() / grad.norm()
+    torch.testing.assert_close(weight.detach() - before, -0.1 * grad * trust, rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(weight.detach() - before, -0.1 * grad)

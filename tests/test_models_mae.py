@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -87,6 +89,11 @@ def test_save_and_load_pretrained_identical(tmp_path):
     images, noise = torch.randn(2, 1, 28, 28), torch.rand(2, 49)
     a, b = model(images, noise=noise), loaded(images, noise=noise)
     assert torch.equal(a.pred, b.pred) and torch.equal(a.loss, b.loss)
+    # Loading is strict: weights of a deeper model are refused, not half-loaded.
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(RuntimeError, match="encoder.blocks.2"):
+        MaskedAutoencoder.from_pretrained(tmp_path)
 
 
 def test_official_initialisation():

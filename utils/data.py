@@ -241,7 +241,7 @@ def list_files(root: Path, extensions: Sequence[str]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
 
 
-def resolve_image_folder(path: str, split: str) -> Path:
+def resolve_image_folder(path: str, split: str, require_split: bool = False) -> Path:
     """The folder of ``split``: ``train/`` (or ``val/``/``validation/``) when the ImageNet layout is there,
     the folder itself otherwise (its images, in class subfolders or not, are all used)."""
     root = Path(path).expanduser()
@@ -251,8 +251,11 @@ def resolve_image_folder(path: str, split: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
+    if require_split:
+        raise DataError(f"no {' or '.join(n + '/' for n in names)} folder under {path}: evaluation needs held-out images "
+                        "in the same class subfolders")
     if split != "train" and (root / "train").is_dir():
-        return root / "train"  # no validation split: show training images
+        return root / "train"  # no validation split: pictures show training images
     return root
 
 
@@ -364,7 +367,7 @@ class SyntheticDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-def load_hub_split(name: str, split: str, streaming: bool = False):
+def load_hub_split(name: str, split: str, streaming: bool = False, require_split: bool = False):
     """One split of a 🤗 dataset: a Hub name, a folder written by ``save_to_disk``, or a local data folder."""
     try:
         import datasets
@@ -385,6 +388,9 @@ def load_hub_split(name: str, split: str, streaming: bool = False):
         raise DataError(f"cannot open 🤗 dataset {name!r} ({type(error).__name__}: {str(error).splitlines()[0]}): "
                         "check the name, the path, or your connection") from None
     chosen = next((n for n in wanted if n in available), available[0] if split == "train" else None)
+    if chosen is None and require_split:
+        raise DataError(f"🤗 dataset {name!r} has no validation or test split (it has {available}): "
+                        "evaluation needs held-out images")
     if chosen is None:  # no held-out split: pictures come from the training split
         chosen = available[0]
     if loaded is not None:
@@ -393,7 +399,8 @@ def load_hub_split(name: str, split: str, streaming: bool = False):
 
 
 def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int, img_size: int,
-                        max_samples: int | None = None, image_column: str | None = None) -> Dataset:
+                        max_samples: int | None = None, image_column: str | None = None,
+                        require_split: bool = False) -> Dataset:
     """The uint8 image dataset (items ``(C, H, W) uint8, label`` or ``None``) for one split.
 
     ``dataset``: ``folder`` (``--path_to_data``), ``fashion_mnist``, ``synthetic`` or ``hf:<name or path>``.
@@ -406,9 +413,9 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
     elif dataset == "folder":
         if not path_to_data:
             raise DataError("--dataset folder needs --path_to_data DIR (a folder of images)")
-        data = ImageFolderDataset(resolve_image_folder(path_to_data, split), num_channels)
+        data = ImageFolderDataset(resolve_image_folder(path_to_data, split, require_split), num_channels)
     elif dataset.startswith("hf:"):
-        data = HubImageDataset(load_hub_split(dataset[3:], split), num_channels, image_column)
+        data = HubImageDataset(load_hub_split(dataset[3:], split, require_split=require_split), num_channels, image_column)
     else:
         raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist, synthetic, folder or hf:<name>")
     if max_samples is not None and max_samples < len(data):

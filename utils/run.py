@@ -126,8 +126,9 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
     )
     if accelerator.device.type == "cpu":
         # `accelerate launch` sets OMP_NUM_THREADS=1; on a CPU, give each process its share of the cores instead.
+        # MAE_CPU_THREADS overrides, e.g. to run two jobs side by side without oversubscribing the cores.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, available_cores() // local_processes))
+        torch.set_num_threads(int(os.environ.get("MAE_CPU_THREADS", max(1, available_cores() // local_processes))))
     if trackers:
         init_kwargs = {"wandb": {"name": args.wandb_run_name or args.experiment_name, "dir": str(run_dir.root)}}
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
