@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROWS = [  # (run folder, what it is)
     ("linear_probe", "MAE encoder, frozen, linear probe (BN + linear, LARS, cached features)"),
+    ("linear_probe_blr0.1", "same linear probe with base lr 0.1 (lr 0.4 at batch 1024), an earlier default"),
     ("finetune_mae", "MAE-pretrained ViT, fine-tuned"),
     ("finetune_scratch", "same ViT from scratch, same fine-tuning recipe and budget"),
 ]
@@ -40,10 +41,12 @@ def main(argv=None) -> None:
     for name, label in ROWS:
         result_file = root / name / "results.json"
         if not result_file.exists():
+            if name == "linear_probe_blr0.1":
+                continue  # an optional extra row
             lines.append(f"| {label} | not run | | | | |")
             continue
         result = json.loads(result_file.read_text())
-        seconds = stages.get(name, {}).get("seconds")
+        seconds = stages.get(name, {}).get("seconds") or result.get("seconds")
         wall = f"{seconds / 60:.1f} min" if seconds else "?"
         lines.append(f"| {label} | {result['top1']:.2f} | {result['top5']:.2f} | {result['best_top1']:.2f} | "
                      f"{result['args']['epochs']} | {wall} |")
