@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.data import (
     ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples, StepBatchSampler,
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
@@ -31,8 +31,8 @@ from utils.errors import UserError, run_cli
 from utils.metrics import topk_accuracy
 from utils.optim import param_groups_layer_decay
 from utils.run import (
-    MetricsLog, RunDir, Throughput, add_run_args, build_accelerator, default_num_workers, move_to_device, save_args,
-    save_final_weights,
+    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
+    move_to_device, refuse_to_overwrite, save_args, save_final_weights,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, sync_context
@@ -71,14 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
                       help="Frozen modes: compute the encoder's features of every image once (deterministic view, "
                            "no augmentation) and train the head on them; --no-cache_features augments every epoch.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default=None,
-                      help="fashion_mnist (built in), synthetic, folder (--path_to_data, class subfolders) or "
-                           "hf:<name or path> with image and label columns. Default: folder if --path_to_data, "
-                           "else fashion_mnist.")
-    data.add_argument("--path_to_data", type=str, default=None,
-                      help="ImageNet-layout folder (train/ and val/ or validation/, one subfolder per class).")
-    data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
+    data = add_data_args(parser, "ImageNet-layout folder (train/ and val/ or validation/, one subfolder per class); "
+                                 "a 🤗 dataset (--dataset hf:...) needs image and label columns.")
     data.add_argument("--num_classes", type=int, default=None, help="Number of classes (default: from the data).")
     data.add_argument("--max_val_samples", type=int, default=None, help="Evaluate on the first N validation images only.")
     model = parser.add_argument_group("model")
@@ -132,8 +126,7 @@ def run_mode(args) -> str:
 def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     """Fill mode- and data-dependent defaults; return (mode, encoder config, pretrained state or None)."""
     mode = run_mode(args)
-    if args.dataset is None:
-        args.dataset = "folder" if args.path_to_data else "fashion_mnist"
+    args.dataset = default_dataset(args)
     small = args.dataset in SMALL_DATASETS
     for key, value in DEFAULTS[mode][0 if small else 1].items():
         if getattr(args, key, None) is None:
@@ -281,9 +274,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     mode, config, pretrained_state = resolve_defaults(args)
     run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
-    if not args.resume_from_checkpoint and not args.eval_only and complete_checkpoints(run_dir.checkpoints):
-        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
-                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
+    if not args.resume_from_checkpoint and not args.eval_only:
+        refuse_to_overwrite(run_dir)
     accelerator = build_accelerator(args, run_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from utils.checkpoint import (
-    complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint, set_aside_newer,
+    load_checkpoint, resolve_checkpoint, save_checkpoint, set_aside_newer,
 )
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, StepBatchSampler, build_image_dataset,
@@ -29,8 +29,8 @@ from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, s
 from utils.errors import UserError, run_cli
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
-    MetricsLog, RunDir, Throughput, add_run_args, build_accelerator, default_num_workers, move_to_device, save_args,
-    save_final_weights,
+    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
+    move_to_device, refuse_to_overwrite, save_args, save_final_weights,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
@@ -46,14 +46,8 @@ SMALL_DATASETS = ("fashion_mnist", "synthetic")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default=None,
-                      help="fashion_mnist (built in), synthetic, folder (--path_to_data) or hf:<hub name or path>. "
-                           "Default: folder if --path_to_data is given, else fashion_mnist.")
-    data.add_argument("--path_to_data", type=str, default=None,
-                      help="Folder of images (ImageNet layout with train/ and val/, class subfolders, or loose images); "
-                           "for fashion_mnist, a folder with its IDX files.")
-    data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
+    add_data_args(parser, "Folder of images (ImageNet layout with train/ and val/, class subfolders, or loose images); "
+                          "for fashion_mnist, a folder with its IDX files.")
     model = parser.add_argument_group("model (a preset, overridable flag by flag)")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
                        help="Preset. Default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, mae_vit_base_patch16 otherwise.")
@@ -87,8 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_defaults(args: argparse.Namespace) -> dict:
     """Fill data-dependent defaults in ``args`` and return the model config (preset + flag overrides)."""
-    if args.dataset is None:
-        args.dataset = "folder" if args.path_to_data else "fashion_mnist"
+    args.dataset = default_dataset(args)
     if args.model is None:
         args.model = "mae_vit_tiny_patch4" if args.dataset in SMALL_DATASETS else "mae_vit_base_patch16"
     defaults = DEMO_DEFAULTS if args.dataset in SMALL_DATASETS else PAPER_DEFAULTS
@@ -159,9 +152,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = resolve_defaults(args)
     run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
-    if not args.resume_from_checkpoint and complete_checkpoints(run_dir.checkpoints):
-        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
-                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
+    if not args.resume_from_checkpoint:
+        refuse_to_overwrite(run_dir)
     accelerator = build_accelerator(args, run_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -58,6 +58,30 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--wandb_project", type=str, default="mae-accelerate", help="wandb project name.")
 
 
+def add_data_args(parser: argparse.ArgumentParser, folder_help: str) -> argparse._ArgumentGroup:
+    """``--dataset``, ``--path_to_data`` and ``--image_column``, the same in every script."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", type=str, default=None,
+                      help="fashion_mnist (built in), synthetic, folder (--path_to_data) or hf:<hub name or path>. "
+                           "Default: folder if --path_to_data is given, else fashion_mnist.")
+    data.add_argument("--path_to_data", type=str, default=None, help=folder_help)
+    data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
+    return data
+
+
+def default_dataset(args) -> str:
+    return args.dataset or ("folder" if args.path_to_data else "fashion_mnist")
+
+
+def refuse_to_overwrite(run_dir: "RunDir") -> None:
+    """A fresh start must not mix with (and prune) the checkpoints of an earlier run in the same folder."""
+    from .checkpoint import complete_checkpoints
+
+    if complete_checkpoints(run_dir.checkpoints):
+        raise UserError(f"{run_dir.root} already holds checkpoints of an earlier run: continue it with "
+                        "--resume_from_checkpoint latest, or pick another --experiment_name (or delete the folder)")
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
