@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples, StepBatchSampler,
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
@@ -35,7 +35,7 @@ from utils.run import (
     move_to_device, refuse_to_overwrite, save_args, save_final_weights,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
-from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, sync_context
+from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
 
 logger = logging.getLogger("finetune_classifier")
 
@@ -364,12 +364,10 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
              "loss_sum": 0.0, "loss_steps": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
     if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint)
-        if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != sampler.global_batch:
-            raise UserError(f"checkpoint {checkpoint} was written with another data size or global batch: "
-                            "resume with the same data and batch flags")
-        state.update(saved)
+        state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch,
+                                 set_aside=not args.eval_only))
         logger.info("resumed from %s at step %d", checkpoint, state["step"])
+
     def run_eval() -> dict:
         result = evaluate(accelerator, model if not cached else trained, val_loader, prepare_inputs)
         if ema is not None:
@@ -416,11 +414,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(accumulation):
                 batch = move_to_device(next(micro_batches), accelerator.device)
-                weight = 1.0
-                if "pixel_values" not in batch:  # every image unreadable: a zero-weight step keeps processes in step
-                    if last_batch is None:
-                        raise UserError("the first batch had no readable image: check the files under --path_to_data")
-                    batch, weight = last_batch, 0.0
+                batch, weight = readable_batch(batch, last_batch)
                 last_batch = batch
                 inputs, labels = prepare_inputs(batch["pixel_values"]), batch["label"]
                 if erasing is not None:

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from utils.checkpoint import (
-    load_checkpoint, resolve_checkpoint, save_checkpoint, set_aside_newer,
+    resolve_checkpoint, resume_from, save_checkpoint,
 )
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, StepBatchSampler, build_image_dataset,
     channel_stats, collate_skipping_bad,
 )
-from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, sync_context
+from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
 from utils.errors import UserError, run_cli
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
@@ -188,16 +188,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
              "log_loss_sum": 0.0, "log_steps": 0, "skipped_images": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
     if checkpoint is not None:
-        saved = load_checkpoint(accelerator, checkpoint)
-        if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != sampler.global_batch:
-            raise UserError(f"checkpoint {checkpoint} was written with {saved['steps_per_epoch']} steps per epoch of "
-                            f"{saved['global_batch']} images, this run has {steps_per_epoch} of {sampler.global_batch}: "
-                            "resume with the same data and global batch")
-        state.update(saved)
-        if accelerator.is_main_process:
-            for moved in set_aside_newer(run_dir.checkpoints, checkpoint):
-                logger.info("set aside %s: it is newer than the checkpoint this run resumes from", moved)
-        accelerator.wait_for_everyone()
+        state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch))
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], state["step"] // steps_per_epoch)
     elif args.resume_from_checkpoint == "latest":
         logger.info("no checkpoint under %s yet: starting fresh", run_dir.checkpoints)
@@ -240,11 +231,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             for micro in range(accumulation):
                 batch = move_to_device(next(micro_batches), accelerator.device)
                 skipped_pending += batch["num_skipped"]
-                weight = 1.0
-                if "pixel_values" not in batch:  # every image unreadable: a zero-weight step keeps processes in step
-                    if last_batch is None:
-                        raise UserError("the first batch had no readable image: check the files under --path_to_data")
-                    batch, weight = last_batch, 0.0
+                batch, weight = readable_batch(batch, last_batch)
                 last_batch = batch
                 with sync_context(accelerator, model, micro, accumulation):
                     loss = model(normalize(batch["pixel_values"]), noise=batch["noise"]).loss * weight

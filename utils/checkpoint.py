@@ -3,11 +3,14 @@ with a marker, then renamed into place, so an interrupted save never destroys th
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 from .errors import UserError
+
+logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -72,6 +75,22 @@ def load_checkpoint(accelerator, path: Path) -> dict:
         raise UserError(f"checkpoint {path} does not fit this model ({detail}): resume with the model flags "
                         "of the run that wrote it") from None
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def resume_from(accelerator, checkpoint: Path, checkpoint_root: Path, steps_per_epoch: int, global_batch: int,
+                set_aside: bool = True) -> dict:
+    """Load ``checkpoint`` into the prepared objects and return its trainer state. The data must cut into the
+    same optimizer steps as when it was written; checkpoints newer than it are set aside (see set_aside_newer)."""
+    saved = load_checkpoint(accelerator, checkpoint)
+    if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != global_batch:
+        raise UserError(f"checkpoint {checkpoint} was written with {saved['steps_per_epoch']} steps per epoch of "
+                        f"{saved['global_batch']} images, this run has {steps_per_epoch} of {global_batch}: "
+                        "resume with the same data and global batch")
+    if set_aside and accelerator.is_main_process:
+        for moved in set_aside_newer(checkpoint_root, checkpoint):
+            logger.info("set aside %s: it is newer than the checkpoint this run resumes from", moved)
+    accelerator.wait_for_everyone()
+    return saved
 
 
 def set_aside_newer(checkpoint_root: Path, resumed: Path) -> list[Path]:

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import collate_skipping_bad
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,16 @@ def build_loader(samples, batch_sampler, num_workers: int, device: torch.device)
     return DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(0))
+
+
+def readable_batch(batch: dict, last_batch: dict | None) -> tuple[dict, float]:
+    """(batch, loss weight). A micro-batch whose images were all unreadable is replaced by the previous one at
+    weight 0, so that every process still runs its forward/backward and the gradient all-reduce stays in step."""
+    if "pixel_values" in batch:
+        return batch, 1.0
+    if last_batch is None:
+        raise UserError("the first batch had no readable image: check the files under --path_to_data")
+    return last_batch, 0.0
 
 
 def sync_context(accelerator, model, micro: int, accumulation: int):
