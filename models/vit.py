@@ -239,6 +239,18 @@ class VisionTransformer(nn.Module, StrictHubMixin):
             x = block(x)
         return self.norm(x)
 
+    def forward_intermediates(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """Patch tokens after the blocks ``indices`` (0-based), as maps (B, D, H/p, W/p): dense features for
+        segmentation, taken without the final norm (as MAE/BEiT's UperNet does)."""
+        grid_h, grid_w = self.patch_embed.grid_size
+        x = self.prepend_cls_token(self.embed_patches(images))
+        maps = []
+        for index, block in enumerate(self.blocks[: max(indices) + 1]):
+            x = block(x)
+            if index in indices:
+                maps.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid_h, grid_w))
+        return maps
+
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + L, D) -> (B, D): mean of the patch tokens + fc_norm, or the cls token."""
         return self.fc_norm(tokens[:, 1:].mean(dim=1)) if self.global_pool else tokens[:, 0]

@@ -26,8 +26,12 @@ def build_adamw(param_groups: list[dict], lr: float, betas=(0.9, 0.95), device: 
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 
-def layer_id(name: str, depth: int) -> int:
-    """0 for the embeddings, i + 1 for block i, depth + 1 for everything after the blocks (norms, head)."""
+def layer_id(name: str, depth: int, prefix: str = "") -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for everything after the blocks (norms, head), for
+    the ViT's parameter names under ``prefix`` (e.g. ``backbone.``); anything else (a decoder) is depth + 1."""
+    if not name.startswith(prefix):
+        return depth + 1
+    name = name[len(prefix):]
     if name.startswith(("cls_token", "pos_embed", "patch_embed")):
         return 0
     if name.startswith("blocks."):
@@ -36,17 +40,18 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def param_groups_layer_decay(model: torch.nn.Module, weight_decay: float, layer_decay: float,
-                             no_decay_names: tuple[str, ...] = NO_WEIGHT_DECAY_NAMES) -> list[dict]:
+                             no_decay_names: tuple[str, ...] = NO_WEIGHT_DECAY_NAMES, vit_prefix: str = "") -> list[dict]:
     """Layer-wise lr decay (BEiT / MAE fine-tuning): a parameter of layer l gets lr_scale = layer_decay^(L + 1 - l),
     so the head trains at the full rate and the patch embedding at layer_decay^(L + 1). Weight decay as in
-    :func:`param_groups_weight_decay`."""
-    depth = len(model.blocks)
+    :func:`param_groups_weight_decay`. ``vit_prefix`` locates the ViT inside a larger model (``backbone.``)."""
+    vit = model.get_submodule(vit_prefix.rstrip(".")) if vit_prefix else model
+    depth = len(vit.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = not (param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in no_decay_names))
-        layer = layer_id(name, depth)
+        layer = layer_id(name, depth, vit_prefix)
         group = groups.setdefault((layer, decay), {
             "params": [], "weight_decay": weight_decay if decay else 0.0,
             "lr_scale": layer_decay ** (depth + 1 - layer), "layer_id": layer,

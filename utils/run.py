@@ -58,19 +58,20 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--wandb_project", type=str, default="mae-accelerate", help="wandb project name.")
 
 
-def add_data_args(parser: argparse.ArgumentParser, folder_help: str) -> argparse._ArgumentGroup:
+def add_data_args(parser: argparse.ArgumentParser, folder_help: str, built_in: str = "fashion_mnist (built in), "
+                  "synthetic") -> argparse._ArgumentGroup:
     """``--dataset``, ``--path_to_data`` and ``--image_column``, the same in every script."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default=None,
-                      help="fashion_mnist (built in), synthetic, folder (--path_to_data) or hf:<hub name or path>. "
-                           "Default: folder if --path_to_data is given, else fashion_mnist.")
+                      help=f"{built_in}, folder (--path_to_data) or hf:<hub name or path>. Default: folder if "
+                           f"--path_to_data is given, else {built_in.split()[0]}.")
     data.add_argument("--path_to_data", type=str, default=None, help=folder_help)
     data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
     return data
 
 
-def default_dataset(args) -> str:
-    return args.dataset or ("folder" if args.path_to_data else "fashion_mnist")
+def default_dataset(args, built_in: str = "fashion_mnist") -> str:
+    return args.dataset or ("folder" if args.path_to_data else built_in)
 
 
 def refuse_to_overwrite(run_dir: "RunDir") -> None:

@@ -1,0 +1,393 @@
+"""Semantic segmentation with a pretrained MAE encoder: ViT + pyramid neck + UperNet (the MAE paper's ADE20K
+transfer), with 🤗 Accelerate.
+
+    accelerate launch finetune_segmentation.py --path_to_backbone_checkpoint work_dir/<pretraining run>/final
+    accelerate launch finetune_segmentation.py --from_scratch                      # the baseline
+    accelerate launch finetune_segmentation.py --path_to_data data/ADEChallengeData2016 \\
+        --path_to_backbone_checkpoint <ViT-B/16 MAE>/final          # ADE20K, MMSegmentation's MAE recipe
+
+Without --path_to_data the data are Fashion-MNIST canvases (built in, offline): garments on a background,
+11 classes. Everything a run writes goes to <working_directory>/<experiment_name>/: checkpoints/, final/
+(ViTUperNet.from_pretrained), predictions/ (overlays), metrics.jsonl, results.json and args.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from models import MAE_PRESETS, encoder_config, mae_config
+from models.upernet import ViTUperNet
+from models.weights import encoder_state, load_encoder, read_weights
+from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
+from utils.data import Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
+from utils.errors import UserError, run_cli
+from utils.metrics import SegmentationMetric
+from utils.optim import param_groups_layer_decay
+from utils.run import (
+    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
+    move_to_device, refuse_to_overwrite, save_args, save_final_weights,
+)
+from utils.schedule import set_learning_rate, warmup_cosine, warmup_poly
+from utils.segmentation_data import (
+    ADE20K_NUM_CLASSES, IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationSamples,
+    SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
+)
+from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
+from utils.visualize import panels_to_picture, save_picture, segmentation_panels
+
+logger = logging.getLogger("finetune_segmentation")
+
+BUILT_IN = "fashion_mnist_seg"
+# (built-in canvases, real data). The real-data values are MMSegmentation's MAE ViT-B ADE20K recipe
+# (48.1 mIoU): 160k steps of 16 crops of 512, AdamW lr 1e-4, layer decay 0.65, 1500 warmup steps, poly decay.
+DEFAULTS = (
+    dict(epochs=2, per_gpu_batch_size=16, learning_rate=1e-3, layer_decay=0.75, drop_path=0.1, warmup_steps=None,
+         img_size=48, scale_range=(0.75, 1.5), decoder_channels=64, aux_channels=64, eval_batch_size=64),
+    dict(epochs=None, max_train_steps=160_000, per_gpu_batch_size=16, learning_rate=1e-4, layer_decay=0.65,
+         drop_path=0.1, warmup_steps=1500, img_size=512, scale_range=(0.5, 2.0), decoder_channels=None,
+         aux_channels=256, eval_batch_size=1, eval_every=16_000),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = add_data_args(parser, "ADEChallengeData2016/ (images/ and annotations/, {training,validation}), or a "
+                                 "folder with images/{train,val}/ and same-named masks in annotations/{train,val}/.",
+                         built_in=f"{BUILT_IN} (built in: Fashion-MNIST canvases)")
+    data.add_argument("--mask_column", type=str, default=None, help="Mask column of a 🤗 dataset (default: guessed).")
+    data.add_argument("--num_classes", type=int, default=None,
+                      help="Classes (default: 11 for the canvases, 150 for ADE20K; needed for other data).")
+    data.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=None,
+                      help="Masks use 0 for 'no label' (ignored) and 1..K for the classes (default: on for ADE20K).")
+    data.add_argument("--max_val_samples", type=int, default=None, help="Evaluate on the first N validation images only.")
+    data.add_argument("--base_size", type=int, default=None,
+                      help="Short side images are resized to before scale jitter / for evaluation (default: --img_size).")
+    data.add_argument("--scale_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                      help="Random rescaling of the base size in training (default: 0.5 2.0; 0.75 1.5 for the canvases).")
+    data.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
+                      help="Brightness/contrast (and RGB saturation/hue) jitter on the training images.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--path_to_backbone_checkpoint", type=str, default=None,
+                       help="pretrain_mae.py output (final/ or checkpoints/step_* folder, or a .safetensors file), or "
+                            "a finetune_classifier.py final/ folder; the ViT's sizes come from its config.json.")
+    model.add_argument("--from_scratch", action="store_true", help="No pretrained weights: the baseline.")
+    model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
+                       help="Backbone preset with --from_scratch (default: mae_vit_tiny_patch4 for the canvases, "
+                            "else mae_vit_base_patch16).")
+    model.add_argument("--img_size", type=int, default=None,
+                       help="Training crop and sliding-window size (default: 512; 48 for the canvases).")
+    model.add_argument("--input_channels", type=int, default=None, help="Image channels (default: the backbone's).")
+    model.add_argument("--out_indices", type=int, nargs=4, default=None, metavar="BLOCK",
+                       help="Blocks (0-based) whose outputs feed the pyramid (default: 3 5 7 11 for 12 blocks, "
+                            "spread evenly otherwise).")
+    model.add_argument("--decoder_channels", type=int, default=None,
+                       help="UperNet channels (default: the ViT width, 768 for ViT-B; 64 for the canvases).")
+    model.add_argument("--aux_channels", type=int, default=None, help="Auxiliary FCN head channels (0 = no aux head).")
+    model.add_argument("--aux_loss_weight", type=float, default=0.4, help="Weight of the auxiliary head's loss.")
+    model.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate of the backbone.")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", type=float, default=None,
+                       help="Peak AdamW lr of the whole run (1e-4 for a global batch of 16 on ADE20K; 1e-3 canvases).")
+    optim.add_argument("--min_learning_rate", type=float, default=0.0, help="Floor of the decay.")
+    optim.add_argument("--lr_schedule", type=str, default="poly", choices=["poly", "cosine"],
+                       help="Decay after the warmup: poly (power 1, MMSegmentation) or cosine.")
+    optim.add_argument("--warmup_steps", type=int, default=None,
+                       help="Linear-warmup steps (default: 1500; 10%% of the run on the canvases).")
+    optim.add_argument("--layer_decay", type=float, default=None, help="Layer-wise lr decay of the backbone (1 = off).")
+    optim.add_argument("--max_bad_steps", type=int, default=20, help="Stop after this many non-finite steps in a row.")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_every", type=int, default=None,
+                            help="Evaluate every N steps (default: every epoch; 16000 steps on real data) and at the end.")
+    evaluation.add_argument("--eval_batch_size", type=int, default=None,
+                            help="Validation images per forward (default 1: sizes vary; 64 for the canvases).")
+    evaluation.add_argument("--slide_stride", type=int, default=None,
+                            help="Sliding-window stride for images larger than the crop (default: 2/3 of it, 341 for 512).")
+    evaluation.add_argument("--num_pictures", type=int, default=8, help="Validation images drawn with their prediction.")
+    add_run_args(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_defaults(args) -> tuple[dict, dict | None]:
+    """Fill data-dependent defaults; return (backbone config, pretrained encoder state or None)."""
+    args.dataset = default_dataset(args, BUILT_IN)
+    small = args.dataset == BUILT_IN
+    for key, value in DEFAULTS[0 if small else 1].items():
+        if getattr(args, key, None) is None:
+            # Layer decay is a transfer-learning device: random weights train every layer at the full rate.
+            setattr(args, key, 1.0 if key == "layer_decay" and args.from_scratch else value)
+    for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_classes",
+                 "img_size", "max_samples", "max_val_samples", "eval_every", "eval_batch_size", "slide_stride"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} must be positive, got {value}")
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 0.0
+    if args.reduce_zero_label is None:
+        args.reduce_zero_label = default_zero_is_ignore(args.dataset, args.path_to_data)
+    if args.num_classes is None:
+        if small:
+            args.num_classes = len(FashionMNISTCanvases.classes)
+        elif args.reduce_zero_label:
+            args.num_classes = ADE20K_NUM_CLASSES
+        else:
+            raise UserError("--num_classes is needed for this data (the number of classes in the masks, "
+                            "ignored pixels being 255)")
+
+    state = None
+    if args.from_scratch:
+        args.model = args.model or ("mae_vit_tiny_patch4" if small else "mae_vit_base_patch16")
+        config = encoder_config(mae_config(args.model))
+        if small:
+            config["in_chans"] = 1
+    elif args.path_to_backbone_checkpoint:
+        pretrained_config, weights = read_weights(args.path_to_backbone_checkpoint)
+        if pretrained_config is None:
+            raise UserError(f"no config.json beside the weights in {args.path_to_backbone_checkpoint}: pass the "
+                            "run's final/ or checkpoints/step_* folder")
+        config = encoder_config(pretrained_config)
+        state = encoder_state(weights)
+    else:
+        raise UserError("no backbone weights: pass --path_to_backbone_checkpoint DIR (a pretrain_mae.py final/ "
+                        "folder), or --from_scratch for the baseline")
+    config["img_size"] = args.img_size
+    if args.input_channels:
+        config["in_chans"] = args.input_channels
+    args.input_channels = config["in_chans"]
+    args.base_size = args.base_size or args.img_size
+    args.slide_stride = args.slide_stride or max(1, round(args.img_size * 2 / 3))
+    if args.experiment_name is None:
+        source = "scratch" if args.from_scratch else "mae"
+        args.experiment_name = f"segmentation_{source}_{args.dataset.replace('hf:', '').replace('/', '_')}"
+    return config, state
+
+
+def segmentation_samples(args, split: str, train: bool, max_samples: int | None):
+    base = build_segmentation_dataset(args.dataset, args.path_to_data, split, args.input_channels, max_samples,
+                                      args.image_column, args.mask_column, args.reduce_zero_label, args.img_size)
+    transform = (SegmentationTrainTransform(args.img_size, args.base_size, args.scale_range, args.photometric)
+                 if train else SegmentationEvalTransform(args.base_size))
+    return base, SegmentationSamples(base, transform, args.seed)
+
+
+def check_labels(masks: torch.Tensor, num_classes: int) -> None:
+    """One line, before any compute, when a mask holds a label the model has no class for."""
+    labelled = masks[masks != IGNORE_INDEX]
+    if labelled.numel() and (labelled.max() >= num_classes or labelled.min() < 0):
+        bad = int(labelled.max() if labelled.max() >= num_classes else labelled.min())
+        raise UserError(f"a mask holds label {bad} but --num_classes is {num_classes}: set --num_classes to the number "
+                        f"of classes (labels 0..K-1, unlabelled pixels {IGNORE_INDEX}), or --reduce_zero_label if 0 "
+                        "marks unlabelled pixels")
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Pixel cross-entropy over labelled pixels (0, not NaN, for a crop without any)."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def predict(model: ViTUperNet, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """Logits (B, K, H, W) for normalised images of any size: one forward at the crop size, else overlapping
+    crop-sized windows (padded at the bottom/right when the image is smaller) whose logits are averaged."""
+    height, width = images.shape[2:]
+    if (height, width) == (crop, crop):
+        return model(images).logits.float()
+    padded = F.pad(images, (0, max(crop - width, 0), 0, max(crop - height, 0)))
+    full_h, full_w = padded.shape[2:]
+    logits = images.new_zeros((images.shape[0], model.num_classes, full_h, full_w), dtype=torch.float32)
+    counts = images.new_zeros((1, 1, full_h, full_w), dtype=torch.float32)
+    for row in range((max(full_h - crop, 0) + stride - 1) // stride + 1):
+        for col in range((max(full_w - crop, 0) + stride - 1) // stride + 1):
+            top, left = min(row * stride, full_h - crop), min(col * stride, full_w - crop)
+            window = padded[:, :, top:top + crop, left:left + crop]
+            logits[:, :, top:top + crop, left:left + crop] += model(window).logits.float()
+            counts[:, :, top:top + crop, left:left + crop] += 1
+    return (logits / counts)[:, :, :height, :width]
+
+
+@torch.no_grad()
+def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metric: SegmentationMetric, args,
+             num_pictures: int = 0) -> tuple[dict, torch.Tensor | None]:
+    """mIoU, per-class IoU and pixel accuracy over the whole validation split. Each process predicts its own
+    share (index % processes, no padding or duplicates) and the confusion matrices are summed across processes.
+    Returns the metrics and, on the main process, overlay panels of its first ``num_pictures`` images."""
+    model.eval()
+    mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
+    panels = []
+    for start in range(0, len(mine), args.eval_batch_size):
+        batch = collate_skipping_bad([samples[(i, 0)] for i in mine[start:start + args.eval_batch_size]])
+        if "pixel_values" not in batch:
+            continue
+        batch = move_to_device(batch, accelerator.device)
+        images, masks = normalize(batch["pixel_values"]), batch["mask"]
+        logits = predict(model, images, args.img_size, args.slide_stride)
+        if logits.shape[2:] != masks.shape[1:]:  # back to the mask's own resolution, where the metric is defined
+            logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
+        predictions = logits.argmax(dim=1)
+        metric.update(predictions, masks)
+        if accelerator.is_main_process and len(panels) < num_pictures and images.shape[2:] == masks.shape[1:]:
+            take = num_pictures - len(panels)
+            panels.append(segmentation_panels(normalize.inverse(images[:take]), masks[:take], predictions[:take],
+                                              model.num_classes, IGNORE_INDEX))
+    return metric.compute(), (torch.cat(panels) if panels else None)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    config, pretrained_state = resolve_defaults(args)
+    run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
+    if not args.resume_from_checkpoint:
+        refuse_to_overwrite(run_dir)
+    accelerator = build_accelerator(args, run_dir)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(accelerator.device)
+    set_seed(args.seed)
+    try:
+        train(args, config, pretrained_state, run_dir, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
+    with accelerator.main_process_first():
+        train_base, train_samples = segmentation_samples(args, "train", train=True, max_samples=args.max_samples)
+        _, val_samples = segmentation_samples(args, "val", train=False, max_samples=args.max_val_samples)
+    class_names = list(getattr(train_base, "classes", ()) or []) or [str(k) for k in range(args.num_classes)]
+    if len(class_names) != args.num_classes:
+        class_names = [str(k) for k in range(args.num_classes)]
+    if accelerator.is_main_process:
+        save_args(args, run_dir)
+    normalize = Normalize(*channel_stats(args.input_channels, "fashion_mnist" if args.dataset == BUILT_IN else None))
+    normalize = normalize.to(accelerator.device)
+
+    model = ViTUperNet(args.num_classes, **config, out_indices=args.out_indices, decoder_channels=args.decoder_channels,
+                       aux_channels=args.aux_channels, drop_path_rate=args.drop_path)
+    if pretrained_state is not None:  # every encoder tensor must load; only the final norm / a head may go unused
+        report = load_encoder(model.backbone, pretrained_state, new_ok=(), unused_ok=("norm.", "fc_norm.", "head."))
+        logger.info("pretrained backbone: %s", report.summary())
+        if accelerator.is_main_process:
+            (run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # a few crops per GPU: BN statistics over all
+    model.to(accelerator.device)
+
+    sampler = StepBatchSampler(len(train_samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
+                               accelerator.num_processes, accelerator.process_index, args.seed)
+    loader = build_loader(train_samples, sampler, args.num_workers, accelerator.device)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.1 * total_steps)
+    eval_every = args.eval_every or steps_per_epoch
+    schedule = warmup_poly if args.lr_schedule == "poly" else warmup_cosine
+    groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay, vit_prefix="backbone.")
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999),
+                                  fused=accelerator.device.type == "cuda")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain_model = accelerator.unwrap_model(model)
+    metric = SegmentationMetric(args.num_classes, IGNORE_INDEX, accelerator.device)
+
+    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch, "best_mIoU": 0.0,
+             "loss_sum": 0.0, "loss_steps": 0}
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch))
+        logger.info("resumed from %s at step %d", checkpoint, state["step"])
+    step = state["step"]
+    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
+    logger.info("%d training images, %d validation images, %d classes, %d steps/epoch, %d steps, global batch %d, "
+                "peak lr %.3g", len(train_samples), len(val_samples), args.num_classes, steps_per_epoch, total_steps,
+                sampler.global_batch, args.learning_rate)
+
+    def run_eval() -> dict:
+        result, panels = evaluate(accelerator, plain_model, val_samples, normalize, metric, args, args.num_pictures)
+        if panels is not None and accelerator.is_main_process:
+            picture = panels_to_picture(panels, min_side=96, columns=3)
+            save_picture(picture, run_dir.subdir("predictions") / f"step_{step:07d}.png")
+            metrics.log_image("predictions", picture, step)
+        model.train()
+        return result
+
+    guard = BadStepGuard(args.max_bad_steps, "finetune_segmentation.py", run_dir.checkpoints)
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="segmentation")
+    throughput = Throughput()
+    loss_sum, loss_steps = torch.tensor(state["loss_sum"], device=accelerator.device), state["loss_steps"]
+    result, last_batch, lr = {}, None, 0.0
+    accumulation = args.gradient_accumulation_steps
+
+    def checkpoint_now() -> None:
+        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
+        save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
+
+    model.train()
+    while step < total_steps:
+        sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
+        micro_batches = iter(loader)
+        for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
+            lr = schedule(step, total_steps, warmup_steps, args.learning_rate, args.min_learning_rate)
+            set_learning_rate(optimizer, lr)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accumulation):
+                batch, weight = readable_batch(next(micro_batches), last_batch)
+                last_batch = batch
+                check_labels(batch["mask"], args.num_classes)  # on the CPU copy: no device synchronisation
+                batch = move_to_device(batch, accelerator.device)
+                with sync_context(accelerator, model, micro, accumulation):
+                    output = model(normalize(batch["pixel_values"]))
+                    loss = segmentation_loss(output.logits, batch["mask"])
+                    if output.aux_logits is not None:
+                        loss = loss + args.aux_loss_weight * segmentation_loss(output.aux_logits, batch["mask"])
+                    accelerator.backward(loss * weight / accumulation)
+                step_loss += loss.detach() * weight / accumulation
+                throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
+            skipped, _, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss, args.max_grad_norm)
+            step += 1
+            progress.update(1)
+            guard.update(skipped, step)
+            if skipped:
+                continue
+            loss_sum += step_loss
+            loss_steps += 1
+            if step % args.log_every == 0:
+                progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
+            evaluate_now = step % eval_every == 0 or step == total_steps
+            if evaluate_now:
+                images_per_sec = round(throughput.rate(), 2)
+                result = run_eval()
+                state["best_mIoU"] = max(state["best_mIoU"], result["mIoU"])
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                       "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr, "images_per_sec": images_per_sec,
+                       "mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"]}
+                metrics.log(row)
+                logger.info("step %d (epoch %.2f): train loss %.4f, mIoU %.2f%%, pixel accuracy %.2f%%", step,
+                            row["epoch"], row["train_loss"], result["mIoU"], result["pixel_acc"])
+                loss_sum.zero_()
+                loss_steps = 0
+                throughput = Throughput()
+            epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
+            if step == total_steps or epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+                checkpoint_now()
+    progress.close()
+    if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
+        result = run_eval()
+    save_final_weights(accelerator, model, run_dir.final)
+    if accelerator.is_main_process:
+        summary = {"mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"],
+                   "best_mIoU": max(state["best_mIoU"], result["mIoU"]), "step": step,
+                   "per_class_iou": dict(zip(class_names, result["per_class_iou"])), "args": vars(args)}
+        (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        logger.info("results: mIoU %.2f%%, pixel accuracy %.2f%%; written to %s", summary["mIoU"],
+                    summary["pixel_acc"], run_dir.root / "results.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)
