@@ -220,7 +220,7 @@ def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metr
     Returns the metrics and, on the main process, overlay panels of its first ``num_pictures`` images."""
     model.eval()
     mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
-    panels = []
+    panels, pictured = [], 0
     for start in range(0, len(mine), args.eval_batch_size):
         batch = collate_skipping_bad([samples[(i, 0)] for i in mine[start:start + args.eval_batch_size]])
         if "pixel_values" not in batch:
@@ -232,10 +232,13 @@ def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metr
             logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
         predictions = logits.argmax(dim=1)
         metric.update(predictions, masks)
-        if accelerator.is_main_process and len(panels) < num_pictures and images.shape[2:] == masks.shape[1:]:
-            take = num_pictures - len(panels)
-            panels.append(segmentation_panels(normalize.inverse(images[:take]), masks[:take], predictions[:take],
-                                              model.num_classes, IGNORE_INDEX))
+        if accelerator.is_main_process and pictured < num_pictures:
+            take = num_pictures - pictured
+            shown = normalize.inverse(images[:take])
+            if shown.shape[2:] != masks.shape[1:]:
+                shown = F.interpolate(shown, size=masks.shape[1:], mode="bilinear", align_corners=False)
+            panels.append(segmentation_panels(shown, masks[:take], predictions[:take], model.num_classes, IGNORE_INDEX))
+            pictured += min(take, images.shape[0])
     return metric.compute(), (torch.cat(panels) if panels else None)
 
 
@@ -312,7 +315,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         result, panels = evaluate(accelerator, plain_model, val_samples, normalize, metric, args, args.num_pictures)
         if panels is not None and accelerator.is_main_process:
             picture = panels_to_picture(panels, min_side=96, columns=3)
-            save_picture(picture, run_dir.subdir("predictions") / f"step_{step:07d}.png")
+            save_picture(picture, run_dir.subdir("predictions") / f"step_{step:08d}.png")
             metrics.log_image("predictions", picture, step)
         model.train()
         return result
@@ -328,55 +331,55 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
-    model.train()
-    while step < total_steps:
-        sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
-        micro_batches = iter(loader)
-        for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
-            lr = schedule(step, total_steps, warmup_steps, args.learning_rate, args.min_learning_rate)
-            set_learning_rate(optimizer, lr)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(accumulation):
-                batch, weight = readable_batch(next(micro_batches), last_batch)
-                last_batch = batch
-                check_labels(batch["mask"], args.num_classes)  # on the CPU copy: no device synchronisation
-                batch = move_to_device(batch, accelerator.device)
-                with sync_context(accelerator, model, micro, accumulation):
-                    output = model(normalize(batch["pixel_values"]))
-                    loss = segmentation_loss(output.logits, batch["mask"])
-                    if output.aux_logits is not None:
-                        loss = loss + args.aux_loss_weight * segmentation_loss(output.aux_logits, batch["mask"])
-                    accelerator.backward(loss * weight / accumulation)
-                step_loss += loss.detach() * weight / accumulation
-                throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
-            skipped, _, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss, args.max_grad_norm)
-            step += 1
-            progress.update(1)
-            guard.update(skipped, step)
-            if skipped:
-                continue
-            loss_sum += step_loss
-            loss_steps += 1
-            if step % args.log_every == 0:
-                progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
-            evaluate_now = step % eval_every == 0 or step == total_steps
-            if evaluate_now:
-                images_per_sec = round(throughput.rate(), 2)
-                result = run_eval()
-                state["best_mIoU"] = max(state["best_mIoU"], result["mIoU"])
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                       "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr, "images_per_sec": images_per_sec,
-                       "mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"]}
-                metrics.log(row)
-                logger.info("step %d (epoch %.2f): train loss %.4f, mIoU %.2f%%, pixel accuracy %.2f%%", step,
-                            row["epoch"], row["train_loss"], result["mIoU"], result["pixel_acc"])
-                loss_sum.zero_()
-                loss_steps = 0
-                throughput = Throughput()
-            epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
-            if step == total_steps or epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
-                checkpoint_now()
-    progress.close()
+    with progress:  # closed before an error is printed, so the error stays the last line
+        model.train()
+        while step < total_steps:
+            sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
+            micro_batches = iter(loader)
+            for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
+                lr = schedule(step, total_steps, warmup_steps, args.learning_rate, args.min_learning_rate)
+                set_learning_rate(optimizer, lr)
+                step_loss = torch.zeros((), device=accelerator.device)
+                for micro in range(accumulation):
+                    batch, weight = readable_batch(next(micro_batches), last_batch)
+                    last_batch = batch
+                    check_labels(batch["mask"], args.num_classes)  # on the CPU copy: no device synchronisation
+                    batch = move_to_device(batch, accelerator.device)
+                    with sync_context(accelerator, model, micro, accumulation):
+                        output = model(normalize(batch["pixel_values"]))
+                        loss = segmentation_loss(output.logits, batch["mask"])
+                        if output.aux_logits is not None:
+                            loss = loss + args.aux_loss_weight * segmentation_loss(output.aux_logits, batch["mask"])
+                        accelerator.backward(loss * weight / accumulation)
+                    step_loss += loss.detach() * weight / accumulation
+                    throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
+                skipped, _, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss, args.max_grad_norm)
+                step += 1
+                progress.update(1)
+                guard.update(skipped, step)
+                if skipped:
+                    continue
+                loss_sum += step_loss
+                loss_steps += 1
+                if step % args.log_every == 0:
+                    progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
+                evaluate_now = step % eval_every == 0 or step == total_steps
+                if evaluate_now:
+                    images_per_sec = round(throughput.rate(), 2)
+                    result = run_eval()
+                    state["best_mIoU"] = max(state["best_mIoU"], result["mIoU"])
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                           "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr, "images_per_sec": images_per_sec,
+                           "mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"]}
+                    metrics.log(row)
+                    logger.info("step %d (epoch %.2f): train loss %.4f, mIoU %.2f%%, pixel accuracy %.2f%%", step,
+                                row["epoch"], row["train_loss"], result["mIoU"], result["pixel_acc"])
+                    loss_sum.zero_()
+                    loss_steps = 0
+                    throughput = Throughput()
+                epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
+                if step == total_steps or epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+                    checkpoint_now()
     if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
         result = run_eval()
     save_final_weights(accelerator, model, run_dir.final)
