@@ -35,7 +35,9 @@ from utils.run import (
     move_to_device, refuse_to_overwrite, save_args, save_final_weights,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
-from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
+from utils.training import (
+    BadStepGuard, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+)
 
 logger = logging.getLogger("finetune_classifier")
 
@@ -369,6 +371,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
         logger.info("resumed from %s at step %d", checkpoint, state["step"])
 
     def run_eval() -> dict:
+        broadcast_buffers(accelerator, trained)  # the linear probe's BatchNorm statistics: the main process's
         result = evaluate(accelerator, model if not cached else trained, val_loader, prepare_inputs)
         if ema is not None:
             ema_result = evaluate(accelerator, ema.module if not cached else ema.module.head, val_loader, prepare_inputs)

@@ -39,7 +39,9 @@ from utils.segmentation_data import (
     ADE20K_NUM_CLASSES, IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationSamples,
     SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
 )
-from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
+from utils.training import (
+    BadStepGuard, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+)
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 
 logger = logging.getLogger("finetune_segmentation")
@@ -312,6 +314,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
                 sampler.global_batch, args.learning_rate)
 
     def run_eval() -> dict:
+        broadcast_buffers(accelerator, plain_model)
         result, panels = evaluate(accelerator, plain_model, val_samples, normalize, metric, args, args.num_pictures)
         if panels is not None and accelerator.is_main_process:
             picture = panels_to_picture(panels, min_side=96, columns=3)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import read_metrics, run_script
 from models.upernet import ViTUperNet
-from utils.data import DataError
+from utils.data import DataError, Normalize, channel_stats
 from utils.metrics import SegmentationMetric
 from utils.segmentation_data import (
     IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationTrainTransform,
@@ -214,3 +214,40 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         return [(row["step"], row["train_loss"], row["mIoU"]) for row in read_metrics(run)]
 
     assert curve(resumed) == curve(tmp_path / "straight") and len(curve(resumed)) == 2
+
+
+def test_hub_dataset_with_image_and_annotation_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    image = Image.fromarray(np.full((16, 20, 3), 200, np.uint8))
+    mask = np.zeros((16, 20), np.uint8)
+    mask[:, 10:] = 4
+    splits = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"image": [image] * 3, "annotation": [Image.fromarray(mask)] * 3},
+                                          features=datasets.Features({"image": datasets.Image(),
+                                                                      "annotation": datasets.Image()}))
+        for split in ("train", "validation")})
+    splits.save_to_disk(str(tmp_path / "hub"))
+    data = build_segmentation_dataset(f"hf:{tmp_path / 'hub'}", None, "val", 3, zero_is_ignore=True)
+    pixels, labels = data[0]
+    assert pixels.shape == (3, 16, 20) and labels[0, 0] == IGNORE_INDEX and labels[0, -1] == 3
+
+
+def test_two_processes_evaluate_the_whole_split_once(tmp_path):
+    """Each process predicts its share of the validation canvases; the summed confusion matrix must equal a
+    single-process evaluation of the final weights over all of them."""
+    run_script("finetune_segmentation.py", "--dataset", "fashion_mnist_seg", "--from_scratch", "--max_samples", 64,
+               "--max_train_steps", 2, "--per_gpu_batch_size", 8, "--max_val_samples", 37, "--img_size", 32,
+               "--num_pictures", 2, "--log_with", "none", "--working_directory", tmp_path, "--experiment_name", "ddp",
+               processes=2)
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    model = ViTUperNet.from_pretrained(tmp_path / "ddp" / "final").eval()
+    canvases = FashionMNISTCanvases("val", size=32)
+    normalize = Normalize(*channel_stats(1, "fashion_mnist"))
+    metric = SegmentationMetric(11, IGNORE_INDEX, torch.device("cpu"))
+    for share in (range(0, 37, 2), range(1, 37, 2)):  # the same batches as the two processes (bitwise same logits)
+        images = torch.stack([canvases[i][0] for i in share])
+        with torch.no_grad():
+            metric.update(model(normalize(images)).logits.argmax(dim=1), torch.stack([canvases[i][1] for i in share]))
+    expected = metric.compute()
+    assert results["pixel_acc"] == pytest.approx(expected["pixel_acc"], abs=1e-3)
+    assert results["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-3)

@@ -73,3 +73,11 @@ class BadStepGuard:
             raise SystemExit(f"{self.script}: stopping: {self.in_a_row} consecutive steps had a non-finite loss; the "
                              f"last good checkpoint is under {self.checkpoint_dir}. Lower the learning rate, set "
                              "--max_grad_norm, or use bf16 instead of fp16.")
+
+
+def broadcast_buffers(accelerator, module: torch.nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm running statistics). Without SyncBatchNorm (CPU
+    runs) each process's statistics drift apart; evaluating with the main one's is evaluating the saved model."""
+    if accelerator.num_processes > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
