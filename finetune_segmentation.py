@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -96,7 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate of the backbone.")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=None,
-                       help="Peak AdamW lr of the whole run (1e-4 for a global batch of 16 on ADE20K; 1e-3 canvases).")
+                       help="Peak AdamW lr, not scaled by the batch (1e-4 for ADE20K's global batch of 16; 1e-3 for "
+                            "the canvases).")
     optim.add_argument("--min_learning_rate", type=float, default=0.0, help="Floor of the decay.")
     optim.add_argument("--lr_schedule", type=str, default="poly", choices=["poly", "cosine"],
                        help="Decay after the warmup: poly (power 1, MMSegmentation) or cosine.")
@@ -120,7 +122,12 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
     """Fill data-dependent defaults; return (backbone config, pretrained encoder state or None)."""
     args.dataset = default_dataset(args, BUILT_IN)
     small = args.dataset == BUILT_IN
-    for key, value in DEFAULTS[0 if small else 1].items():
+    defaults = dict(DEFAULTS[0 if small else 1])
+    if args.epochs is not None:
+        defaults.pop("max_train_steps", None)  # an explicit --epochs sets the length
+    # The recipes' batch of 16 is global: each process contributes its share.
+    defaults["per_gpu_batch_size"] = max(1, defaults["per_gpu_batch_size"] // int(os.environ.get("WORLD_SIZE", "1")))
+    for key, value in defaults.items():
         if getattr(args, key, None) is None:
             # Layer decay is a transfer-learning device: random weights train every layer at the full rate.
             setattr(args, key, 1.0 if key == "layer_decay" and args.from_scratch else value)
@@ -173,9 +180,15 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
 def segmentation_samples(args, split: str, train: bool, max_samples: int | None):
     base = build_segmentation_dataset(args.dataset, args.path_to_data, split, args.input_channels, max_samples,
                                       args.image_column, args.mask_column, args.reduce_zero_label, args.img_size)
-    transform = (SegmentationTrainTransform(args.img_size, args.base_size, args.scale_range, args.photometric)
-                 if train else SegmentationEvalTransform(args.base_size))
+    mean_colour = [round(255 * m) for m in data_stats(args)[0]]  # padding that normalises to 0, as mmseg's
+    transform = (SegmentationTrainTransform(args.img_size, args.base_size, args.scale_range, args.photometric,
+                                            fill=mean_colour) if train else SegmentationEvalTransform(args.base_size))
     return base, SegmentationSamples(base, transform, args.seed)
+
+
+def data_stats(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation mean/std: Fashion-MNIST's for the canvases, ImageNet's for RGB."""
+    return channel_stats(args.input_channels, "fashion_mnist" if args.dataset == BUILT_IN else None)
 
 
 def check_labels(masks: torch.Tensor, num_classes: int) -> None:
@@ -227,9 +240,11 @@ def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metr
         batch = collate_skipping_bad([samples[(i, 0)] for i in mine[start:start + args.eval_batch_size]])
         if "pixel_values" not in batch:
             continue
+        check_labels(batch["mask"], model.num_classes)
         batch = move_to_device(batch, accelerator.device)
         images, masks = normalize(batch["pixel_values"]), batch["mask"]
-        logits = predict(model, images, args.img_size, args.slide_stride)
+        with accelerator.autocast():  # the unwrapped model: the same precision as in training
+            logits = predict(model, images, args.img_size, args.slide_stride)
         if logits.shape[2:] != masks.shape[1:]:  # back to the mask's own resolution, where the metric is defined
             logits = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
         predictions = logits.argmax(dim=1)
@@ -272,8 +287,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         class_names = [str(k) for k in range(args.num_classes)]
     if accelerator.is_main_process:
         save_args(args, run_dir)
-    normalize = Normalize(*channel_stats(args.input_channels, "fashion_mnist" if args.dataset == BUILT_IN else None))
-    normalize = normalize.to(accelerator.device)
+    normalize = Normalize(*data_stats(args)).to(accelerator.device)
 
     model = ViTUperNet(args.num_classes, **config, out_indices=args.out_indices, decoder_channels=args.decoder_channels,
                        aux_channels=args.aux_channels, drop_path_rate=args.drop_path)
@@ -360,10 +374,9 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
                 step += 1
                 progress.update(1)
                 guard.update(skipped, step)
-                if skipped:
-                    continue
-                loss_sum += step_loss
-                loss_steps += 1
+                if not skipped:  # (a skipped step still evaluates and checkpoints on schedule below)
+                    loss_sum += step_loss
+                    loss_steps += 1
                 if step % args.log_every == 0:
                     progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
                 evaluate_now = step % eval_every == 0 or step == total_steps

@@ -137,8 +137,11 @@ class ViTUperNet(nn.Module, StrictHubMixin):
             raise ValueError(f"the pyramid neck upsamples the stride-{patch_size} features 4x: patch_size must be a "
                              "multiple of 4")
         self.out_indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
-        if len(self.out_indices) != 4 or not all(0 <= i < depth for i in self.out_indices):
-            raise ValueError(f"out_indices must be 4 block indices in [0, {depth - 1}], got {self.out_indices}")
+        indices = self.out_indices
+        if len(indices) != 4 or indices != sorted(set(indices)) or indices[0] < 0 or indices[-1] != depth - 1:
+            # (blocks after the last index would get no gradient, which DDP refuses)
+            raise ValueError(f"out_indices must be 4 increasing block indices ending at the last block ({depth - 1}), "
+                             f"got {indices}")
         self.num_classes = num_classes
         self.backbone = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
                                           num_classes=0, global_pool=True, drop_path_rate=drop_path_rate)

@@ -44,11 +44,17 @@ def test_neck_gives_strides_p4_p2_p_2p_with_embed_dim_channels(patch_size, depth
 
 
 def test_intermediate_features_are_the_block_outputs():
-    model = small_upernet(depth=4).eval()
-    images = torch.randn(2, 3, 64, 64)
-    last = model.backbone.forward_intermediates(images, [3])[0]  # (B, D, 4, 4)
-    tokens = model.backbone.forward_features(images)[:, 1:]  # no final norm in the segmentation backbone
-    torch.testing.assert_close(last.flatten(2).transpose(1, 2), tokens)
+    model = small_upernet(depth=6).eval()
+    vit, images = model.backbone, torch.randn(2, 3, 64, 64)
+    maps = vit.forward_intermediates(images, [0, 2, 3, 5])  # each (B, D, 4, 4)
+    tokens, expected = vit.prepend_cls_token(vit.embed_patches(images)), []
+    for index, block in enumerate(vit.blocks):
+        tokens = block(tokens)
+        if index in (0, 2, 3, 5):
+            expected.append(tokens[:, 1:])
+    for feature_map, block_tokens in zip(maps, expected, strict=True):
+        torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), block_tokens)
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), vit.forward_features(images)[:, 1:])
 
 
 def test_logits_have_the_input_size_and_aux_only_in_training():
@@ -63,8 +69,11 @@ def test_logits_have_the_input_size_and_aux_only_in_training():
 def test_bad_sizes_are_refused_in_one_line():
     with pytest.raises(ValueError, match="multiple of 4"):
         small_upernet(patch_size=6, img_size=48)
-    with pytest.raises(ValueError, match="out_indices"):
-        small_upernet(out_indices=[0, 1, 2, 9])
+    for bad in ([0, 1, 2, 9], [0, 2, 1, 3], [0, 1, 1, 3], [0, 1, 2]):
+        with pytest.raises(ValueError, match="out_indices must be 4 increasing"):
+            small_upernet(out_indices=bad)
+    with pytest.raises(ValueError, match="ending at the last block"):  # later blocks would get no gradient
+        small_upernet(depth=6, out_indices=[0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 64, 64\)"):
         small_upernet()(torch.randn(1, 3, 32, 32))
 
@@ -89,12 +98,16 @@ def test_pretrained_mae_encoder_loads_every_weight(tmp_path):
 def test_layer_decay_reaches_into_the_backbone_and_leaves_the_decoder_at_full_rate():
     model = small_upernet(depth=4)
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5, vit_prefix="backbone.")
-    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
-    assert scale[id(named["backbone.patch_embed.proj.weight"])] == 0.5 ** 5
-    assert scale[id(named["backbone.blocks.3.mlp.fc1.weight"])] == 0.5
-    assert scale[id(named["decode_head.classifier.weight"])] == 1.0
-    assert scale[id(named["neck.up2.weight"])] == 1.0
+    assert scale[id(named["backbone.patch_embed.proj.weight"])] == (0.5 ** 5, 0.05)
+    assert scale[id(named["backbone.cls_token"])] == (0.5 ** 5, 0.0)
+    assert scale[id(named["backbone.blocks.0.norm1.weight"])] == (0.5 ** 4, 0.0)
+    assert scale[id(named["backbone.blocks.3.mlp.fc1.weight"])] == (0.5, 0.05)
+    assert scale[id(named["backbone.blocks.3.mlp.fc1.bias"])] == (0.5, 0.0)
+    assert scale[id(named["decode_head.classifier.weight"])] == (1.0, 0.05)
+    assert scale[id(named["decode_head.fuse.1.weight"])] == (1.0, 0.0)  # BatchNorm
+    assert scale[id(named["neck.up2.weight"])] == (1.0, 0.05)
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from utils.data import DataError, Normalize, channel_stats
 from utils.metrics import SegmentationMetric
 from utils.segmentation_data import (
     IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationTrainTransform,
-    build_segmentation_dataset,
+    build_segmentation_dataset, default_zero_is_ignore,
 )
 
 RUN = ["--log_with", "none", "--img_size", 32, "--per_gpu_batch_size", 16, "--max_val_samples", 128,
@@ -52,6 +53,11 @@ def test_joint_transform_keeps_the_mask_aligned_with_the_image():
         assert interior.sum() > 100
         assert (out_image[0][interior].float() - 20 * labels[interior]).abs().max() <= 2
         assert set(out_mask[~padded].unique().tolist()) <= set(range(10))
+    filled = SegmentationTrainTransform(crop_size=96, base_size=48, scale_range=(1.0, 1.0), photometric=False,
+                                        fill=(10, 20, 30))
+    out_image, out_mask = filled(image, mask, torch.Generator().manual_seed(0))  # 48x64 padded to 96x96
+    assert (out_mask[48:] == IGNORE_INDEX).all() and (out_mask[:, 64:] == IGNORE_INDEX).all()
+    assert out_image[:, 60:, 70:].flatten(1).unique(dim=1).tolist() == [[10], [20], [30]]
     jittered = SegmentationTrainTransform(48, 40, (0.5, 2.0), photometric=True)
     changed = 0
     for seed in range(6):  # the jitter touches the image only: same geometry, same mask
@@ -97,12 +103,16 @@ def write_pairs(root, split, labels_by_name, size=(24, 32), mask_folder="annotat
 
 def test_ade20k_layout_shifts_labels_and_ignores_zero(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
-    write_pairs(root, "training", {"a": (0, 1), "b": (150, 7)})
+    write_pairs(root, "training", {"a": (0, 1), "b": (150, 7), "c": (255, 2)})
+    assert default_zero_is_ignore("folder", str(tmp_path)) and default_zero_is_ignore("folder", str(root))
+    assert default_zero_is_ignore("hf:scene_parse_150", None) and not default_zero_is_ignore("hf:user/facade", None)
     data = build_segmentation_dataset("folder", str(tmp_path), "train", 3, zero_is_ignore=True)
     _, mask = data[0]
     assert mask[0, 0] == IGNORE_INDEX and mask[0, -1] == 0
     _, mask = data[1]
     assert mask[0, 0] == 149 and mask[0, -1] == 6
+    _, mask = data[2]
+    assert mask[0, 0] == IGNORE_INDEX and mask[0, -1] == 1  # an explicit 255 stays ignored
     # a plain folder of pairs keeps labels as they are
     write_pairs(tmp_path / "plain", "train", {"a": (0, 3)}, mask_folder="masks")
     _, mask = build_segmentation_dataset("folder", str(tmp_path / "plain"), "train", 3)[0]
@@ -136,8 +146,8 @@ def _metric_worker(rank, world, port, result_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     generator = torch.Generator().manual_seed(0)
-    target = torch.randint(0, 4, (6, 8, 8), generator=generator)
-    prediction = torch.randint(0, 4, (6, 8, 8), generator=generator)
+    target = torch.randint(0, 4, (7, 8, 8), generator=generator)
+    prediction = torch.randint(0, 4, (7, 8, 8), generator=generator)
     metric = SegmentationMetric(4, IGNORE_INDEX, torch.device("cpu"))
     metric.update(prediction[rank::world], target[rank::world])  # each process sees its share only
     result = metric.compute()
@@ -148,10 +158,13 @@ def _metric_worker(rank, world, port, result_file):
 
 
 def test_miou_is_summed_over_processes(tmp_path):
-    mp.spawn(_metric_worker, args=(2, 29561, str(tmp_path / "result.json")), nprocs=2)
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_metric_worker, args=(2, port, str(tmp_path / "result.json")), nprocs=2)
     generator = torch.Generator().manual_seed(0)
-    target = torch.randint(0, 4, (6, 8, 8), generator=generator)
-    prediction = torch.randint(0, 4, (6, 8, 8), generator=generator)
+    target = torch.randint(0, 4, (7, 8, 8), generator=generator)
+    prediction = torch.randint(0, 4, (7, 8, 8), generator=generator)
     single = SegmentationMetric(4, IGNORE_INDEX, torch.device("cpu"))
     single.update(prediction, target)
     expected = single.compute()

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
@@ -44,8 +43,8 @@ def read_mask(source) -> torch.Tensor:
 
 
 def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
-    """ADE20K convention: 0 means 'no label' (ignored), classes 1..150 become 0..149."""
-    return torch.where(mask == 0, IGNORE_INDEX, mask - 1)
+    """ADE20K convention: 0 means 'no label' (ignored), classes 1..150 become 0..149; 255 stays ignored."""
+    return torch.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask - 1)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -180,7 +179,7 @@ def default_zero_is_ignore(dataset: str, path_to_data: str | None) -> bool:
     if dataset == "folder" and path_to_data:
         root = Path(path_to_data).expanduser()
         return root.name == ADE20K_FOLDER or (root / ADE20K_FOLDER).is_dir()
-    return dataset.startswith("hf:") and any(key in dataset.lower() for key in ("scene_parse", "ade"))
+    return dataset.startswith("hf:") and any(key in dataset.lower() for key in ("scene_parse", "ade20k"))
 
 
 def build_segmentation_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int,
@@ -227,7 +226,7 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, size: tuple[int,
 
 def photometric_jitter(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """mmseg's PhotoMetricDistortion on the image only: brightness +-32, contrast 0.5-1.5 and, for RGB,
-    saturation 0.5-1.5 and hue +-18 degrees, each applied with probability 1/2."""
+    saturation 0.5-1.5 and hue +-36 degrees, each applied with probability 1/2."""
     draws = torch.rand(8, generator=generator).tolist()
     pixels = image.float()
     if draws[0] < 0.5:
@@ -239,34 +238,49 @@ def photometric_jitter(image: torch.Tensor, generator: torch.Generator) -> torch
         if draws[4] < 0.5:
             image = TF.adjust_saturation(image, 0.5 + draws[5])
         if draws[6] < 0.5:
-            image = TF.adjust_hue(image, (draws[7] * 36 - 18) / 360)
+            image = TF.adjust_hue(image, (draws[7] * 36 - 18) / 180)  # +-18 OpenCV hue units of 2 degrees
     return image
 
 
 class SegmentationTrainTransform:
-    """Random scale (short side = base_size x U(scale_range)), random crop, flip, photometric jitter, then padding
-    to ``crop_size`` (image 0, mask IGNORE_INDEX), so every sample is (C, crop, crop) with a (crop, crop) mask."""
+    """Random scale (short side = base_size x U(scale_range)), random crop (retried, as mmseg, until no class
+    covers more than ``cat_max_ratio`` of the labelled pixels), flip, photometric jitter, then padding to
+    ``crop_size`` (image: ``fill``, the data's mean colour; mask: IGNORE_INDEX): every sample is
+    (C, crop, crop) with a (crop, crop) mask."""
 
-    def __init__(self, crop_size: int, base_size: int, scale_range: Sequence[float] = (0.5, 2.0), photometric: bool = True):
+    def __init__(self, crop_size: int, base_size: int, scale_range: Sequence[float] = (0.5, 2.0), photometric: bool = True,
+                 fill: Sequence[int] = (0,), cat_max_ratio: float = 0.75):
         self.crop_size, self.base_size, self.scale_range, self.photometric = crop_size, base_size, scale_range, photometric
+        self.fill, self.cat_max_ratio = torch.tensor(fill, dtype=torch.uint8).view(-1, 1, 1), cat_max_ratio
+
+    def crop_corner(self, mask: torch.Tensor, generator: torch.Generator) -> tuple[int, int]:
+        height, width = mask.shape
+        for _ in range(10):
+            top = int(torch.randint(0, max(height - self.crop_size, 0) + 1, (1,), generator=generator))
+            left = int(torch.randint(0, max(width - self.crop_size, 0) + 1, (1,), generator=generator))
+            labels = mask[top:top + self.crop_size, left:left + self.crop_size]
+            counts = torch.bincount(labels[labels != IGNORE_INDEX].flatten())
+            if self.cat_max_ratio >= 1.0 or (counts > 0).sum() > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+        return top, left
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator):
         low, high = self.scale_range
         ratio = low + (high - low) * torch.rand(1, generator=generator, dtype=torch.float64).item()
         image, mask = resize_pair(image, mask, scale_to_fit(image.shape[1], image.shape[2], self.base_size * ratio))
-        height, width = mask.shape
-        top = int(torch.randint(0, max(height - self.crop_size, 0) + 1, (1,), generator=generator))
-        left = int(torch.randint(0, max(width - self.crop_size, 0) + 1, (1,), generator=generator))
+        top, left = self.crop_corner(mask, generator)
         image = image[:, top:top + self.crop_size, left:left + self.crop_size]
         mask = mask[top:top + self.crop_size, left:left + self.crop_size]
         if torch.rand(1, generator=generator).item() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         if self.photometric:
             image = photometric_jitter(image, generator)
-        pad_h, pad_w = self.crop_size - mask.shape[0], self.crop_size - mask.shape[1]
-        if pad_h or pad_w:  # right and bottom, as mmseg
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
-            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        if tuple(mask.shape) != (self.crop_size, self.crop_size):  # pad at the right and bottom, as mmseg
+            canvas = self.fill.expand(image.shape[0], self.crop_size, self.crop_size).clone()
+            canvas[:, :mask.shape[0], :mask.shape[1]] = image
+            padded = torch.full((self.crop_size, self.crop_size), IGNORE_INDEX, dtype=mask.dtype)
+            padded[:mask.shape[0], :mask.shape[1]] = mask
+            image, mask = canvas, padded
         return image.contiguous(), mask.contiguous()
 
 
