@@ -147,10 +147,7 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
 
     state = None
     if args.path_to_pretrained_mae_weights and not args.from_scratch:
-        pretrained_config, weights = read_weights(args.path_to_pretrained_mae_weights)
-        if pretrained_config is None:
-            raise UserError(f"no config.json beside the weights in {args.path_to_pretrained_mae_weights}: pass the "
-                            "run's final/ or checkpoints/step_* folder")
+        pretrained_config, weights = read_weights(args.path_to_pretrained_mae_weights)  # any format models/convert.py reads
         config = encoder_config(pretrained_config)
         state = encoder_state(weights)
     elif not args.from_scratch and not args.eval_only:
@@ -439,13 +436,12 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             step += 1
             progress.update(1)
             guard.update(skipped, step)
-            if skipped:
-                continue
-            if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model))
-            loss_sum += step_loss
-            loss_steps += 1
-            if step % args.log_every == 0:
+            if not skipped:  # (a skipped step still checkpoints on schedule below)
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
+                loss_sum += step_loss
+                loss_steps += 1
+            if step % args.log_every == 0 and loss_steps:
                 progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch:
                 checkpoint_now()  # (at an epoch end the checkpoint waits for the evaluation, below)

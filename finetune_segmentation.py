@@ -156,10 +156,7 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
         if small:
             config["in_chans"] = 1
     elif args.path_to_backbone_checkpoint:
-        pretrained_config, weights = read_weights(args.path_to_backbone_checkpoint)
-        if pretrained_config is None:
-            raise UserError(f"no config.json beside the weights in {args.path_to_backbone_checkpoint}: pass the "
-                            "run's final/ or checkpoints/step_* folder")
+        pretrained_config, weights = read_weights(args.path_to_backbone_checkpoint)  # any format models/convert.py reads
         config = encoder_config(pretrained_config)
         state = encoder_state(weights)
     else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .vit import Block, StrictHubMixin, VisionTransformer, init_weights_official, sincos_pos_embed_2d
+from .vit import Block, ConvertingHubMixin, VisionTransformer, init_weights_official, sincos_pos_embed_2d
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ class MAEOutput:
     mask: torch.Tensor  # (B, L): 1 = masked, 0 = visible
 
 
-class MaskedAutoencoder(nn.Module, StrictHubMixin):
+class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
     """MAE: ViT encoder on the visible patches, light transformer decoder, MSE on the masked patches."""
 
     def __init__(
@@ -80,6 +80,8 @@ class MaskedAutoencoder(nn.Module, StrictHubMixin):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
         custom_weight_init: bool = True,
+        layer_norm_eps: float = 1e-6,
+        learned_pos_embed: bool = False,
     ):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -91,7 +93,7 @@ class MaskedAutoencoder(nn.Module, StrictHubMixin):
         self.encoder = VisionTransformer(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool=False,
-            custom_weight_init=custom_weight_init,
+            custom_weight_init=custom_weight_init, learned_pos_embed=learned_pos_embed, layer_norm_eps=layer_norm_eps,
         )
         grid_size = self.encoder.patch_embed.grid_size
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -100,9 +102,9 @@ class MaskedAutoencoder(nn.Module, StrictHubMixin):
             "decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, grid_size, cls_token=True), persistent=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio) for _ in range(decoder_depth)
+            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, eps=layer_norm_eps) for _ in range(decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=layer_norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         if custom_weight_init:
             for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):

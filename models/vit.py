@@ -45,6 +45,19 @@ class StrictHubMixin(PyTorchModelHubMixin):
         return super()._load_as_safetensor(model, model_file, map_location, True)
 
 
+class ConvertingHubMixin(StrictHubMixin):
+    """``from_pretrained`` that also reads 🤗 transformers ViTMAE/ViT, facebookresearch/mae ``.pth`` and timm
+    weights (the format is detected; conversion happens in ``models/convert.py``, never in the model)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, **overrides):
+        """A folder, a weights file or a 🤗 Hub repo id (``user/name``, at ``revision``); keyword arguments
+        override the checkpoint's config (e.g. ``img_size``: learned position embeddings are interpolated)."""
+        from .convert import load_pretrained  # lazily: convert imports this module
+
+        return load_pretrained(cls, pretrained_model_name_or_path, revision=revision, **overrides)
+
+
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
@@ -123,11 +136,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block, shared by the encoder, the MAE decoder and the segmentation backbone."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+                 eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
@@ -168,11 +182,13 @@ def build_head(head_type: str, embed_dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(embed_dim, num_classes)
 
 
-class VisionTransformer(nn.Module, StrictHubMixin):
+class VisionTransformer(nn.Module, ConvertingHubMixin):
     """ViT with a cls token and fixed 2-D sin-cos position embeddings.
 
     ``global_pool=True`` averages the patch tokens and applies ``fc_norm`` (the MAE fine-tuning recipe);
     otherwise the normalised cls token is the image feature. ``num_classes=0`` gives a feature extractor.
+    ``learned_pos_embed`` makes the position embeddings a trained parameter (starting from sin-cos), as in
+    official MAE fine-tuned models and timm; ``layer_norm_eps`` is 1e-6 as in MAE/timm (🤗 ViTMAE uses 1e-12).
     """
 
     def __init__(
@@ -190,6 +206,8 @@ class VisionTransformer(nn.Module, StrictHubMixin):
         drop_path_rate: float = 0.0,
         custom_weight_init: bool = True,
         head_type: str = "linear",
+        learned_pos_embed: bool = False,
+        layer_norm_eps: float = 1e-6,
     ):
         super().__init__()
         if head_type not in HEAD_TYPES:
@@ -199,15 +217,17 @@ class VisionTransformer(nn.Module, StrictHubMixin):
         self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Fixed, so not saved: recomputed from the config, which also makes any image size loadable.
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size, cls_token=True), persistent=False
-        )
+        pos_embed = sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size, cls_token=True)
+        if learned_pos_embed:
+            self.pos_embed = nn.Parameter(pos_embed)
+        else:  # fixed, so not saved: recomputed from the config, which also makes any image size loadable
+            self.register_buffer("pos_embed", pos_embed, persistent=False)
         drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in drop_rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, layer_norm_eps)
+                                    for rate in drop_rates)
         # With global pooling the final norm moves after the pooling (fc_norm), as in MAE fine-tuning.
-        self.norm = nn.Identity() if global_pool else nn.LayerNorm(embed_dim, eps=1e-6)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool else nn.Identity()
+        self.norm = nn.Identity() if global_pool else nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps) if global_pool else nn.Identity()
         self.head = build_head(head_type, embed_dim, num_classes)
         if custom_weight_init:
             self.apply(init_weights_official)

@@ -1,35 +1,24 @@
-"""Reading this project's weights (``save_pretrained`` folders, checkpoint folders, ``.safetensors`` files)
-and loading an MAE encoder into a :class:`VisionTransformer`, with a report of every key and one-line errors.
-Foreign formats (official MAE, 🤗 transformers, timm) are converted here too, at the edge, in a later step."""
+"""Reading weights (any format :mod:`models.convert` reads) and loading an MAE encoder into a
+:class:`VisionTransformer`, with a report of every key and one-line errors."""
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 ENCODER_PREFIX = "encoder."
 NOT_ENCODER = ("decoder_", "mask_token")
 
 
-def read_weights(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(config or None, state dict) from a folder with ``model.safetensors`` [+ ``config.json``] or a file."""
-    path = Path(path).expanduser()
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise ValueError(f"no weights at {path}: pass a final/ or checkpoints/step_* folder of a run, "
-                         "or a .safetensors file")
-    if file.suffix != ".safetensors":
-        raise ValueError(f"{file} is not a .safetensors file: pass a folder written by save_pretrained or a checkpoint")
-    config_file = file.parent / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else None
-    try:
-        return config, load_file(str(file))
-    except Exception as error:  # safetensors' own error type is not a ValueError
-        raise ValueError(f"cannot read {file} ({type(error).__name__}: {str(error).splitlines()[0]}): "
-                         "the file is damaged or not safetensors") from None
+def read_weights(path: str | Path, revision: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict in this project's naming) of any supported checkpoint: this project's folders and
+    files, 🤗 transformers ViTMAE/ViT, facebookresearch/mae ``.pth``, timm; local or a Hub repo id."""
+    from .convert import read_checkpoint
+
+    checkpoint = read_checkpoint(path, revision)
+    return checkpoint.config, checkpoint.state
 
 
 def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,6 +44,13 @@ def load_encoder(model: torch.nn.Module, state: dict[str, torch.Tensor],
     """Load encoder weights into a ViT. Only the head (and fc_norm) may be new, only the final norm / an old
     head unused; anything else, and any shape mismatch, is refused with one line naming the tensors."""
     target = model.state_dict()
+    for key in ("pos_embed", "encoder.pos_embed"):  # learned position embeddings at another image size
+        if key in state and key in target and state[key].shape[1] != target[key].shape[1]:
+            from .convert import resize_pos_embed
+
+            grid = (model.encoder if key.startswith("encoder.") else model).patch_embed.grid_size
+            state = {**state, key: resize_pos_embed(state[key], grid)}
+            logging.getLogger(__name__).warning("position embeddings interpolated (bicubic) to the %dx%d grid", *grid)
     mismatched = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(target[k].shape)} in the model"
                   for k, v in state.items() if k in target and v.shape != target[k].shape]
     if mismatched:

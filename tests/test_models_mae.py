@@ -92,7 +92,7 @@ def test_save_and_load_pretrained_identical(tmp_path):
     # Loading is strict: weights of a deeper model are refused, not half-loaded.
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "depth": 3}))
-    with pytest.raises(RuntimeError, match="encoder.blocks.2"):
+    with pytest.raises(ValueError, match="another architecture: missing encoder.blocks.2"):
         MaskedAutoencoder.from_pretrained(tmp_path)
 
 

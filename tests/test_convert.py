@@ -1,0 +1,144 @@
+"""models/convert.py: foreign checkpoints in (🤗 transformers, facebookresearch/mae, timm) and out, with exact
+equivalence against transformers' and timm's own models built offline from a config (random weights)."""
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import MaskedAutoencoder, VisionTransformer, sincos_pos_embed_2d
+from models.convert import read_checkpoint, to_timm, to_transformers
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+            decoder_depth=1, decoder_num_heads=2)
+
+
+def hf_mae(norm_pix_loss=True) -> "transformers.ViTMAEForPreTraining":
+    config = transformers.ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8,
+        num_channels=3, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=64, norm_pix_loss=norm_pix_loss, mask_ratio=0.75)
+    torch.manual_seed(0)
+    model = transformers.ViTMAEForPreTraining(config).eval()
+    with torch.no_grad():  # sin-cos, as in the released checkpoints (a random transformers 5 model has zeros here)
+        model.vit.embeddings.position_embeddings.copy_(sincos_pos_embed_2d(32, (4, 4)))
+        model.decoder.decoder_pos_embed.copy_(sincos_pos_embed_2d(16, (4, 4)))
+    return model
+
+
+def assert_same_mae_outputs(theirs, ours):
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        expected, got = theirs(pixel_values=images, noise=noise), ours.eval()(images, noise=noise)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.pred, expected.logits, rtol=0, atol=1e-5)
+    assert torch.equal(got.mask, expected.mask)
+
+
+def test_transformers_vitmae_loads_exactly(tmp_path):
+    theirs = hf_mae()
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = MaskedAutoencoder.from_pretrained(tmp_path / "hf")
+    assert ours.norm_pix_loss and ours.encoder.blocks[0].norm1.eps == 1e-12  # read from their config.json
+    assert_same_mae_outputs(theirs, ours)
+
+
+def test_export_to_transformers_round_trips(tmp_path):
+    torch.manual_seed(1)
+    ours = MaskedAutoencoder(**TINY, norm_pix_loss=True).eval()
+    config, state = to_transformers({**TINY, "norm_pix_loss": True}, ours.state_dict())
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    theirs = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    assert_same_mae_outputs(theirs, ours)
+    assert_same_mae_outputs(theirs, MaskedAutoencoder.from_pretrained(tmp_path / "hf"))  # and back
+
+
+def official_state(mae: MaskedAutoencoder, decoder: bool = True) -> dict:
+    """facebookresearch/mae's key names, with its stored (fixed) position embeddings."""
+    state = {key.removeprefix("encoder."): value for key, value in mae.state_dict().items()
+             if decoder or key.startswith("encoder.")}
+    state["pos_embed"] = mae.encoder.pos_embed.clone()
+    if decoder:
+        state["decoder_pos_embed"] = mae.decoder_pos_embed.clone()
+    return state
+
+
+def test_official_pth_full_and_encoder_only(tmp_path, caplog):
+    torch.manual_seed(2)
+    mae = MaskedAutoencoder(**TINY).eval()
+    torch.save({"model": official_state(mae), "epoch": 799}, tmp_path / "mae_visualize.pth")
+    loaded = MaskedAutoencoder.from_pretrained(tmp_path / "mae_visualize.pth", num_heads=2, decoder_num_heads=2)
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    assert torch.equal(loaded.eval()(images, noise=noise).pred, mae(images, noise=noise).pred)
+
+    torch.save({"model": official_state(mae, decoder=False)}, tmp_path / "mae_pretrain.pth")
+    with caplog.at_level(logging.WARNING):
+        fresh_decoder = MaskedAutoencoder.from_pretrained(tmp_path / "mae_pretrain.pth", num_heads=2)
+    assert "encoder-only checkpoint: the MAE decoder is freshly initialised" in caplog.text
+    assert torch.equal(fresh_decoder.encoder.blocks[1].attn.qkv.weight, mae.encoder.blocks[1].attn.qkv.weight)
+    vit = VisionTransformer.from_pretrained(tmp_path / "mae_pretrain.pth", num_heads=2)
+    assert torch.equal(vit.forward_features(images), mae.encoder.forward_features(images))
+
+
+def timm_vit(**overrides):
+    torch.manual_seed(3)
+    config = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, global_pool="avg")
+    config.update(overrides)
+    return timm.models.vision_transformer.VisionTransformer(**config).eval()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_features_equal(tmp_path, suffix):
+    theirs = timm_vit()
+    file = tmp_path / f"timm{suffix}"
+    state = {key: value.contiguous() for key, value in theirs.state_dict().items()}
+    save_file(state, str(file)) if suffix == ".safetensors" else torch.save(state, file)
+    ours = VisionTransformer.from_pretrained(file, num_heads=2).eval()  # (head counts are not in the weights)
+    assert ours.global_pool and ours.head.out_features == 5
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs.forward_head(theirs.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(ours.pool(ours.forward_features(images)), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(images), theirs(images), rtol=0, atol=1e-5)
+
+
+def test_export_to_timm_loads_in_timm(tmp_path):
+    torch.manual_seed(4)
+    ours = VisionTransformer(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                             global_pool=True).eval()
+    save_file(to_timm({"img_size": 32, "patch_size": 8, "embed_dim": 32},
+                      {f"encoder.{k}": v for k, v in ours.state_dict().items()}), str(tmp_path / "timm.safetensors"))
+    theirs = timm.create_model("vit_base_patch16_224", pretrained=True, img_size=32, patch_size=8, embed_dim=32,
+                               depth=2, num_heads=2, num_classes=0, global_pool="avg",
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "timm.safetensors"))).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(images), ours(images), rtol=0, atol=1e-5)
+
+
+def test_learned_position_embeddings_are_interpolated_to_another_size(tmp_path, caplog):
+    theirs = timm_vit()
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        bigger = VisionTransformer.from_pretrained(tmp_path / "timm.safetensors", img_size=48, num_heads=2)
+    assert "interpolated (bicubic) to the 6x6 grid" in caplog.text
+    assert bigger.pos_embed.shape == (1, 37, 32) and bigger(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_other_architecture_and_unsafe_files_are_refused_in_one_line(tmp_path):
+    theirs = timm_vit()
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    with pytest.raises(ValueError, match=r"another architecture: .*patch_embed.proj.weight \(32, 3, 8, 8\)"):
+        VisionTransformer.from_pretrained(tmp_path / "timm.safetensors", patch_size=16)
+    torch.save({"model": {"weights": logging.getLogger("x")}}, tmp_path / "pickled.pth")  # not just tensors
+    with pytest.raises(ValueError, match="weights_only=True"):
+        read_checkpoint(tmp_path / "pickled.pth")
+    save_file({"something.else": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ValueError, match="unknown checkpoint layout"):
+        read_checkpoint(tmp_path / "odd.safetensors")
