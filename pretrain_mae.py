@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
+from models.weights import read_weights
 from utils.checkpoint import (
     resolve_checkpoint, resume_from, save_checkpoint,
 )
@@ -42,6 +43,8 @@ logger = logging.getLogger("pretrain_mae")
 PAPER_DEFAULTS = dict(epochs=800, warmup_epochs=40, per_gpu_batch_size=64, base_learning_rate=1.5e-4)
 DEMO_DEFAULTS = dict(epochs=2, warmup_epochs=0.25, per_gpu_batch_size=128, base_learning_rate=1.5e-3)
 SMALL_DATASETS = ("fashion_mnist", "synthetic")
+SIZE_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
+             "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio", "layer_norm_eps", "learned_pos_embed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         model.add_argument(f"--{part}_depth", type=int, default=None, help=f"Blocks in the {name} (default: the preset's).")
         model.add_argument(f"--{part}_num_heads", type=int, default=None, help=f"Attention heads of the {name}.")
         model.add_argument(f"--{part}_mlp_ratio", type=float, default=None, help=f"MLP width / embed dim in the {name}.")
+    model.add_argument("--resume_from_pretrained", type=str, default=None,
+                       help="Continue pretraining from these weights: a folder, file or 🤗 Hub repo in any format "
+                            "from_pretrained reads (this project's, 🤗 ViTMAE, facebookresearch/mae .pth, timm); the "
+                            "sizes come from it (size flags still override, e.g. --img_size). An encoder-only "
+                            "checkpoint gets a fresh decoder.")
     model.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
     model.add_argument("--norm_pix_loss", action="store_true",
                        help="Predict per-patch normalised pixels (the paper's better-features setting).")
@@ -80,7 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_defaults(args: argparse.Namespace) -> dict:
-    """Fill data-dependent defaults in ``args`` and return the model config (preset + flag overrides)."""
+    """Fill data-dependent defaults in ``args`` and return the model config (preset or --resume_from_pretrained,
+    then flag overrides)."""
+    explicit_sizes = dict(img_size=args.img_size, patch_size=args.patch_size, in_chans=args.input_channels,
+                          embed_dim=args.encoder_embed_dim, depth=args.encoder_depth, num_heads=args.encoder_num_heads,
+                          mlp_ratio=args.encoder_mlp_ratio, decoder_embed_dim=args.decoder_embed_dim,
+                          decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+                          decoder_mlp_ratio=args.decoder_mlp_ratio)
     args.dataset = default_dataset(args)
     if args.model is None:
         args.model = "mae_vit_tiny_patch4" if args.dataset in SMALL_DATASETS else "mae_vit_base_patch16"
@@ -111,6 +125,10 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         decoder_num_heads=args.decoder_num_heads, decoder_mlp_ratio=args.decoder_mlp_ratio,
         mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, custom_weight_init=args.custom_weight_init,
     )
+    if args.resume_from_pretrained:  # the checkpoint's sizes, then the size flags given explicitly
+        pretrained, _ = read_weights(args.resume_from_pretrained)
+        config.update({key: value for key, value in pretrained.items() if key in SIZE_KEYS})
+        config.update({key: value for key, value in explicit_sizes.items() if value is not None})
     args.img_size, args.input_channels, args.patch_size = config["img_size"], config["in_chans"], config["patch_size"]
     return config
 
@@ -170,7 +188,11 @@ def main(argv=None) -> None:
 
 
 def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
-    model = MaskedAutoencoder(**config)
+    if args.resume_from_pretrained:
+        model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, **config)
+        logger.info("continuing pretraining from %s", args.resume_from_pretrained)
+    else:
+        model = MaskedAutoencoder(**config)
     with accelerator.main_process_first():  # a Hub data set is downloaded once, then read from the cache
         loader, sampler = build_train_loader(args, model.num_patches, accelerator)
         vis_batch = fixed_vis_batch(args, model.num_patches)

@@ -157,3 +157,21 @@ def test_a_corrupt_image_is_skipped_during_a_run(tmp_path):
     rows = read_metrics(tmp_path / "corrupt")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["skipped_images"] == 1
     assert "skipping unreadable image" in result.stderr and "1 unreadable images were skipped" in result.stderr
+
+
+def test_pretraining_continues_from_an_official_checkpoint(tmp_path, fashion_mnist_dir):
+    """--resume_from_pretrained with a facebookresearch/mae-style .pth: the run starts from those weights (at a
+    learning rate of ~0 they come out unchanged) with the checkpoint's sizes, not the preset's."""
+    torch.manual_seed(5)
+    source = MaskedAutoencoder(img_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=2, num_heads=2,
+                               decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    state = {key.removeprefix("encoder."): value for key, value in source.state_dict().items()}
+    torch.save({"model": state, "epoch": 10}, tmp_path / "checkpoint-10.pth")
+    run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "continued",
+               "--resume_from_pretrained", tmp_path / "checkpoint-10.pth", "--encoder_num_heads", 2,
+               "--decoder_num_heads", 2, "--max_train_steps", 1, "--max_samples", 64, "--per_gpu_batch_size", 32,
+               "--base_learning_rate", 1e-12, "--log_with", "none")
+    continued = MaskedAutoencoder.from_pretrained(tmp_path / "continued" / "final")
+    assert continued.encoder.embed_dim == 64 and len(continued.decoder_blocks) == 1
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(continued.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
