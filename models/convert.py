@@ -142,7 +142,9 @@ def read_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
         raise ValueError(f"{weights} looks like a 🤗 transformers checkpoint but has no config.json beside it: "
                          "keep the folder's config.json with the weights")
     if config is not None and "embed_dim" in config:  # this project's save_pretrained folder or checkpoint
-        return Checkpoint(config, {key: value for key, value in state.items()}, "mae-accelerate")
+        if not any(key.startswith("encoder.") for key in state):  # a VisionTransformer's: canonical MAE naming
+            state = {f"encoder.{key}": value for key, value in state.items()}
+        return finish(Checkpoint(dict(config), state, "mae-accelerate"))
     if "blocks.0.attn.qkv.weight" in state or "encoder.blocks.0.attn.qkv.weight" in state:
         return from_timm_layout(state)
     raise ValueError(f"{weights}: unknown checkpoint layout (first keys: {', '.join(list(state)[:4])}): expected this "
@@ -237,7 +239,7 @@ def finish(checkpoint: Checkpoint) -> Checkpoint:
                                 "MAE's decoder uses: they are replaced by sin-cos")
     pos_embed = state.get("encoder.pos_embed")
     if pos_embed is not None:
-        if is_sincos(pos_embed):
+        if is_sincos(pos_embed) and not checkpoint.config.get("learned_pos_embed"):
             del state["encoder.pos_embed"]
         else:
             checkpoint.config["learned_pos_embed"] = True

@@ -142,3 +142,30 @@ def test_other_architecture_and_unsafe_files_are_refused_in_one_line(tmp_path):
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
     with pytest.raises(ValueError, match="unknown checkpoint layout"):
         read_checkpoint(tmp_path / "odd.safetensors")
+
+
+def test_convert_checkpoint_script_round_trips(tmp_path):
+    import convert_checkpoint
+
+    torch.manual_seed(6)
+    ours = MaskedAutoencoder(**TINY, norm_pix_loss=True).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "transformers", "--dst", str(tmp_path / "hf")])
+    assert_same_mae_outputs(transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval(), ours)
+    convert_checkpoint.main(["--src", str(tmp_path / "hf"), "--to", "ours", "--dst", str(tmp_path / "back")])
+    back = MaskedAutoencoder.from_pretrained(tmp_path / "back")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+    convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "timm", "--dst", str(tmp_path / "timm")])
+    timm_config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    theirs = timm.create_model(timm_config["architecture"], pretrained=True, **timm_config["model_args"],
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "timm" / "model.safetensors"))).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_features(images), ours.encoder.forward_features(images),
+                                   rtol=0, atol=1e-5)
+    convert_checkpoint.main(["--src", str(tmp_path / "timm" / "model.safetensors"), "--to", "ours", "--dst",
+                             str(tmp_path / "vit"), "--num_heads", "2"])
+    vit = VisionTransformer.from_pretrained(tmp_path / "vit")
+    torch.testing.assert_close(vit.forward_features(images), ours.encoder.forward_features(images), rtol=0, atol=1e-6)
