@@ -28,6 +28,7 @@ from utils.data import (
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
 )
 from utils.errors import UserError, run_cli
+from utils.hub import push_run
 from utils.metrics import topk_accuracy
 from utils.optim import param_groups_layer_decay
 from utils.run import (
@@ -467,12 +468,13 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
         result = run_eval()
     save_final_weights(accelerator, model, run_dir.final)
-    write_results(run_dir, args, result, state, accelerator)
+    summary = write_results(run_dir, args, result, state, accelerator)
+    push_run(accelerator, args, run_dir.root, "classification", summary or {})
 
 
-def write_results(run_dir: RunDir, args, result: dict, state: dict, accelerator) -> None:
+def write_results(run_dir: RunDir, args, result: dict, state: dict, accelerator) -> dict | None:
     if not accelerator.is_main_process:
-        return
+        return None
     best_top1 = max(state["best_top1"], result["top1"])
     summary = {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1,
                "best_top5": max(state.get("best_top5", 0.0), result["top5"]),
@@ -480,6 +482,7 @@ def write_results(run_dir: RunDir, args, result: dict, state: dict, accelerator)
     (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     logger.info("results: top-1 %.2f%% (best %.2f%%), top-5 %.2f%%; written to %s", summary["top1"], best_top1,
                 summary["top5"], run_dir.root / "results.json")
+    return summary
 
 
 if __name__ == "__main__":

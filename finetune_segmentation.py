@@ -29,6 +29,7 @@ from models.weights import encoder_state, load_encoder, read_weights
 from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
 from utils.errors import UserError, run_cli
+from utils.hub import push_run
 from utils.metrics import SegmentationMetric
 from utils.optim import param_groups_layer_decay
 from utils.run import (
@@ -403,6 +404,8 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
         logger.info("results: mIoU %.2f%%, pixel accuracy %.2f%%; written to %s", summary["mIoU"],
                     summary["pixel_acc"], run_dir.root / "results.json")
+        pictures = sorted((run_dir.root / "predictions").glob("step_*.png"))
+        push_run(accelerator, args, run_dir.root, "segmentation", summary, pictures[-1] if pictures else None)
 
 
 if __name__ == "__main__":

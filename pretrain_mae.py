@@ -9,6 +9,7 @@ reconstructions/, metrics.jsonl and args.json.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
@@ -28,6 +29,7 @@ from utils.data import (
 )
 from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
 from utils.errors import UserError, run_cli
+from utils.hub import push_run
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
     MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
@@ -294,6 +296,9 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
                                    math.ceil(step / steps_per_epoch))
     logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
+    if args.push_to_hub and accelerator.is_main_process:
+        rows = run_dir.metrics.read_text().splitlines() if run_dir.metrics.exists() else []
+        push_run(accelerator, args, run_dir.root, "pretraining", json.loads(rows[-1]) if rows else {}, picture)
     if skipped_images:
         logger.warning("%d unreadable images were skipped", skipped_images)
 

@@ -15,6 +15,7 @@ from accelerate.utils import ProjectConfiguration
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .hub import add_hub_args, check_hub_args
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                      help="Experiment tracker (metrics.jsonl is always written).")
     run.add_argument("--log_wandb", action="store_true", help="Shorthand for --log_with wandb.")
     run.add_argument("--wandb_project", type=str, default="mae-accelerate", help="wandb project name.")
+    add_hub_args(parser)
 
 
 def add_data_args(parser: argparse.ArgumentParser, folder_help: str, built_in: str = "fashion_mnist (built in), "
@@ -129,6 +131,7 @@ def launched_on_cpu_only() -> bool:
 
 def build_accelerator(args, run_dir: RunDir) -> Accelerator:
     """One Accelerator per run: precision from the flag or the accelerate config, trackers from --log_with."""
+    check_hub_args(args)
     if args.per_gpu_batch_size % args.gradient_accumulation_steps:
         raise UserError(f"--per_gpu_batch_size {args.per_gpu_batch_size} is not divisible by "
                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: choose a multiple")
