@@ -8,8 +8,9 @@ dicts); the output is safetensors plus a config.json.
 
 --to ours      MaskedAutoencoder.from_pretrained(dst) (VisionTransformer.from_pretrained without a decoder)
 --to transformers  ViTMAEForPreTraining.from_pretrained(dst) with a decoder, else ViTModel.from_pretrained(dst)
---to timm      timm.create_model(<config.json architecture>, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=dst/model.safetensors), **model_args)
+--to timm      timm.create_model(config["architecture"], pretrained=True,
+                                 pretrained_cfg_overlay=config["pretrained_cfg_overlay"], **config["model_args"])
+               with config = json.load(open(dst/config.json))
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     checkpoint = read_checkpoint(args.src, args.revision)
-    overrides = {key: value for key, value in (("num_heads", args.num_heads), ("decoder_num_heads",
-                 args.decoder_num_heads)) if value is not None}
+    overrides = {"num_heads": args.num_heads}
+    if checkpoint.has_decoder:
+        overrides["decoder_num_heads"] = args.decoder_num_heads
+    overrides = {key: value for key, value in overrides.items() if value is not None}
     checkpoint.config.update(overrides)
     dst = Path(args.dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -58,8 +61,8 @@ def main(argv=None) -> None:
         load_pretrained(cls, args.src, args.revision, **overrides).save_pretrained(dst)
         usage = f"{cls.__name__}.from_pretrained({str(dst)!r})"
     elif args.to == "transformers":
-        if checkpoint.num_classes or "encoder.fc_norm.weight" in checkpoint.state:
-            logger.warning("the classifier head / fc_norm have no place in ViTModel: only the encoder is written")
+        if checkpoint.num_classes:
+            logger.warning("ViTModel has no classifier head: only the encoder is written")
         hf_config, state = to_transformers(checkpoint.config, checkpoint.state)
         (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -73,10 +76,14 @@ def main(argv=None) -> None:
                           mlp_ratio=config.get("mlp_ratio", 4.0), num_classes=checkpoint.num_classes,
                           global_pool="avg" if config.get("global_pool") else "token")
         architecture = TIMM_ARCHITECTURES.get((config["embed_dim"], config["depth"]), "vit_base_patch16_224")
+        # timm drops a head whose size differs from the named architecture's pretrained config (1000 classes)
+        # and then loads non-strictly: the overlay gives it the right class count, so every tensor loads.
+        overlay = {"file": str(dst / "model.safetensors"), "num_classes": checkpoint.num_classes}
         save_file(to_timm(config, checkpoint.state), str(dst / "model.safetensors"), metadata={"format": "pt"})
-        (dst / "config.json").write_text(json.dumps({"architecture": architecture, "model_args": model_args}, indent=2))
-        usage = (f"timm.create_model({architecture!r}, pretrained=True, pretrained_cfg_overlay=dict(file="
-                 f"{str(dst / 'model.safetensors')!r}), **model_args from config.json)")
+        (dst / "config.json").write_text(json.dumps({"architecture": architecture, "model_args": model_args,
+                                                     "pretrained_cfg_overlay": overlay}, indent=2))
+        usage = (f"timm.create_model({architecture!r}, pretrained=True, pretrained_cfg_overlay=<config.json's>, "
+                 "**<config.json's model_args>)")
     logger.info("%s (%s) -> %s: load with %s", args.src, checkpoint.source_format, dst, usage)
 
 

@@ -8,6 +8,7 @@ model classes never see another format. ``.pth`` / ``.bin`` files are read with 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -69,15 +70,16 @@ class Checkpoint:
 
     @property
     def num_classes(self) -> int:
-        head = self.state.get("encoder.head.weight")
+        head = self.state.get("encoder.head.weight", self.state.get("encoder.head.1.weight"))  # linear / probe head
         return 0 if head is None else head.shape[0]
 
 
 # --------------------------------------------------------------------------------------------- reading files
 def torch_load(path: Path) -> dict:
     """A ``.pth``/``.bin`` file, read safely (tensors and plain containers only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # facebookresearch/mae's training checkpoints also hold an argparse.Namespace: allowed, nothing else
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"cannot read {path} with torch.load(weights_only=True) ({type(error).__name__}): it holds "
                          "more than tensors (e.g. pickled objects); convert it to safetensors where it was made") from None
@@ -98,21 +100,26 @@ def locate(source: str | Path, revision: str | None = None) -> tuple[Path | None
                                  ".safetensors/.pth file")
             weights = candidates[0]
         return ((path / "config.json") if (path / "config.json").exists() else None), weights
-    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")) or path.parent.is_dir():
         raise ValueError(f"no weights at {source}: pass a run's final/ or checkpoints/step_* folder, a weights file "
                          "or a 🤗 Hub repo id (user/name)")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
-    try:
-        config = Path(hf_hub_download(str(source), "config.json", revision=revision))
-    except EntryNotFoundError:
-        config = None
-    for name in WEIGHT_FILES:
+    def download(name: str) -> Path | None:
         try:
-            return config, Path(hf_hub_download(str(source), name, revision=revision))
+            return Path(hf_hub_download(str(source), name, revision=revision))
         except EntryNotFoundError:
-            continue
+            return None
+        except Exception as error:  # unknown repo or revision, no connection, gated repo without a token
+            raise ValueError(f"cannot download {name} from the 🤗 Hub repo {source}"
+                             f"{f' at revision {revision}' if revision else ''} ({type(error).__name__}): check the "
+                             "name and revision, your connection, or log in (hf auth login) for a private repo") from None
+
+    config = download("config.json")
+    for name in WEIGHT_FILES:
+        if (weights := download(name)) is not None:
+            return config, weights
     raise ValueError(f"the Hub repo {source} has no model.safetensors or pytorch_model.bin")
 
 
@@ -138,6 +145,9 @@ def read_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
     state = read_state(weights)
     if config is not None and config.get("model_type") in ("vit_mae", "vit"):
         return from_transformers(config, state)
+    if config is not None and "model_type" in config:
+        raise ValueError(f"{source} is a 🤗 transformers {config['model_type']!r} model: only ViTMAE ('vit_mae') and "
+                         "ViT ('vit') checkpoints map onto this project's models")
     if any(key.startswith(("vit.", "embeddings.", "decoder.decoder_")) for key in state):
         raise ValueError(f"{weights} looks like a 🤗 transformers checkpoint but has no config.json beside it: "
                          "keep the folder's config.json with the weights")
@@ -164,6 +174,7 @@ def from_timm_layout(state: dict[str, torch.Tensor]) -> Checkpoint:
 def from_transformers(config: dict, state: dict[str, torch.Tensor]) -> Checkpoint:
     ours: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, int], dict] = {}
+    pooler = False
     for key, value in state.items():
         key = key.removeprefix("vit.")  # ViTMAEForPreTraining / ViTForImageClassification nest the ViT there
         if match := HF_ENCODER_BLOCK.match(key):
@@ -180,7 +191,9 @@ def from_transformers(config: dict, state: dict[str, torch.Tensor]) -> Checkpoin
                 ours[f"unknown.{key}"] = value
         elif key in HF_OTHER:
             ours[HF_OTHER[key]] = value
-        elif not key.startswith("pooler."):  # ViTModel's pooler (dense + tanh) has no counterpart
+        elif key.startswith("pooler."):  # ViTModel's pooler (dense + tanh) has no counterpart
+            pooler = True
+        else:
             ours[f"unknown.{key}"] = value
     for (prefix, kind), parts in qkv.items():
         ours[f"{prefix}.attn.qkv.{kind}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
@@ -199,7 +212,8 @@ def from_transformers(config: dict, state: dict[str, torch.Tensor]) -> Checkpoin
                           mask_ratio=config.get("mask_ratio", 0.75), norm_pix_loss=config.get("norm_pix_loss", False))
     if isinstance(image_size := mae_config["img_size"], (list, tuple)):
         mae_config["img_size"] = image_size[0]
-    return finish(Checkpoint(mae_config, ours, "transformers"))
+    notes = ["ViTModel's pooler (dense + tanh) has no counterpart here and is not loaded"] if pooler else []
+    return finish(Checkpoint(mae_config, ours, "transformers", notes))
 
 
 def shape_config(state: dict[str, torch.Tensor]) -> dict:
@@ -207,6 +221,10 @@ def shape_config(state: dict[str, torch.Tensor]) -> dict:
     embed_dim = state["encoder.cls_token"].shape[-1]
     proj = state["encoder.patch_embed.proj.weight"]
     depth = 1 + max(int(key.split(".")[2]) for key in state if key.startswith("encoder.blocks."))
+    if embed_dim not in HEADS_BY_WIDTH:
+        logger.warning("the checkpoint does not say how many attention heads it has: %d assumed from the width %d "
+                       "(pass num_heads= / --num_heads if that is wrong: outputs would be wrong)",
+                       max(1, embed_dim // 64), embed_dim)
     config = dict(patch_size=proj.shape[-1], in_chans=proj.shape[1], embed_dim=embed_dim, depth=depth,
                   num_heads=HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64)),
                   mlp_ratio=state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, img_size=224)
@@ -245,6 +263,8 @@ def finish(checkpoint: Checkpoint) -> Checkpoint:
             checkpoint.config["learned_pos_embed"] = True
     if "encoder.fc_norm.weight" in state:
         checkpoint.config["global_pool"] = True
+    if "encoder.head.1.weight" in state:  # BatchNorm (no affine) + linear: MAE's linear-probe head
+        checkpoint.config["head_type"] = "linear_probe"
     return checkpoint
 
 
@@ -262,6 +282,9 @@ def to_transformers(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict,
     (``ViTMAEForPreTraining`` with a decoder, ``ViTModel`` without), in the 4.x key spelling that every
     transformers version reads."""
     has_decoder = any(key.startswith("decoder_") for key in state)
+    if "encoder.fc_norm.weight" in state or "encoder.norm.weight" not in state:
+        raise ValueError("a global-pool classifier (fc_norm after mean pooling, no final norm) has no ViTModel "
+                         "equivalent: export it to timm (--to timm), or export its pretrained encoder")
     prefix = "vit." if has_decoder else ""
     grid = config["img_size"] // config["patch_size"]
     out: dict[str, torch.Tensor] = {}
@@ -328,11 +351,17 @@ def load_pretrained(cls, source: str | Path, revision: str | None = None, **over
     config = {key: value for key, value in checkpoint.config.items() if key in params}
     state = dict(checkpoint.state)
     notes = [f"{source}: {note}" for note in checkpoint.notes]
+    unknown = [key for key in state if not key.startswith(("encoder.", "decoder_", "mask_token"))]
+    if unknown:
+        raise ValueError(f"{source}: tensors that map onto nothing in this project's models: "
+                         f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
     if issubclass(cls, MaskedAutoencoder):
-        config.pop("global_pool", None)
+        for key in ("global_pool", "head_type"):
+            config.pop(key, None)
         dropped = [key for key in state if key.startswith(("encoder.head.", "encoder.fc_norm."))]
-        for key in dropped:
-            del state[key]
+        if dropped:
+            notes.append(f"{source}: the classifier's head / fc_norm are not part of an MAE and are not loaded")
+        state = {key: value for key, value in state.items() if key not in dropped}
         new_ok: tuple[str, ...] = ()
         if not checkpoint.has_decoder:
             new_ok = ("decoder_", "mask_token")
@@ -341,16 +370,23 @@ def load_pretrained(cls, source: str | Path, revision: str | None = None, **over
             new_ok += ("encoder.norm.",)
             notes.append(f"{source}: no final encoder norm in the checkpoint (a global-pool classifier): "
                          "it is freshly initialised")
+        unused_ok: tuple[str, ...] = ()
     else:
         if checkpoint.has_decoder:
             notes.append(f"{source}: the MAE decoder is not part of a VisionTransformer and is not loaded")
         state = {key[len("encoder."):]: value for key, value in state.items() if key.startswith("encoder.")}
-        if "head_type" not in config and checkpoint.num_classes:
-            config["num_classes"] = checkpoint.num_classes
-        new_ok = ()
+        config["num_classes"] = checkpoint.num_classes
+        new_ok, unused_ok = (), ()
+        head_change = {key: value for key, value in overrides.items()
+                       if key in ("num_classes", "global_pool", "head_type") and value != config.get(key)}
+        if head_change:  # a new head (and pooling) on the checkpoint's encoder
+            state = {key: value for key, value in state.items() if not key.startswith("head.")}
+            new_ok, unused_ok = ("head.", "fc_norm."), ("norm.", "fc_norm.")
+            notes.append(f"{source}: new head ({', '.join(f'{k}={v}' for k, v in head_change.items())}): "
+                         "the checkpoint's head is not loaded")
     config.update({key: value for key, value in overrides.items() if value is not None})
     model = cls(**config)
-    load_encoder(model, state, new_ok=new_ok, unused_ok=())  # (interpolates learned position embeddings if needed)
+    load_encoder(model, state, new_ok=new_ok, unused_ok=unused_ok)  # (interpolates learned position embeddings)
     for note in notes:
         logger.warning(note)
     return model

@@ -66,6 +66,7 @@ def load_encoder(model: torch.nn.Module, state: dict[str, torch.Tensor],
     extra = [k for k in report.unused if not k.startswith(unused_ok)]
     if missing or extra:
         raise ValueError(f"the checkpoint is of another architecture: missing {', '.join(missing[:4]) or 'nothing'}, "
-                         f"unexpected {', '.join(extra[:4]) or 'nothing'}: build the model with the checkpoint's depth")
+                         f"unexpected {', '.join(extra[:4]) or 'nothing'}: build the model with the checkpoint's sizes and layout "
+                         "(depth, head, pooling)")
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report

@@ -47,6 +47,32 @@ def test_transformers_vitmae_loads_exactly(tmp_path):
     assert_same_mae_outputs(theirs, ours)
 
 
+@pytest.mark.parametrize("spelling", ["saved by transformers 5", "transformers 5 module names"])
+def test_transformers_key_spellings_load_exactly(tmp_path, spelling):
+    theirs = hf_mae()
+    hub_folder = tmp_path / "hf"
+    theirs.save_pretrained(hub_folder)
+    if spelling == "transformers 5 module names":  # vit.layers.N.attention.q_proj, decoder.decoder_layers.N...
+        save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(hub_folder / "model.safetensors"))
+        assert any(".q_proj." in key for key in theirs.state_dict())
+    assert_same_mae_outputs(theirs, MaskedAutoencoder.from_pretrained(hub_folder))
+
+
+def test_transformers_vit_classifier_into_vision_transformer(tmp_path):
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                    image_size=32, patch_size=8, num_labels=4)
+    torch.manual_seed(7)
+    theirs = transformers.ViTForImageClassification(config).eval()
+    theirs.save_pretrained(tmp_path / "vit")
+    ours = VisionTransformer.from_pretrained(tmp_path / "vit").eval()
+    assert ours.head.out_features == 4 and ours.pos_embed.requires_grad  # their position embeddings are learned
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(pixel_values=images).logits, rtol=0, atol=1e-5)
+    rehead = VisionTransformer.from_pretrained(tmp_path / "vit", num_classes=10, global_pool=True)
+    assert rehead.head.out_features == 10 and torch.equal(rehead.blocks[1].mlp.fc1.weight, ours.blocks[1].mlp.fc1.weight)
+
+
 def test_export_to_transformers_round_trips(tmp_path):
     torch.manual_seed(1)
     ours = MaskedAutoencoder(**TINY, norm_pix_loss=True).eval()
@@ -108,6 +134,25 @@ def test_timm_features_equal(tmp_path, suffix):
         torch.testing.assert_close(ours(images), theirs(images), rtol=0, atol=1e-5)
 
 
+def test_classifiers_export_to_timm_with_their_head_and_global_pool_ones_refuse_vit_model(tmp_path):
+    import convert_checkpoint
+
+    torch.manual_seed(8)
+    classifier = VisionTransformer(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                                   num_classes=5, global_pool=True).eval()
+    torch.nn.init.normal_(classifier.head.weight)  # (a fresh head is ~0: make the logits tell)
+    classifier.save_pretrained(tmp_path / "ours")
+    convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "timm", "--dst", str(tmp_path / "timm")])
+    exported = json.loads((tmp_path / "timm" / "config.json").read_text())
+    theirs = timm.create_model(exported["architecture"], pretrained=True, **exported["model_args"],
+                               pretrained_cfg_overlay=exported["pretrained_cfg_overlay"]).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(images), classifier(images), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="global-pool classifier .* has no ViTModel equivalent"):
+        convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "transformers", "--dst", str(tmp_path / "x")])
+
+
 def test_export_to_timm_loads_in_timm(tmp_path):
     torch.manual_seed(4)
     ours = VisionTransformer(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
@@ -139,6 +184,11 @@ def test_other_architecture_and_unsafe_files_are_refused_in_one_line(tmp_path):
     torch.save({"model": {"weights": logging.getLogger("x")}}, tmp_path / "pickled.pth")  # not just tensors
     with pytest.raises(ValueError, match="weights_only=True"):
         read_checkpoint(tmp_path / "pickled.pth")
+    with_extra = {k: v.contiguous() for k, v in theirs.state_dict().items()}
+    with_extra["dist_token"] = torch.zeros(1, 1, 32)  # a DeiT tensor: nothing here to put it in
+    save_file(with_extra, str(tmp_path / "deit.safetensors"))
+    with pytest.raises(ValueError, match="unexpected dist_token"):
+        VisionTransformer.from_pretrained(tmp_path / "deit.safetensors", num_heads=2)
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
     with pytest.raises(ValueError, match="unknown checkpoint layout"):
         read_checkpoint(tmp_path / "odd.safetensors")

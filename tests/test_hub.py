@@ -41,7 +41,7 @@ def test_push_to_hub_prepares_the_folder_and_survives_a_failed_upload(tmp_path, 
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                        "pretraining_samples.png"]
     assert 'MaskedAutoencoder.from_pretrained("someone/tiny-mae")' in (folder / "README.md").read_text()
-    assert "upload to someone/tiny-mae failed" in result.stderr and "huggingface-cli upload" in result.stderr
+    assert "upload to someone/tiny-mae failed" in result.stderr and "retry with: hf upload someone/tiny-mae" in result.stderr
 
 
 def test_push_to_hub_without_a_repo_is_a_one_line_error(tmp_path):

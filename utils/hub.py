@@ -38,6 +38,11 @@ def check_hub_args(args) -> None:
 def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str | None) -> str:
     """The README.md of the uploaded repo: what it is, how to load it, its metrics and training arguments."""
     what, model_class = USAGE[kind]
+    revision = f", revision=\"{args['hub_revision']}\"" if args.get("hub_revision") else ""
+    # local paths say nothing to a reader of the card (and may say too much): their last part only
+    args = {key: (Path(str(value)).name if value and (key.startswith(("path_to", "resume_from"))
+                                                      or key == "working_directory") else value)
+            for key, value in args.items()}
     lines = ["---", "library_name: mae-accelerate", "tags:", "- mae", "- vision-transformer", f"- {kind}",
              "pipeline_tag: " + {"pretraining": "image-feature-extraction", "classification": "image-classification",
                                  "segmentation": "image-segmentation"}[kind], "---", "",
@@ -46,7 +51,7 @@ def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str 
              f"{' (' + str(args.get('path_to_data')) + ')' if args.get('path_to_data') else ''}.", "",
              "## Usage", "", "```python", "# in a checkout of mae-accelerate",
              f"from models import {model_class}" if model_class != "ViTUperNet" else "from models.upernet import ViTUperNet",
-             f"model = {model_class}.from_pretrained(\"{repo_id}\")", "```", ""]
+             f"model = {model_class}.from_pretrained(\"{repo_id}\"{revision})", "```", ""]
     shown = {key: results[key] for key in RESULT_KEYS if isinstance(results.get(key), (int, float))}
     if shown:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
@@ -90,6 +95,6 @@ def push_run(accelerator, args, run_root: Path, kind: str, results: dict, pictur
                           commit_message=f"Upload {kind} weights from mae-accelerate")
         logger.info("uploaded %s to https://huggingface.co/%s", folder, args.hub_model_id)
     except Exception as error:  # the weights are safe on disk: say how to retry rather than crash
-        logger.error("upload to %s failed (%s: %s); the folder is ready: huggingface-cli upload %s %s",
-                     args.hub_model_id, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
-                     args.hub_model_id, folder)
+        retry = f"hf upload {args.hub_model_id} {folder}" + (f" --revision {args.hub_revision}" if args.hub_revision else "")
+        logger.error("upload to %s failed (%s: %s); the folder is ready, retry with: %s", args.hub_model_id,
+                     type(error).__name__, str(error).splitlines()[0] if str(error) else "", retry)
