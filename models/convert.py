@@ -85,7 +85,7 @@ def torch_load(path: Path) -> dict:
                          "more than tensors (e.g. pickled objects); convert it to safetensors where it was made") from None
 
 
-def locate(source: str | Path, revision: str | None = None) -> tuple[Path | None, Path]:
+def locate(source: str | Path, revision: str | None = None, token: str | bool | None = None) -> tuple[Path | None, Path]:
     """(config.json or None, weights file) of a local folder, a local file or a 🤗 Hub repo (downloaded)."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -108,7 +108,7 @@ def locate(source: str | Path, revision: str | None = None) -> tuple[Path | None
 
     def download(name: str) -> Path | None:
         try:
-            return Path(hf_hub_download(str(source), name, revision=revision))
+            return Path(hf_hub_download(str(source), name, revision=revision, token=token))
         except EntryNotFoundError:
             return None
         except Exception as error:  # unknown repo or revision, no connection, gated repo without a token
@@ -138,9 +138,9 @@ def read_state(weights: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- to our form
-def read_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
+def read_checkpoint(source: str | Path, revision: str | None = None, token: str | bool | None = None) -> Checkpoint:
     """Any supported checkpoint -> :class:`Checkpoint` (format detected from the config and the key names)."""
-    config_file, weights = locate(source, revision)
+    config_file, weights = locate(source, revision, token)
     config = json.loads(config_file.read_text()) if config_file else None
     state = read_state(weights)
     if config is not None and config.get("model_type") in ("vit_mae", "vit"):
@@ -313,7 +313,8 @@ def to_transformers(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict,
         "model_type": "vit_mae" if has_decoder else "vit",
         "architectures": ["ViTMAEForPreTraining" if has_decoder else "ViTModel"],
         "hidden_size": config["embed_dim"], "num_hidden_layers": config["depth"],
-        "num_attention_heads": config["num_heads"], "intermediate_size": int(config["embed_dim"] * config.get("mlp_ratio", 4.0)),
+        "num_attention_heads": config["num_heads"],
+        "intermediate_size": int(config["embed_dim"] * config.get("mlp_ratio", 4.0)),
         "hidden_act": "gelu", "layer_norm_eps": config.get("layer_norm_eps", 1e-6), "image_size": config["img_size"],
         "patch_size": config["patch_size"], "num_channels": config["in_chans"], "qkv_bias": True,
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
@@ -337,7 +338,8 @@ def to_timm(config: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 # --------------------------------------------------------------------------------------------- into a model
-def load_pretrained(cls, source: str | Path, revision: str | None = None, **overrides):
+def load_pretrained(cls, source: str | Path, revision: str | None = None, token: str | bool | None = None,
+                    **overrides):
     """``cls`` (MaskedAutoencoder or VisionTransformer) built with the checkpoint's sizes (``overrides`` win, e.g.
     ``img_size``) and loaded strictly: a missing or unexpected tensor, or a shape of another architecture, is a
     one-line error; each adaptation (fresh decoder, interpolated position embeddings) is logged in one line."""
@@ -346,7 +348,7 @@ def load_pretrained(cls, source: str | Path, revision: str | None = None, **over
     from .mae import MaskedAutoencoder
     from .weights import load_encoder
 
-    checkpoint = read_checkpoint(source, revision)
+    checkpoint = read_checkpoint(source, revision, token)
     params = inspect.signature(cls.__init__).parameters
     config = {key: value for key, value in checkpoint.config.items() if key in params}
     state = dict(checkpoint.state)

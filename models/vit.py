@@ -50,12 +50,13 @@ class ConvertingHubMixin(StrictHubMixin):
     weights (the format is detected; conversion happens in ``models/convert.py``, never in the model)."""
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, **overrides):
-        """A folder, a weights file or a 🤗 Hub repo id (``user/name``, at ``revision``); keyword arguments
-        override the checkpoint's config (e.g. ``img_size``: learned position embeddings are interpolated)."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None,
+                        token: str | bool | None = None, **overrides):
+        """A folder, a weights file or a 🤗 Hub repo id (``user/name``, at ``revision``, ``token`` for private
+        repos); keyword arguments override the checkpoint's config (e.g. ``img_size``, ``num_classes``)."""
         from .convert import load_pretrained  # lazily: convert imports this module
 
-        return load_pretrained(cls, pretrained_model_name_or_path, revision=revision, **overrides)
+        return load_pretrained(cls, pretrained_model_name_or_path, revision=revision, token=token, **overrides)
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:

@@ -50,7 +50,7 @@ def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str 
              f"{what} with mae-accelerate on `{args.get('dataset')}`"
              f"{' (' + str(args.get('path_to_data')) + ')' if args.get('path_to_data') else ''}.", "",
              "## Usage", "", "```python", "# in a checkout of mae-accelerate",
-             f"from models import {model_class}" if model_class != "ViTUperNet" else "from models.upernet import ViTUperNet",
+             "from models.upernet import ViTUperNet" if model_class == "ViTUperNet" else f"from models import {model_class}",
              f"model = {model_class}.from_pretrained(\"{repo_id}\"{revision})", "```", ""]
     shown = {key: results[key] for key in RESULT_KEYS if isinstance(results.get(key), (int, float))}
     if shown:
@@ -95,6 +95,7 @@ def push_run(accelerator, args, run_root: Path, kind: str, results: dict, pictur
                           commit_message=f"Upload {kind} weights from mae-accelerate")
         logger.info("uploaded %s to https://huggingface.co/%s", folder, args.hub_model_id)
     except Exception as error:  # the weights are safe on disk: say how to retry rather than crash
-        retry = f"hf upload {args.hub_model_id} {folder}" + (f" --revision {args.hub_revision}" if args.hub_revision else "")
+        retry = f"hf upload {args.hub_model_id} {folder}"
+        retry += f" --revision {args.hub_revision}" if args.hub_revision else ""
         logger.error("upload to %s failed (%s: %s); the folder is ready, retry with: %s", args.hub_model_id,
                      type(error).__name__, str(error).splitlines()[0] if str(error) else "", retry)
