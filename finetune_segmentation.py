@@ -294,8 +294,13 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         logger.info("pretrained backbone: %s", report.summary())
         if accelerator.is_main_process:
             (run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+    sync_bn = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # a few crops per GPU: BN statistics over all
+    micro_batch = args.per_gpu_batch_size // args.gradient_accumulation_steps
+    if micro_batch * (accelerator.num_processes if sync_bn else 1) < 2:
+        raise UserError(f"micro-batches of {micro_batch} crop: the heads' BatchNorm needs at least 2 per step (or "
+                        "SyncBatchNorm across GPUs): raise --per_gpu_batch_size or lower --gradient_accumulation_steps")
     model.to(accelerator.device)
 
     sampler = StepBatchSampler(len(train_samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,

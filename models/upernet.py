@@ -131,6 +131,8 @@ class ViTUperNet(nn.Module, StrictHubMixin):
         aux_channels: int = 256,
         pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6),
         drop_path_rate: float = 0.0,
+        learned_pos_embed: bool = False,
+        layer_norm_eps: float = 1e-6,
     ):
         super().__init__()
         if patch_size % 4:
@@ -144,7 +146,8 @@ class ViTUperNet(nn.Module, StrictHubMixin):
                              f"got {indices}")
         self.num_classes = num_classes
         self.backbone = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
-                                          num_classes=0, global_pool=True, drop_path_rate=drop_path_rate)
+                                          num_classes=0, global_pool=True, drop_path_rate=drop_path_rate,
+                                          learned_pos_embed=learned_pos_embed, layer_norm_eps=layer_norm_eps)
         self.backbone.fc_norm = nn.Identity()  # (global_pool=True already dropped the final norm)
         channels = decoder_channels or embed_dim
         self.neck = FeaturePyramidNeck(embed_dim)

@@ -144,3 +144,25 @@ def test_sliding_window_inference_covers_the_image_exactly(height, width):
     torch.manual_seed(0)
     model, images = PixelwiseModel(), torch.randn(2, 3, height, width)
     torch.testing.assert_close(predict(model, images, crop=32, stride=21), model(images).logits)
+
+
+def test_backbone_from_a_transformers_vitmae_with_learned_position_embeddings(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8, decoder_hidden_size=16,
+                                       decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                       decoder_intermediate_size=32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        source = transformers.ViTMAEForPreTraining(config)
+        source.vit.embeddings.position_embeddings.normal_()  # not sin-cos: kept as learned embeddings
+    source.save_pretrained(tmp_path / "hf")
+    pretrained_config, weights = read_weights(tmp_path / "hf")
+    from models import encoder_config
+
+    backbone_config = {**encoder_config(pretrained_config), "img_size": 64}  # segmentation crops are larger
+    model = ViTUperNet(num_classes=3, **backbone_config, decoder_channels=8, aux_channels=0)
+    report = load_encoder(model.backbone, encoder_state(weights), new_ok=(), unused_ok=("norm.",))
+    assert report.new == [] and model.backbone.pos_embed.shape == (1, 65, 32)  # 4x4 grid interpolated to 8x8
+    assert model.backbone.blocks[0].norm1.eps == 1e-12
+    assert model(torch.randn(2, 3, 64, 64)).logits.shape == (2, 3, 64, 64)
