@@ -219,3 +219,17 @@ def test_convert_checkpoint_script_round_trips(tmp_path):
                              str(tmp_path / "vit"), "--num_heads", "2"])
     vit = VisionTransformer.from_pretrained(tmp_path / "vit")
     torch.testing.assert_close(vit.forward_features(images), ours.encoder.forward_features(images), rtol=0, atol=1e-6)
+
+
+def test_encoder_export_loads_as_transformers_vit_model(tmp_path):
+    import convert_checkpoint
+
+    torch.manual_seed(9)
+    encoder = VisionTransformer(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2).eval()
+    encoder.save_pretrained(tmp_path / "ours")
+    convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "transformers", "--dst", str(tmp_path / "hf")])
+    theirs = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixel_values=images).last_hidden_state, encoder.forward_features(images),
+                                   rtol=0, atol=1e-5)
