@@ -437,12 +437,13 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             step += 1
             progress.update(1)
             guard.update(skipped, step)
-            if not skipped:  # (a skipped step still checkpoints on schedule below)
-                if ema is not None:
-                    ema.update_parameters(accelerator.unwrap_model(model))
-                loss_sum += step_loss
-                loss_steps += 1
-            if step % args.log_every == 0 and loss_steps:
+            if skipped:  # (the epoch-end evaluation and checkpoint below still happen)
+                continue
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+            loss_sum += step_loss
+            loss_steps += 1
+            if step % args.log_every == 0:
                 progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch:
                 checkpoint_now()  # (at an epoch end the checkpoint waits for the evaluation, below)

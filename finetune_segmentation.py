@@ -377,7 +377,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
                 step += 1
                 progress.update(1)
                 guard.update(skipped, step)
-                if not skipped:  # (a skipped step still evaluates and checkpoints on schedule below)
+                if not skipped:  # (a skipped step still evaluates on schedule below)
                     loss_sum += step_loss
                     loss_steps += 1
                 if step % args.log_every == 0:
@@ -397,7 +397,8 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
                     loss_steps = 0
                     throughput = Throughput()
                 epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
-                if step == total_steps or epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+                scheduled = epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0)
+                if step == total_steps or (scheduled and not skipped):  # the last step always checkpoints
                     checkpoint_now()
     if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
         result = run_eval()

@@ -267,10 +267,11 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             step += 1
             progress.update(1)
             guard.update(skipped, step)
-            if not skipped:  # (a skipped step still checkpoints on schedule below)
-                loss_sum += step_loss
-                logged_steps += 1
-            if logged_steps and (step % args.log_every == 0 or step == total_steps):
+            if skipped:  # no metrics row and no checkpoint for a step whose update was not applied
+                continue
+            loss_sum += step_loss
+            logged_steps += 1
+            if step % args.log_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": (loss_sum / logged_steps).item(),
                        "lr": lr, "grad_norm": float(grad_norm), "images_per_sec": round(throughput.rate(), 2),
                        "skipped_images": count_skipped()}
