@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
+from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
 from utils.checkpoint import (
     resolve_checkpoint, resume_from, save_checkpoint,
@@ -71,6 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "sizes come from it (size flags still override, e.g. --img_size). An encoder-only "
                             "checkpoint gets a fresh decoder.")
     model.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
+    model.add_argument("--mask_strategy", type=str, default="random", choices=MASK_STRATEGIES,
+                       help="random (MAE), block (BEiT-style rectangles) or grid (keep one patch per s x s cell; "
+                            "--mask_ratio must be 1 - 1/s^2, e.g. 0.75).")
+    model.add_argument("--mask_ratio_start", type=float, default=None,
+                       help="Curriculum masking: start at this ratio and move linearly to --mask_ratio over "
+                            "--mask_curriculum_epochs (per optimizer step).")
+    model.add_argument("--mask_curriculum_epochs", type=float, default=0.0,
+                       help="Epochs of the mask-ratio curriculum (0: none).")
     model.add_argument("--norm_pix_loss", action="store_true",
                        help="Predict per-patch normalised pixels (the paper's better-features setting).")
     model.add_argument("--custom_weight_init", action=argparse.BooleanOptionalAction, default=True,
@@ -120,12 +130,20 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
             raise UserError(f"--{flag} must be positive, got {value}")
     if not 0.0 < args.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
+    if args.mask_ratio_start is not None and not 0.0 <= args.mask_ratio_start < 1.0:
+        raise UserError(f"--mask_ratio_start must be in [0, 1), got {args.mask_ratio_start}")
+    if args.mask_strategy == "grid":
+        grid_cell(args.mask_ratio)  # one line naming the ratios a grid can give
+        if args.mask_ratio_start is not None and args.mask_curriculum_epochs > 0:
+            raise UserError("--mask_strategy grid has one ratio per cell size: it cannot follow a curriculum "
+                            "(use random or block with --mask_ratio_start)")
     config = mae_config(
         args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.input_channels,
         embed_dim=args.encoder_embed_dim, depth=args.encoder_depth, num_heads=args.encoder_num_heads,
         mlp_ratio=args.encoder_mlp_ratio, decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads, decoder_mlp_ratio=args.decoder_mlp_ratio,
         mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, custom_weight_init=args.custom_weight_init,
+        mask_strategy=args.mask_strategy,
     )
     if args.resume_from_pretrained:  # the checkpoint's sizes, then the size flags given explicitly
         pretrained, _ = read_weights(args.resume_from_pretrained)
@@ -135,22 +153,33 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
     return config
 
 
-def build_train_loader(args, num_patches: int, accelerator):
+def strategy_noise(args, grid_size: tuple[int, int]):
+    """The per-sample mask noise of --mask_strategy (None: uniform noise, the plain MAE). Block masks are laid out
+    for the largest ratio of the run: a lower curriculum ratio keeps their first blocks."""
+    if args.mask_strategy == "random":
+        return None
+    ratio = max(args.mask_ratio, args.mask_ratio_start or 0.0)
+    return partial(mask_noise, args.mask_strategy, grid_size, ratio)
+
+
+def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accelerator):
     """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler)."""
     base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
                                args.max_samples, args.image_column)
-    samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches)
+    samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches,
+                            strategy_noise(args, grid_size))
     sampler = StepBatchSampler(len(samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
                                accelerator.num_processes, accelerator.process_index, args.seed)
     loader = build_loader(samples, sampler, args.num_workers, accelerator.device)
     return loader, sampler
 
 
-def fixed_vis_batch(args, num_patches: int) -> dict:
+def fixed_vis_batch(args, num_patches: int, grid_size: tuple[int, int]) -> dict:
     """The same validation images and masks for every picture of the run."""
     base = build_image_dataset(args.dataset, args.path_to_data, "val", args.input_channels, args.img_size,
                                args.num_vis_images, args.image_column)
-    samples = SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed, num_patches)
+    samples = SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed, num_patches,
+                            strategy_noise(args, grid_size))
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])
 
 
@@ -196,8 +225,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     else:
         model = MaskedAutoencoder(**config)
     with accelerator.main_process_first():  # a Hub data set is downloaded once, then read from the cache
-        loader, sampler = build_train_loader(args, model.num_patches, accelerator)
-        vis_batch = fixed_vis_batch(args, model.num_patches)
+        loader, sampler = build_train_loader(args, model.num_patches, model.grid_size, accelerator)
+        vis_batch = fixed_vis_batch(args, model.num_patches, model.grid_size)
     normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
 
     steps_per_epoch = sampler.steps_per_epoch
@@ -251,6 +280,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
             set_learning_rate(optimizer, lr)
+            mask_ratio = curriculum_ratio(step, steps_per_epoch, args.mask_ratio, args.mask_ratio_start,
+                                          args.mask_curriculum_epochs)
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(accumulation):
                 batch = move_to_device(next(micro_batches), accelerator.device)
@@ -258,7 +289,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
                 batch, weight = readable_batch(batch, last_batch)
                 last_batch = batch
                 with sync_context(accelerator, model, micro, accumulation):
-                    loss = model(normalize(batch["pixel_values"]), noise=batch["noise"]).loss * weight
+                    loss = model(normalize(batch["pixel_values"]), noise=batch["noise"], mask_ratio=mask_ratio).loss
+                    loss = loss * weight
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
                 throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
@@ -273,7 +305,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             logged_steps += 1
             if step % args.log_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": (loss_sum / logged_steps).item(),
-                       "lr": lr, "grad_norm": float(grad_norm), "images_per_sec": round(throughput.rate(), 2),
+                       "lr": lr, "mask_ratio": mask_ratio, "grad_norm": float(grad_norm),
+                       "images_per_sec": round(throughput.rate(), 2),
                        "skipped_images": count_skipped()}
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .masking import MASK_STRATEGIES, mask_noise
 from .vit import Block, ConvertingHubMixin, VisionTransformer, init_weights_official, sincos_pos_embed_2d
 
 
@@ -82,10 +83,14 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         custom_weight_init: bool = True,
         layer_norm_eps: float = 1e-6,
         learned_pos_embed: bool = False,
+        mask_strategy: str = "random",
     ):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"unknown mask_strategy {mask_strategy!r}: choose one of {', '.join(MASK_STRATEGIES)}")
+        self.mask_strategy = mask_strategy
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.mask_ratio = mask_ratio
@@ -128,6 +133,9 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
     def forward_encoder(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Encode the visible patches: returns tokens (B, 1 + L_keep, D), mask (B, L), restore_ids (B, L)."""
         tokens = self.encoder.embed_patches(images)
+        if noise is None and self.mask_strategy != "random":  # (random: drawn inside random_masking, as in MAE)
+            noise = torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
+                                 for _ in range(images.shape[0])]).to(images.device)
         visible, mask, restore_ids = random_masking(tokens, mask_ratio, noise)
         x = self.encoder.prepend_cls_token(visible)
         for block in self.encoder.blocks:

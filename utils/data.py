@@ -436,8 +436,10 @@ class SeededSamples(Dataset):
     "noise": (num_patches,)}`` or ``None`` for an unreadable image.
     """
 
-    def __init__(self, base: Dataset, transform: Callable, seed: int, num_patches: int = 0):
+    def __init__(self, base: Dataset, transform: Callable, seed: int, num_patches: int = 0,
+                 noise_fn: Callable[[torch.Generator], torch.Tensor] | None = None):
         self.base, self.transform, self.seed, self.num_patches = base, transform, seed, num_patches
+        self.noise_fn = noise_fn  # a mask strategy's noise (models.masking.mask_noise); default uniform
 
     def __len__(self) -> int:
         return len(self.base)
@@ -450,7 +452,9 @@ class SeededSamples(Dataset):
         image, label = item
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         sample = {"pixel_values": self.transform(image, generator), "label": label}
-        if self.num_patches:
+        if self.noise_fn is not None:
+            sample["noise"] = self.noise_fn(generator)
+        elif self.num_patches:
             sample["noise"] = torch.rand(self.num_patches, generator=generator)
         return sample
 
