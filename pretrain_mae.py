@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
+from models.losses import high_frequency_loss, uniformity_loss
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
 from utils.checkpoint import (
@@ -32,6 +33,7 @@ from utils.data import (
 from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
+from utils.metrics import masked_psnr
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
     MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
@@ -47,6 +49,10 @@ logger = logging.getLogger("pretrain_mae")
 PAPER_DEFAULTS = dict(epochs=800, warmup_epochs=40, per_gpu_batch_size=64, base_learning_rate=1.5e-4)
 DEMO_DEFAULTS = dict(epochs=2, warmup_epochs=0.25, per_gpu_batch_size=128, base_learning_rate=1.5e-3)
 SMALL_DATASETS = ("fashion_mnist", "synthetic")
+# Seed 004's "improved MAE" (weights chosen here: the Laplacian term at about the pixel loss's scale on
+# normalised pixels, the uniformity term small enough not to dominate early training).
+IMPROVED = dict(mask_ratio_start=0.5, hf_loss_weight=0.5, uniformity_weight=0.05)
+ORIGINAL = dict(hf_loss_weight=0.0, uniformity_weight=0.0)
 SIZE_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
              "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio", "layer_norm_eps", "learned_pos_embed")
 
@@ -79,8 +85,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--mask_ratio_start", type=float, default=None,
                        help="Curriculum masking: start at this ratio and move linearly to --mask_ratio over "
                             "--mask_curriculum_epochs (per optimizer step).")
-    model.add_argument("--mask_curriculum_epochs", type=float, default=0.0,
-                       help="Epochs of the mask-ratio curriculum (0: none).")
+    model.add_argument("--mask_curriculum_epochs", type=float, default=None,
+                       help="Epochs of the mask-ratio curriculum (default 0: none; 'improved' recipe: a quarter of the run).")
+    model.add_argument("--hf_loss_weight", type=float, default=None,
+                       help="Weight of the Laplacian (high-frequency) loss on the masked patches (default 0; "
+                            f"'improved': {IMPROVED['hf_loss_weight']}).")
+    model.add_argument("--uniformity_weight", type=float, default=None,
+                       help="Weight of the uniformity regulariser on the pooled visible-token embeddings (default 0; "
+                            f"'improved': {IMPROVED['uniformity_weight']}).")
+    model.add_argument("--uniformity_t", type=float, default=2.0, help="Temperature t of the uniformity loss.")
+    model.add_argument("--recipe", type=str, default="original", choices=["original", "improved"],
+                       help="original: the plain MAE; improved: seed 004's variant (curriculum 0.5 -> --mask_ratio "
+                            "over the first quarter of the epochs, Laplacian loss, uniformity); flags still override.")
     model.add_argument("--norm_pix_loss", action="store_true",
                        help="Predict per-patch normalised pixels (the paper's better-features setting).")
     model.add_argument("--custom_weight_init", action=argparse.BooleanOptionalAction, default=True,
@@ -130,6 +146,15 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
             raise UserError(f"--{flag} must be positive, got {value}")
     if not 0.0 < args.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}")
+    variant = IMPROVED if args.recipe == "improved" else ORIGINAL
+    for key, value in variant.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.mask_curriculum_epochs is None:
+        args.mask_curriculum_epochs = args.epochs / 4 if args.recipe == "improved" else 0.0
+    for flag in ("hf_loss_weight", "uniformity_weight", "mask_curriculum_epochs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.mask_ratio_start is not None and not 0.0 <= args.mask_ratio_start < 1.0:
         raise UserError(f"--mask_ratio_start must be in [0, 1), got {args.mask_ratio_start}")
     if args.mask_strategy == "grid":
@@ -151,6 +176,18 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         config.update({key: value for key, value in explicit_sizes.items() if value is not None})
     args.img_size, args.input_channels, args.patch_size = config["img_size"], config["in_chans"], config["patch_size"]
     return config
+
+
+def extra_loss_terms(args, mae: MaskedAutoencoder, images: torch.Tensor, output) -> dict[str, torch.Tensor]:
+    """The optional terms, unweighted: ``hf`` (Laplacian of the reconstruction vs the target's, masked pixels)
+    and ``uniformity`` (of the mean visible-token embedding of each image in this process's micro-batch)."""
+    terms = {}
+    if args.hf_loss_weight > 0:
+        target = mae.unpatchify(mae.target(images).float())  # pixels, or per-patch normalised pixels
+        terms["hf"] = high_frequency_loss(mae.unpatchify(output.pred.float()), target, mae.pixel_mask(output.mask))
+    if args.uniformity_weight > 0:
+        terms["uniformity"] = uniformity_loss(output.latent[:, 1:].mean(dim=1), args.uniformity_t)
+    return terms
 
 
 def strategy_noise(args, grid_size: tuple[int, int]):
@@ -183,10 +220,31 @@ def fixed_vis_batch(args, num_patches: int, grid_size: tuple[int, int]) -> dict:
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])
 
 
+@torch.no_grad()
+def reconstruction_metrics(model, mae: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor,
+                           normalize: Normalize) -> dict:
+    """On the fixed validation images and masks: the loss, the PSNR of the masked pixels (dB, de-normalised
+    images in [0, 1]) and the Laplacian (high-frequency) error there."""
+    was_training = model.training
+    model.eval()
+    output = model(images, noise=noise)
+    model.train(was_training)
+    original = normalize.inverse(images)
+    reconstruction = normalize.inverse(mae.reconstruct(output.pred.float(), images.float()))
+    pixel_mask = mae.pixel_mask(output.mask)
+    return {"val_loss": output.loss.item(), "val_psnr_masked": masked_psnr(reconstruction, original, pixel_mask),
+            "val_hf_error": high_frequency_loss(reconstruction, original, pixel_mask).item()}
+
+
 def save_reconstructions(accelerator, model, vis_batch: dict, normalize: Normalize, run_dir: RunDir,
-                         metrics: MetricsLog, step: int, epoch: int) -> Path:
-    """Every process runs the forward (FSDP needs all of them); the main one writes and logs the picture."""
+                         metrics: MetricsLog, step: int, epoch: int, log_metrics: bool = True) -> Path:
+    """Every process runs the forward (FSDP needs all of them); the main one writes and logs the picture and
+    the reconstruction metrics (a metrics.jsonl row of its own)."""
     images = normalize(vis_batch["pixel_values"].to(accelerator.device))
+    if log_metrics:
+        noise = vis_batch["noise"].to(accelerator.device)
+        metrics.log({"step": step, **reconstruction_metrics(model, accelerator.unwrap_model(model), images, noise,
+                                                            normalize)})
     panels = reconstruction_panels(model, accelerator.unwrap_model(model), images,
                                    vis_batch["noise"].to(accelerator.device), normalize.inverse)
     path = run_dir.root / "reconstructions" / f"epoch_{epoch:04d}_step_{step:08d}.png"
@@ -273,6 +331,9 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     logged_steps, skipped_images = state["log_steps"], state["skipped_images"]
     last_saved_step, last_batch = step, None
     skipped_pending = torch.zeros((), device=accelerator.device)
+    loss_weights = {"hf": args.hf_loss_weight, "uniformity": args.uniformity_weight}
+    extra_losses = any(weight > 0 for weight in loss_weights.values())
+    plain_mae, term_sums, last_vis_step = accelerator.unwrap_model(model), {}, None
     model.train()
     while step < total_steps:
         sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
@@ -282,14 +343,21 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             set_learning_rate(optimizer, lr)
             mask_ratio = curriculum_ratio(step, steps_per_epoch, args.mask_ratio, args.mask_ratio_start,
                                           args.mask_curriculum_epochs)
-            step_loss = torch.zeros((), device=accelerator.device)
+            step_loss, step_terms = torch.zeros((), device=accelerator.device), {}
             for micro in range(accumulation):
                 batch = move_to_device(next(micro_batches), accelerator.device)
                 skipped_pending += batch["num_skipped"]
                 batch, weight = readable_batch(batch, last_batch)
                 last_batch = batch
                 with sync_context(accelerator, model, micro, accumulation):
-                    loss = model(normalize(batch["pixel_values"]), noise=batch["noise"], mask_ratio=mask_ratio).loss
+                    images = normalize(batch["pixel_values"])
+                    output = model(images, noise=batch["noise"], mask_ratio=mask_ratio)
+                    loss = output.loss
+                    if extra_losses:
+                        terms = extra_loss_terms(args, plain_mae, images, output)
+                        loss = loss + sum(loss_weights[name] * value for name, value in terms.items())
+                        for name, value in {"pixel": output.loss, **terms}.items():
+                            step_terms[f"loss_{name}"] = step_terms.get(f"loss_{name}", 0.0) + value.detach() / accumulation
                     loss = loss * weight
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
@@ -302,15 +370,19 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             if skipped:  # no metrics row and no checkpoint for a step whose update was not applied
                 continue
             loss_sum += step_loss
+            for name, value in step_terms.items():  # (this process's terms; the total is averaged over processes)
+                term_sums[name] = term_sums.get(name, 0.0) + value
             logged_steps += 1
             if step % args.log_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": (loss_sum / logged_steps).item(),
+                       **{name: (value / logged_steps).item() for name, value in term_sums.items()},
                        "lr": lr, "mask_ratio": mask_ratio, "grad_norm": float(grad_norm),
                        "images_per_sec": round(throughput.rate(), 2),
                        "skipped_images": count_skipped()}
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
                 loss_sum.zero_()
+                term_sums.clear()
                 logged_steps = 0
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint_now()
@@ -319,6 +391,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             finished_epochs = step // steps_per_epoch
             if args.vis_every and finished_epochs % args.vis_every == 0:
                 save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step, finished_epochs)
+                last_vis_step = step
             if finished_epochs % args.save_checkpoint_interval == 0 and last_saved_step != step:
                 checkpoint_now()
                 last_saved_step = step
@@ -328,7 +401,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         checkpoint_now()
     save_final_weights(accelerator, model, run_dir.final)
     picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
-                                   math.ceil(step / steps_per_epoch))
+                                   math.ceil(step / steps_per_epoch), log_metrics=last_vis_step != step)
     logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
     if args.push_to_hub and accelerator.is_main_process:
         rows = run_dir.metrics.read_text().splitlines() if run_dir.metrics.exists() else []

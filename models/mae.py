@@ -60,6 +60,7 @@ class MAEOutput:
     loss: torch.Tensor  # scalar: mean squared error over the masked patches
     pred: torch.Tensor  # (B, L, p*p*C): predicted pixels (normalised per patch if norm_pix_loss)
     mask: torch.Tensor  # (B, L): 1 = masked, 0 = visible
+    latent: torch.Tensor | None = None  # (B, 1 + L_keep, D): the encoder's output on the visible patches
 
 
 class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
@@ -175,7 +176,11 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, restore_ids = self.forward_encoder(pixel_values, ratio, noise)
         pred = self.forward_decoder(latent, restore_ids)
-        return MAEOutput(loss=self.forward_loss(pixel_values, pred, mask), pred=pred, mask=mask)
+        return MAEOutput(loss=self.forward_loss(pixel_values, pred, mask), pred=pred, mask=mask, latent=latent)
+
+    def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) patch mask -> (B, C, H, W) pixel mask (1 = masked)."""
+        return self.unpatchify(mask.unsqueeze(-1).expand(-1, -1, self.patch_size**2 * self.in_chans).float())
 
     def reconstruct(self, pred: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Turn predictions into an image (B, C, H, W); with ``norm_pix_loss`` each patch is de-normalised

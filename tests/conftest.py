@@ -36,5 +36,7 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, timeo
     return result
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def read_metrics(run_dir: Path, reconstruction_rows: bool = False) -> list[dict]:
+    """metrics.jsonl's training rows (or, with ``reconstruction_rows``, pretraining's validation rows)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if ("val_psnr_masked" in row) == reconstruction_rows]

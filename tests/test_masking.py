@@ -88,3 +88,54 @@ def test_block_curriculum_run_logs_the_ratio_and_resumes_exactly(tmp_path, fashi
     run_script("pretrain_mae.py", *common, "--experiment_name", "resumed", "--resume_from_checkpoint", "latest")
     assert [(r["step"], r["loss"], r["mask_ratio"]) for r in read_metrics(tmp_path / "resumed")] == \
         [(r["step"], r["loss"], r["mask_ratio"]) for r in rows]
+
+
+def test_high_frequency_loss_sees_masked_detail_only():
+    from models.losses import high_frequency_loss
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 1, 16, 16)
+    pixel_mask = torch.zeros(2, 1, 16, 16)
+    pixel_mask[:, :, :8] = 1  # top half masked
+    assert high_frequency_loss(target.clone(), target, pixel_mask) == 0
+    blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1)
+    assert high_frequency_loss(blurred, target, pixel_mask) > 0.01
+    changed_visible = target.clone()
+    changed_visible[:, :, 8:] = 0  # the visible half: not judged
+    assert high_frequency_loss(changed_visible, target, pixel_mask) == 0
+
+
+def test_uniformity_equals_the_formula_and_prefers_spread_embeddings():
+    from models.losses import uniformity_loss
+
+    torch.manual_seed(0)
+    spread = torch.randn(16, 8)
+    collapsed = torch.ones(16, 8) + 0.01 * torch.randn(16, 8)
+    assert uniformity_loss(spread) < uniformity_loss(collapsed)
+    z = torch.nn.functional.normalize(spread, dim=-1)
+    pairs = [(i, j) for i in range(16) for j in range(i + 1, 16)]
+    direct = torch.stack([torch.exp(-2 * (z[i] - z[j]).pow(2).sum()) for i, j in pairs]).mean().log()
+    torch.testing.assert_close(uniformity_loss(spread), direct)
+
+
+def test_improved_recipe_run_logs_each_term_and_lowers_its_loss(tmp_path, fashion_mnist_dir):
+    run_script("pretrain_mae.py", "--recipe", "improved", "--max_samples", 2048, "--per_gpu_batch_size", 64,
+               "--epochs", 2, "--log_every", 4, "--base_learning_rate", 2e-3, "--warmup_epochs", 0.1,
+               "--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
+               "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--working_directory", tmp_path,
+               "--experiment_name", "improved")
+    rows = read_metrics(tmp_path / "improved")
+    assert {"loss", "loss_pixel", "loss_hf", "loss_uniformity", "mask_ratio"} <= set(rows[0])
+    assert rows[0]["mask_ratio"] < 0.55 and rows[-1]["mask_ratio"] == pytest.approx(0.75)
+    assert rows[-1]["loss_pixel"] < 0.7 * rows[0]["loss_pixel"] and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_masked_psnr_equals_the_hand_computation():
+    from utils.metrics import masked_psnr
+
+    original = torch.zeros(1, 1, 4, 4)
+    reconstruction = torch.full((1, 1, 4, 4), 0.1)
+    reconstruction[..., :2, :] = 0.5  # visible rows: their error must not count
+    pixel_mask = torch.zeros(1, 1, 4, 4)
+    pixel_mask[..., 2:, :] = 1
+    assert masked_psnr(reconstruction, original, pixel_mask) == pytest.approx(20.0)  # MSE 0.01 -> 10 log10(100)

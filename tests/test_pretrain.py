@@ -27,6 +27,10 @@ def test_loss_decreases_on_fashion_mnist_and_outputs_are_written(tmp_path, fashi
     assert {"step", "epoch", "loss", "lr", "images_per_sec"} <= set(rows[0])
     assert rows[-1]["epoch"] == 2.0 and rows[-1]["images_per_sec"] > 0
     assert len(list((run / "reconstructions").glob("epoch_*.png"))) == 2
+    validation = read_metrics(run, reconstruction_rows=True)  # fixed images and masks, at each picture
+    assert [r["step"] for r in validation] == [64, 128]
+    assert validation[-1]["val_loss"] < validation[0]["val_loss"] and validation[-1]["val_psnr_masked"] > 10
+    assert validation[-1]["val_psnr_masked"] > validation[0]["val_psnr_masked"] and validation[-1]["val_hf_error"] > 0
     args = json.loads((run / "args.json").read_text())
     assert args["model"] == "mae_vit_tiny_patch4" and args["dataset"] == "fashion_mnist" and args["input_channels"] == 1
     model = MaskedAutoencoder.from_pretrained(run / "final")

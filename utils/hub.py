@@ -18,7 +18,7 @@ USAGE = {  # script kind -> (what it is, model class, import)
     "classification": ("a Vision Transformer classifier fine-tuned from an MAE encoder", "VisionTransformer"),
     "segmentation": ("a ViT + UperNet semantic segmentation model fine-tuned from an MAE encoder", "ViTUperNet"),
 }
-RESULT_KEYS = ("top1", "top5", "best_top1", "mIoU", "pixel_acc", "best_mIoU", "loss")
+RESULT_KEYS = ("top1", "top5", "best_top1", "mIoU", "pixel_acc", "best_mIoU", "loss", "val_loss", "val_psnr_masked")
 
 
 def add_hub_args(parser: argparse.ArgumentParser) -> None:

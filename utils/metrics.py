@@ -40,3 +40,9 @@ class SegmentationMetric:
         result = iou_from_confusion(self.confusion.compute())
         self.confusion.reset()
         return result
+
+
+def masked_psnr(reconstruction: torch.Tensor, original: torch.Tensor, pixel_mask: torch.Tensor) -> float:
+    """PSNR (dB) over the masked pixels of images in [0, 1]: 10 log10(1 / MSE); ``pixel_mask`` 1 = masked."""
+    error = ((reconstruction.float() - original.float()) ** 2 * pixel_mask).sum() / pixel_mask.sum().clamp(min=1)
+    return (10.0 * torch.log10(1.0 / error.clamp(min=1e-12))).item()
