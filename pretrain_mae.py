@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from models.losses import high_frequency_loss, uniformity_loss
+from models.pca import TARGETS, PCABasis, fit_pca, pca_target
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
 from utils.checkpoint import (
@@ -94,6 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Weight of the uniformity regulariser on the pooled visible-token embeddings (default 0; "
                             f"'improved': {IMPROVED['uniformity_weight']}).")
     model.add_argument("--uniformity_t", type=float, default=2.0, help="Temperature t of the uniformity loss.")
+    model.add_argument("--target", type=str, default="pixels", choices=TARGETS,
+                       help="What is reconstructed: pixels (MAE), or the PCA-filtered image: pca_bottom (the "
+                            "lowest-variance components holding --pca_variance of the variance) or pca_top.")
+    model.add_argument("--pca_variance", type=float, default=0.25,
+                       help="Share of the pixel variance the PCA target keeps, in (0, 1).")
+    model.add_argument("--pca_samples", type=int, default=2000,
+                       help="Training images the PCA is fitted on (deterministic centre view, normalised).")
+    model.add_argument("--pca_path", type=str, default=None,
+                       help="Reuse a fitted PCA (a run's pca.safetensors) instead of fitting one.")
     model.add_argument("--recipe", type=str, default="original", choices=["original", "improved"],
                        help="original: the plain MAE; improved: seed 004's variant (curriculum 0.5 -> --mask_ratio "
                             "over the first quarter of the epochs, Laplacian loss, uniformity); flags still override.")
@@ -155,6 +165,8 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
     for flag in ("hf_loss_weight", "uniformity_weight", "mask_curriculum_epochs"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not 0.0 < args.pca_variance < 1.0:
+        raise UserError(f"--pca_variance must be in (0, 1), got {args.pca_variance}")
     if args.mask_ratio_start is not None and not 0.0 <= args.mask_ratio_start < 1.0:
         raise UserError(f"--mask_ratio_start must be in [0, 1), got {args.mask_ratio_start}")
     if args.mask_strategy == "grid":
@@ -176,6 +188,35 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         config.update({key: value for key, value in explicit_sizes.items() if value is not None})
     args.img_size, args.input_channels, args.patch_size = config["img_size"], config["in_chans"], config["patch_size"]
     return config
+
+
+def pca_basis(args, run_dir: RunDir, normalize: Normalize, accelerator) -> PCABasis:
+    """The run's PCA: its own pca.safetensors (a resumed run), --pca_path, or fitted now on --pca_samples training
+    images (main process, saved with the run, then read by every process)."""
+    path = run_dir.root / "pca.safetensors"
+    source = path if path.exists() else Path(args.pca_path) if args.pca_path else None
+    if source is None:
+        if accelerator.is_main_process:
+            base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
+                                       args.pca_samples, args.image_column)
+            view = ResizeCenterCrop(args.img_size)
+            images = [view(item[0]) for item in (base[i] for i in range(len(base))) if item is not None]
+            basis = fit_pca(normalize(torch.stack(images).to(accelerator.device)).cpu(), seed=args.seed)
+            run_dir.root.mkdir(parents=True, exist_ok=True)
+            basis.save(path)
+            logger.info("PCA fitted on %d images: %d components kept for %s at %.0f%% of the variance", len(images),
+                        basis.count_for_share(args.pca_variance if args.target == "pca_top" else 1 - args.pca_variance),
+                        args.target, 100 * args.pca_variance)
+        accelerator.wait_for_everyone()
+        source = path
+    elif not source.exists():
+        raise UserError(f"--pca_path {source} does not exist: pass a run's pca.safetensors")
+    basis = PCABasis.load(source)
+    expected = (args.input_channels, args.img_size, args.img_size)
+    if tuple(basis.shape) != expected:
+        raise UserError(f"the PCA in {source} was fitted on {basis.shape} images, this run has {expected}: fit a new "
+                        "one (drop --pca_path) or match --img_size / --input_channels")
+    return basis.to(accelerator.device)
 
 
 def extra_loss_terms(args, mae: MaskedAutoencoder, images: torch.Tensor, output) -> dict[str, torch.Tensor]:
@@ -286,6 +327,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         loader, sampler = build_train_loader(args, model.num_patches, model.grid_size, accelerator)
         vis_batch = fixed_vis_batch(args, model.num_patches, model.grid_size)
     normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
+    pca = pca_basis(args, run_dir, normalize, accelerator) if args.target != "pixels" else None
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.max_train_steps or args.epochs * steps_per_epoch
@@ -351,10 +393,11 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
                 last_batch = batch
                 with sync_context(accelerator, model, micro, accumulation):
                     images = normalize(batch["pixel_values"])
-                    output = model(images, noise=batch["noise"], mask_ratio=mask_ratio)
+                    targets = pca_target(images, pca, args.target, args.pca_variance) if pca is not None else None
+                    output = model(images, noise=batch["noise"], mask_ratio=mask_ratio, target_images=targets)
                     loss = output.loss
                     if extra_losses:
-                        terms = extra_loss_terms(args, plain_mae, images, output)
+                        terms = extra_loss_terms(args, plain_mae, images if targets is None else targets, output)
                         loss = loss + sum(loss_weights[name] * value for name, value in terms.items())
                         for name, value in {"pixel": output.loss, **terms}.items():
                             step_terms[f"loss_{name}"] = step_terms.get(f"loss_{name}", 0.0) + value.detach() / accumulation

@@ -170,13 +170,16 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
-        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None
+        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,
+        target_images: torch.Tensor | None = None,
     ) -> MAEOutput:
-        """``noise`` (B, L) fixes the mask (smallest values are kept); ``mask_ratio`` overrides the default."""
+        """``noise`` (B, L) fixes the mask (smallest values are kept); ``mask_ratio`` overrides the default;
+        ``target_images`` (B, C, H, W) replaces the input as what is reconstructed (e.g. a PCA-filtered copy)."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, restore_ids = self.forward_encoder(pixel_values, ratio, noise)
         pred = self.forward_decoder(latent, restore_ids)
-        return MAEOutput(loss=self.forward_loss(pixel_values, pred, mask), pred=pred, mask=mask, latent=latent)
+        target = pixel_values if target_images is None else target_images
+        return MAEOutput(loss=self.forward_loss(target, pred, mask), pred=pred, mask=mask, latent=latent)
 
     def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) patch mask -> (B, C, H, W) pixel mask (1 = masked)."""
