@@ -34,7 +34,7 @@ from utils.data import (
 from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
-from utils.metrics import masked_psnr
+from utils.metrics import reconstruction_metrics
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
     MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
@@ -259,22 +259,6 @@ def fixed_vis_batch(args, num_patches: int, grid_size: tuple[int, int]) -> dict:
     samples = SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])
-
-
-@torch.no_grad()
-def reconstruction_metrics(model, mae: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor,
-                           normalize: Normalize) -> dict:
-    """On the fixed validation images and masks: the loss, the PSNR of the masked pixels (dB, de-normalised
-    images in [0, 1]) and the Laplacian (high-frequency) error there."""
-    was_training = model.training
-    model.eval()
-    output = model(images, noise=noise)
-    model.train(was_training)
-    original = normalize.inverse(images)
-    reconstruction = normalize.inverse(mae.reconstruct(output.pred.float(), images.float()))
-    pixel_mask = mae.pixel_mask(output.mask)
-    return {"val_loss": output.loss.item(), "val_psnr_masked": masked_psnr(reconstruction, original, pixel_mask),
-            "val_hf_error": high_frequency_loss(reconstruction, original, pixel_mask).item()}
 
 
 def save_reconstructions(accelerator, model, vis_batch: dict, normalize: Normalize, run_dir: RunDir,

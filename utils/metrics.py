@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from models.losses import high_frequency_loss
+
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
     """Percent of samples whose label is among the k highest logits, for each k (k capped at the class count)."""
@@ -46,3 +48,20 @@ def masked_psnr(reconstruction: torch.Tensor, original: torch.Tensor, pixel_mask
     """PSNR (dB) over the masked pixels of images in [0, 1]: 10 log10(1 / MSE); ``pixel_mask`` 1 = masked."""
     error = ((reconstruction.float() - original.float()) ** 2 * pixel_mask).sum() / pixel_mask.sum().clamp(min=1)
     return (10.0 * torch.log10(1.0 / error.clamp(min=1e-12))).item()
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, mae, images: torch.Tensor, noise: torch.Tensor, normalize,
+                           mask_ratio: float | None = None) -> dict:
+    """An MAE on fixed images and masks: the loss, the PSNR of the masked pixels (dB, de-normalised images in
+    [0, 1]) and the Laplacian (high-frequency) error there. ``model`` runs the forward (it may be wrapped),
+    ``mae`` is the plain MaskedAutoencoder, ``normalize`` a utils.data.Normalize."""
+    was_training = model.training
+    model.eval()
+    output = model(images, noise=noise, mask_ratio=mask_ratio)
+    model.train(was_training)
+    original = normalize.inverse(images)
+    reconstruction = normalize.inverse(mae.reconstruct(output.pred.float(), images.float()))
+    pixel_mask = mae.pixel_mask(output.mask)
+    return {"val_loss": output.loss.item(), "val_psnr_masked": masked_psnr(reconstruction, original, pixel_mask),
+            "val_hf_error": high_frequency_loss(reconstruction, original, pixel_mask).item()}
