@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from models.losses import high_frequency_loss, uniformity_loss
-from models.pca import TARGETS, PCABasis, fit_pca, pca_target
+from models.pca import TARGETS, PCABasis, eigenspace_errors, fit_pca, pca_target
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
 from utils.checkpoint import (
@@ -104,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Training images the PCA is fitted on (deterministic centre view, normalised).")
     model.add_argument("--pca_path", type=str, default=None,
                        help="Reuse a fitted PCA (a run's pca.safetensors) instead of fitting one.")
+    model.add_argument("--eigenspace_metrics", action="store_true",
+                       help="Also log val_error_top / val_error_bottom: the masked-pixel reconstruction error inside "
+                            "the top eigenspace (components holding 1 - --pca_variance) and the bottom one (fits or "
+                            "loads the PCA as --target pca_* does).")
     model.add_argument("--recipe", type=str, default="original", choices=["original", "improved"],
                        help="original: the plain MAE; improved: seed 004's variant (curriculum 0.5 -> --mask_ratio "
                             "over the first quarter of the epochs, Laplacian loss, uniformity); flags still override.")
@@ -261,15 +265,30 @@ def fixed_vis_batch(args, num_patches: int, grid_size: tuple[int, int]) -> dict:
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])
 
 
+@torch.no_grad()
+def eigenspace_row(model, mae: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor, basis: PCABasis,
+                   share: float) -> dict:
+    was_training = model.training
+    model.eval()
+    output = model(images, noise=noise)
+    model.train(was_training)
+    reconstruction = mae.reconstruct(output.pred.float(), images.float())  # normalised space, as the PCA
+    top, bottom = eigenspace_errors(reconstruction, images, mae.pixel_mask(output.mask), basis, share)
+    return {"val_error_top": top, "val_error_bottom": bottom}
+
+
 def save_reconstructions(accelerator, model, vis_batch: dict, normalize: Normalize, run_dir: RunDir,
-                         metrics: MetricsLog, step: int, epoch: int, log_metrics: bool = True) -> Path:
+                         metrics: MetricsLog, step: int, epoch: int, log_metrics: bool = True,
+                         eigenspace: tuple[PCABasis, float] | None = None) -> Path:
     """Every process runs the forward (FSDP needs all of them); the main one writes and logs the picture and
     the reconstruction metrics (a metrics.jsonl row of its own)."""
     images = normalize(vis_batch["pixel_values"].to(accelerator.device))
     if log_metrics:
         noise = vis_batch["noise"].to(accelerator.device)
-        metrics.log({"step": step, **reconstruction_metrics(model, accelerator.unwrap_model(model), images, noise,
-                                                            normalize)})
+        row = {"step": step, **reconstruction_metrics(model, accelerator.unwrap_model(model), images, noise, normalize)}
+        if eigenspace is not None:
+            row.update(eigenspace_row(model, accelerator.unwrap_model(model), images, noise, *eigenspace))
+        metrics.log(row)
     panels = reconstruction_panels(model, accelerator.unwrap_model(model), images,
                                    vis_batch["noise"].to(accelerator.device), normalize.inverse)
     path = run_dir.root / "reconstructions" / f"epoch_{epoch:04d}_step_{step:08d}.png"
@@ -311,7 +330,9 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         loader, sampler = build_train_loader(args, model.num_patches, model.grid_size, accelerator)
         vis_batch = fixed_vis_batch(args, model.num_patches, model.grid_size)
     normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
-    pca = pca_basis(args, run_dir, normalize, accelerator) if args.target != "pixels" else None
+    needs_pca = args.target != "pixels" or args.eigenspace_metrics
+    pca = pca_basis(args, run_dir, normalize, accelerator) if needs_pca else None
+    eigenspace = (pca, args.pca_variance) if args.eigenspace_metrics else None
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.max_train_steps or args.epochs * steps_per_epoch
@@ -377,7 +398,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
                 last_batch = batch
                 with sync_context(accelerator, model, micro, accumulation):
                     images = normalize(batch["pixel_values"])
-                    targets = pca_target(images, pca, args.target, args.pca_variance) if pca is not None else None
+                    targets = (pca_target(images, pca, args.target, args.pca_variance) if args.target != "pixels"
+                               else None)
                     output = model(images, noise=batch["noise"], mask_ratio=mask_ratio, target_images=targets)
                     loss = output.loss
                     if extra_losses:
@@ -417,7 +439,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         if step % steps_per_epoch == 0:  # an epoch ended
             finished_epochs = step // steps_per_epoch
             if args.vis_every and finished_epochs % args.vis_every == 0:
-                save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step, finished_epochs)
+                save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step, finished_epochs,
+                                     eigenspace=eigenspace)
                 last_vis_step = step
             if finished_epochs % args.save_checkpoint_interval == 0 and last_saved_step != step:
                 checkpoint_now()
@@ -428,7 +451,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         checkpoint_now()
     save_final_weights(accelerator, model, run_dir.final)
     picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
-                                   math.ceil(step / steps_per_epoch), log_metrics=last_vis_step != step)
+                                   math.ceil(step / steps_per_epoch), log_metrics=last_vis_step != step,
+                                   eigenspace=eigenspace)
     logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
     if args.push_to_hub and accelerator.is_main_process:
         rows = run_dir.metrics.read_text().splitlines() if run_dir.metrics.exists() else []

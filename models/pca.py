@@ -85,3 +85,15 @@ def pca_target(images: torch.Tensor, basis: PCABasis, target: str, share: float)
         top = basis.components[: basis.count_for_share(1.0 - share)]
         return (centred - (centred @ top.T) @ top).view_as(images)
     raise ValueError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+
+
+def eigenspace_errors(reconstruction: torch.Tensor, images: torch.Tensor, pixel_mask: torch.Tensor, basis: PCABasis,
+                      share: float) -> tuple[float, float]:
+    """Squared reconstruction error of the masked pixels split between the top eigenspace (the components holding
+    ``1 - share`` of the variance) and the bottom one (the rest), each per masked pixel value: the two curves of
+    seed 000's paper (which part a model learns first). All (B, C, H, W), in the space the PCA was fitted in."""
+    error = ((reconstruction.float() - images.float()) * pixel_mask).flatten(1)
+    top = basis.components[: basis.count_for_share(1.0 - share)]
+    in_top = (error @ top.T) @ top
+    count = pixel_mask.sum().clamp(min=1)
+    return float(in_top.pow(2).sum() / count), float((error - in_top).pow(2).sum() / count)

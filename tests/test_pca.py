@@ -62,3 +62,25 @@ def test_pca_bottom_pretraining_fits_saves_and_reuses_the_basis(tmp_path, fashio
     assert bad.returncode == 2 and "was fitted on (1, 28, 28) images, this run has (1, 32, 32)" in bad.stderr
     wrong = run_script("pretrain_mae.py", *common, "--pca_variance", 1.5, "--experiment_name", "x", check=False)
     assert wrong.returncode == 2 and "--pca_variance must be in (0, 1)" in wrong.stderr
+
+
+def test_eigenspace_errors_split_the_error_between_top_and_bottom():
+    from models.pca import eigenspace_errors
+
+    images = low_rank_images()
+    basis = fit_pca(images)
+    mask = torch.ones_like(images)
+    assert eigenspace_errors(images, images, mask, basis, 0.25) == (0.0, 0.0)
+    along_top = images + 0.3 * basis.components[0].view(1, 1, 8, 8)  # an error in the first component only
+    top, bottom = eigenspace_errors(along_top, images, mask, basis, 0.25)
+    assert top == pytest.approx(0.09 / 64, rel=1e-3) and bottom < 1e-9
+
+
+def test_eigenspace_metrics_are_logged_during_pretraining(tmp_path, fashion_mnist_dir):
+    run_script("pretrain_mae.py", "--eigenspace_metrics", "--pca_samples", 300, "--max_samples", 128,
+               "--per_gpu_batch_size", 64, "--epochs", 1, "--encoder_embed_dim", 32, "--encoder_depth", 1,
+               "--encoder_num_heads", 2, "--decoder_embed_dim", 16, "--decoder_depth", 1, "--decoder_num_heads", 2,
+               "--log_with", "none", "--working_directory", tmp_path, "--experiment_name", "eigen")
+    rows = read_metrics(tmp_path / "eigen", reconstruction_rows=True)
+    assert rows and rows[-1]["val_error_top"] > 0 and rows[-1]["val_error_bottom"] > 0
+    assert (tmp_path / "eigen" / "pca.safetensors").exists()
