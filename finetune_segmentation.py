@@ -16,11 +16,9 @@ import argparse
 import json
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, encoder_config, mae_config
@@ -33,8 +31,8 @@ from utils.hub import push_run
 from utils.metrics import SegmentationMetric
 from utils.optim import param_groups_layer_decay
 from utils.run import (
-    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
-    move_to_device, refuse_to_overwrite, save_args, save_final_weights,
+    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
+    save_final_weights, start_run,
 )
 from utils.schedule import set_learning_rate, warmup_cosine, warmup_poly
 from utils.segmentation_data import (
@@ -260,16 +258,7 @@ def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metr
 def main(argv=None) -> None:
     args = parse_args(argv)
     config, pretrained_state = resolve_defaults(args)
-    run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
-    if not args.resume_from_checkpoint:
-        refuse_to_overwrite(run_dir)
-    accelerator = build_accelerator(args, run_dir)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(accelerator.device)
-    set_seed(args.seed)
+    run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
     try:
         train(args, config, pretrained_state, run_dir, accelerator)
     finally:

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
@@ -37,8 +36,8 @@ from utils.hub import push_run
 from utils.metrics import reconstruction_metrics
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
-    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, build_accelerator, default_dataset, default_num_workers,
-    move_to_device, refuse_to_overwrite, save_args, save_final_weights,
+    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
+    save_final_weights, start_run,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
@@ -302,18 +301,10 @@ def save_reconstructions(accelerator, model, vis_batch: dict, normalize: Normali
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = resolve_defaults(args)
-    run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
-    if not args.resume_from_checkpoint:
-        refuse_to_overwrite(run_dir)
-    accelerator = build_accelerator(args, run_dir)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(accelerator.device)
+    # (the seed it sets is the model init's; data order, augmentation and masks have their own seeds)
+    run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_args(args, run_dir)
-    set_seed(args.seed)  # the model init; data order, augmentation and masks have their own seeds
     try:
         train(args, config, run_dir, accelerator)
     finally:

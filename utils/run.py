@@ -234,3 +234,23 @@ def save_final_weights(accelerator: Accelerator, model, directory: Path) -> None
 
 def move_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
+    """What every script does once its arguments are resolved: the run folder (a fresh start refuses to mix with an
+    earlier run's checkpoints), the Accelerator, logging, the loader workers and the seed."""
+    import logging
+
+    from accelerate.utils import set_seed
+
+    run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
+    if fresh_start:
+        refuse_to_overwrite(run_dir)
+    accelerator = build_accelerator(args, run_dir)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(accelerator.device)
+    set_seed(args.seed)
+    return run_dir, accelerator
