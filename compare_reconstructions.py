@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist, folder (--path_to_data) or hf:<name>.")
     parser.add_argument("--path_to_data", default=None, help="Image folder (its val/ split) for --dataset folder.")
     parser.add_argument("--image_column", default=None, help="Image column of a 🤗 dataset (default: guessed).")
-    parser.add_argument("--num_images", type=int, default=8, help="Validation images in the grid and the metrics.")
+    parser.add_argument("--num_images", type=int, default=8, help="Validation images the metrics are averaged over.")
+    parser.add_argument("--grid_images", type=int, default=8, help="How many of them the picture shows (one row each).")
     parser.add_argument("--mask_ratio", type=float, default=None, help="Mask ratio for every model (default: the first's).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the masks.")
     parser.add_argument("--out", default="work_dir/compare_reconstructions", help="Output folder.")
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
             columns += [panels[:, 0], panels[:, 1]]  # original, masked input
         columns.append(panels[:, 3])  # reconstruction with the visible patches pasted back
         report[str(path)] = reconstruction_metrics(model, model, images, noise, normalize, ratio)
-    grid = torch.stack(columns, dim=1).flatten(0, 1)  # (N * (2 + models), C, H, W)
+    grid = torch.stack(columns, dim=1)[:args.grid_images].flatten(0, 1)  # (rows * (2 + models), C, H, W)
     out = Path(args.out)
     save_picture(panels_to_picture(grid, columns=len(columns)), out / "compare.png")
     (out / "metrics.json").write_text(json.dumps({"mask_ratio": ratio, "num_images": len(images),

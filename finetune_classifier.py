@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--linear_probe", action="store_true",
                       help="Frozen encoder, BatchNorm (no affine) + linear head, LARS, no weight decay.")
     mode.add_argument("--freeze_encoder", action="store_true", help="Frozen encoder + a small MLP head (AdamW).")
-    mode.add_argument("--from_scratch", action="store_true", help="No pretrained weights: the baseline.")
+    mode.add_argument("--from_scratch", action="store_true", help="No pretrained weights: the baseline. With --linear_probe / --freeze_encoder: "
+                           "a randomly initialised, frozen encoder (the random-features baseline).")
     mode.add_argument("--eval_only", action="store_true",
                       help="Only evaluate the model (from --resume_from_checkpoint or the pretrained weights).")
     mode.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
@@ -119,8 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_mode(args) -> str:
     if args.linear_probe and args.freeze_encoder:
         raise UserError("--linear_probe and --freeze_encoder are two different modes: pass one")
-    if args.from_scratch and (args.linear_probe or args.freeze_encoder):
-        raise UserError("--from_scratch trains the whole ViT: it cannot be combined with a frozen-encoder mode")
+    # --from_scratch with a frozen mode probes a randomly initialised encoder: the random-features baseline.
     return "linear_probe" if args.linear_probe else "freeze_encoder" if args.freeze_encoder else "finetune"
 
 

@@ -1,0 +1,228 @@
+"""Do the seeds' claims hold on Fashion-MNIST? Every MAE variant is pretrained, linear-probed and fine-tuned
+through this project's own scripts with the same encoder, data, budget and evaluation, next to three baselines
+(logistic regression on raw pixels, the ViT trained from scratch, a linear probe of a random encoder).
+
+    python experiments/run_ablations.py --budget smoke|cpu|gpu --out DIR [--seeds N] [--jobs J]
+
+Each stage is a normal run folder under DIR/<variant>/seed<k>/ and is skipped once finished, so a stopped run
+picks up where it was (an interrupted stage resumes from its last checkpoint). Every stage's command, wall time
+and machine go to DIR/stages.jsonl. The report (results.json, RESULTS.md and the plots) goes to --report_dir
+(default DIR); rerunning with every stage finished only rewrites the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from experiments import ablation_report  # noqa: E402
+
+# Budgets: what each stage trains on. Fashion-MNIST's first N training images; evaluation always on the 10k test
+# images, except in the smoke budget. The cpu budget fits the whole table in about 1.5 h on 2 cores (--jobs 2).
+BUDGETS = {
+    "smoke": dict(pretrain=dict(max_samples=256, epochs=2, per_gpu_batch_size=64, warmup_epochs=0.5, pca_samples=256),
+                  linear_probe=dict(max_samples=256, max_val_samples=256, epochs=3, warmup_epochs=1, per_gpu_batch_size=128),
+                  finetune=dict(max_samples=256, max_val_samples=256, epochs=1, per_gpu_batch_size=64, warmup_epochs=0.25),
+                  compare_images=32, seeds=1),
+    "cpu": dict(pretrain=dict(max_samples=12000, epochs=4, per_gpu_batch_size=128, warmup_epochs=0.5, pca_samples=2000),
+                linear_probe=dict(max_samples=12000, epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
+                finetune=dict(max_samples=12000, epochs=1, per_gpu_batch_size=128, warmup_epochs=0.25),
+                compare_images=512, seeds=3),
+    "gpu": dict(pretrain=dict(epochs=100, per_gpu_batch_size=256, warmup_epochs=5, pca_samples=10000),
+                linear_probe=dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
+                finetune=dict(epochs=20, per_gpu_batch_size=128, warmup_epochs=2),
+                compare_images=2000, seeds=3),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    flags: tuple[str, ...]  # pretrain_mae.py flags on top of the plain MAE (75% random masking, pixels, norm_pix)
+    headline: bool = False  # run with --seeds seeds (the others with one)
+    mask_ratio: float = 0.75
+
+
+def variants(epochs: float) -> list[Variant]:
+    """The pretraining variants; each differs from `mae` in one thing, except `improved` (seed 004's recipe)."""
+    return [
+        Variant("mae", "plain MAE: 75% random masking, pixel targets, norm_pix_loss", (), headline=True),
+        Variant("improved", "seed 004: curriculum + HF loss + uniformity (--recipe improved)", ("--recipe", "improved"),
+                headline=True),
+        Variant("mae_raw_pixels", "plain MAE without norm_pix_loss", ("--no_norm_pix_loss",)),
+        Variant("ratio_0.5", "mask ratio 0.5", ("--mask_ratio", "0.5"), mask_ratio=0.5),
+        Variant("ratio_0.9", "mask ratio 0.9", ("--mask_ratio", "0.9"), mask_ratio=0.9),
+        Variant("block", "block masking at 0.75", ("--mask_strategy", "block")),
+        Variant("grid", "grid masking at 0.75", ("--mask_strategy", "grid")),
+        Variant("pca_bottom", "target: PCA-filtered, bottom components (25% of the variance)",
+                ("--target", "pca_bottom", "--pca_variance", "0.25")),
+        Variant("pca_top", "target: PCA-filtered, top components (75% of the variance)",
+                ("--target", "pca_top", "--pca_variance", "0.25")),
+        Variant("curriculum", "seed 004's curriculum alone (ratio 0.5 -> 0.75 over the first quarter)",
+                ("--mask_ratio_start", "0.5", "--mask_curriculum_epochs", f"{epochs / 4:g}")),
+        Variant("hf_loss", "seed 004's Laplacian loss alone (weight 0.5)", ("--hf_loss_weight", "0.5")),
+        Variant("uniformity", "seed 004's uniformity regulariser alone (weight 0.05)", ("--uniformity_weight", "0.05")),
+    ]
+
+
+@dataclass
+class Stage:
+    """One script run; `done` exists once it finished."""
+    name: str  # e.g. mae/seed0/pretrain
+    done: Path
+    command: list[str] = field(default_factory=list)
+
+
+def flags(options: dict) -> list[str]:
+    return [part for key, value in options.items() for part in (f"--{key}", str(value))]
+
+
+def machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    return f"{device}, {platform.machine()}, torch {torch.__version__}"
+
+
+def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
+    """Chains of stages (each chain runs in order; chains run side by side with --jobs) and the final stages."""
+    budget = BUDGETS[args.budget]
+    out = Path(args.out)
+    python = [sys.executable]
+    common = ["--log_with", "none", "--resume_from_checkpoint", "latest", "--keep_checkpoints", "1"]
+    chosen = [v for v in variants(budget["pretrain"]["epochs"]) if not args.variants or v.name in args.variants]
+    seeds = args.seeds if args.seeds is not None else budget["seeds"]
+
+    def classifier(where: Path, name: str, mode: list[str], seed: int) -> Stage:
+        options = budget["linear_probe" if "--linear_probe" in mode else "finetune"]
+        return Stage(f"{where.relative_to(out)}/{name}", where / name / "results.json",
+                     python + [str(ROOT / "finetune_classifier.py"), "--working_directory", str(where),
+                               "--experiment_name", name, "--seed", str(seed), *mode, *flags(options), *common])
+
+    chains = []  # baselines first: they are cheap and every comparison needs them
+    baselines = out / "baselines"
+    for seed in range(seeds):
+        chains.append([classifier(baselines / f"seed{seed}", "scratch", ["--from_scratch"], seed)])
+    chains.append([classifier(baselines / "seed0", "random_probe", ["--from_scratch", "--linear_probe"], 0)])
+    chains.append([Stage("baselines/logistic_regression", baselines / "logistic_regression" / "results.json",
+                         python + [str(ROOT / "experiments" / "ablation_report.py"), "logreg",
+                                   "--max_samples", str(budget["finetune"].get("max_samples", 0)),
+                                   "--max_val_samples", str(budget["finetune"].get("max_val_samples", 0)),
+                                   "--out", str(baselines / "logistic_regression")])])
+    for variant in chosen:
+        for seed in range(seeds if variant.headline else 1):
+            where = out / variant.name / f"seed{seed}"
+            pretrained = str(where / "pretrain" / "final")
+            pretrain_flags = [f for f in variant.flags if f != "--no_norm_pix_loss"]
+            norm = [] if "--no_norm_pix_loss" in variant.flags else ["--norm_pix_loss"]
+            chains.append([
+                Stage(f"{variant.name}/seed{seed}/pretrain", where / "pretrain" / "final" / "model.safetensors",
+                      python + [str(ROOT / "pretrain_mae.py"), "--working_directory", str(where), "--experiment_name",
+                                "pretrain", "--seed", str(seed), *norm, *pretrain_flags, "--eigenspace_metrics",
+                                "--num_vis_images", "64", "--log_every", "10", *flags(budget["pretrain"]), *common]),
+                classifier(where, "linear_probe", ["--linear_probe", "--path_to_pretrained_mae_weights", pretrained], seed),
+                classifier(where, "finetune", ["--path_to_pretrained_mae_weights", pretrained], seed),
+            ])
+    models = [str(out / v.name / f"seed{s}" / "pretrain" / "final") for v in chosen
+              for s in range(seeds if v.headline else 1)]
+    compare = Stage("compare_reconstructions", out / "compare" / "metrics.json",
+                    python + [str(ROOT / "compare_reconstructions.py"), "--models", *models, "--mask_ratio", "0.75",
+                              "--num_images", str(budget["compare_images"]), "--grid_images", "6",
+                              "--out", str(out / "compare")])
+    return chains, [compare], chosen
+
+
+def run_stage(stage: Stage, out: Path, env: dict) -> None:
+    if stage.done.exists():
+        print(f"== {stage.name}: done already", flush=True)
+        return
+    log = out / "logs" / f"{stage.name.replace('/', '_')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"== {stage.name}: started (log {log})", flush=True)
+    start = time.time()
+    with open(log, "a") as handle:
+        code = subprocess.run(stage.command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+    seconds = round(time.time() - start, 1)
+    if code != 0 or not stage.done.exists():
+        raise RuntimeError(f"{stage.name} failed (exit code {code}) after {seconds} s: see {log}")
+    command = " ".join(["python", *stage.command[1:]]).replace(str(ROOT) + "/", "")
+    record = {"stage": stage.name, "seconds": seconds, "command": command,
+              "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(out / "stages.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(f"== {stage.name}: finished in {seconds:.0f} s", flush=True)
+
+
+def run_chain(chain: list[Stage], out: Path, env: dict) -> str | None:
+    try:
+        for stage in chain:
+            run_stage(stage, out, env)
+    except RuntimeError as error:
+        print(f"!! {error}", flush=True)
+        return str(error)
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke",
+                        help="smoke: minutes, a pipeline check; cpu: the README's table (~1.5 h on 2 cores with --jobs "
+                             "2); gpu: a longer one for a GPU.")
+    parser.add_argument("--out", default=None, help="Folder of the runs (default: runs/ablations_<budget>).")
+    parser.add_argument("--report_dir", default=None, help="Where results.json, RESULTS.md and the plots go "
+                                                           "(default: --out).")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="Seeds of the headline runs: plain MAE, improved recipe, scratch (default: the budget's; "
+                             "the other variants get one).")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Stage chains run side by side, each on cpu_count / jobs threads (2 suits 2 cores: "
+                             "small models use two single-threaded processes better than one two-threaded).")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help=f"Only these variants (default: all: {', '.join(v.name for v in variants(4))}).")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
+        parser.error("--jobs and --seeds must be at least 1")
+    known = {v.name for v in variants(4)}
+    if args.variants and not set(args.variants) <= known:
+        parser.error(f"unknown variants {sorted(set(args.variants) - known)}: choose from {sorted(known)}")
+    args.out = args.out or f"runs/ablations_{args.budget}"
+    args.report_dir = args.report_dir or args.out
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
+    chains, finals, chosen = plan(args)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "MAE_CPU_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        failures = [error for error in pool.map(lambda chain: run_chain(chain, out, env), chains) if error]
+    if not failures:
+        failures = [error for error in [run_chain(finals, out, env)] if error]
+    if failures:
+        print(f"{len(failures)} stage(s) failed; rerun the same command to retry them:\n  " + "\n  ".join(failures))
+        return 1
+    budget = BUDGETS[args.budget]
+    report = ablation_report.write_report(out, Path(args.report_dir), chosen, args.budget, budget,
+                                          " ".join(["python", "experiments/run_ablations.py", *(argv or sys.argv[1:])]))
+    print(f"finished in {time.time() - start:.0f} s; report in {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
