@@ -35,7 +35,8 @@ from utils.run import (
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.training import (
-    BadStepGuard, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+    BadStepGuard, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch,
+    sync_context,
 )
 
 logger = logging.getLogger("finetune_classifier")
@@ -322,6 +323,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     peak_lr = args.learning_rate or scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size,
                                                          accelerator.num_processes)
     optimizer = build_optimizer(mode, trained, model, args, peak_lr, accelerator.device)
+    apply_speed_options(trained, args)
     trained, optimizer = accelerator.prepare(trained, optimizer)
     if not cached:
         model = trained

@@ -40,7 +40,8 @@ from utils.segmentation_data import (
     SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
 )
 from utils.training import (
-    BadStepGuard, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+    BadStepGuard, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch,
+    sync_context,
 )
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 
@@ -303,6 +304,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
     groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay, vit_prefix="backbone.")
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999),
                                   fused=accelerator.device.type == "cuda")
+    apply_speed_options(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     plain_model = accelerator.unwrap_model(model)
     metric = SegmentationMetric(args.num_classes, IGNORE_INDEX, accelerator.device)

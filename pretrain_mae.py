@@ -30,7 +30,9 @@ from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, StepBatchSampler, build_image_dataset,
     channel_stats, collate_skipping_bad,
 )
-from utils.training import BadStepGuard, build_loader, guarded_optimizer_step, readable_batch, sync_context
+from utils.training import (
+    BadStepGuard, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+)
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import reconstruction_metrics
@@ -330,6 +332,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     peak_lr = scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size, accelerator.num_processes)
     optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), peak_lr, device=accelerator.device)
+    apply_speed_options(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # What the run carries between steps; saved in every checkpoint so that a resumed run logs the same rows.

@@ -182,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="Folder of the runs (default: runs/ablations_<budget>).")
     parser.add_argument("--report_dir", default=None, help="Where results.json, RESULTS.md and the plots go "
                                                            "(default: --out).")
+    parser.add_argument("--readme", default=None,
+                        help="Also write the table into this README, between its <!-- ablations:start/end --> markers.")
     parser.add_argument("--seeds", type=int, default=None,
                         help="Seeds of the headline runs: plain MAE, improved recipe, scratch (default: the budget's; "
                              "the other variants get one).")
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
         return 1
     budget = BUDGETS[args.budget]
     report = ablation_report.write_report(out, Path(args.report_dir), chosen, args.budget, budget,
-                                          " ".join(["python", "experiments/run_ablations.py", *(argv or sys.argv[1:])]))
+                                          " ".join(["python", "experiments/run_ablations.py", *(argv or sys.argv[1:])]),
+                                          Path(args.readme) if args.readme else None)
     print(f"finished in {time.time() - start:.0f} s; report in {report}")
     return 0
 

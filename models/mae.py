@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .masking import MASK_STRATEGIES, mask_noise
-from .vit import Block, ConvertingHubMixin, VisionTransformer, init_weights_official, sincos_pos_embed_2d
+from .vit import Block, ConvertingHubMixin, VisionTransformer, init_weights_official, run_blocks, sincos_pos_embed_2d
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -92,6 +92,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"unknown mask_strategy {mask_strategy!r}: choose one of {', '.join(MASK_STRATEGIES)}")
         self.mask_strategy = mask_strategy
+        self.gradient_checkpointing = False  # a runtime switch (not saved): recompute block activations in backward
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.mask_ratio = mask_ratio
@@ -138,9 +139,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
             noise = torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
                                  for _ in range(images.shape[0])]).to(images.device)
         visible, mask, restore_ids = random_masking(tokens, mask_ratio, noise)
-        x = self.encoder.prepend_cls_token(visible)
-        for block in self.encoder.blocks:
-            x = block(x)
+        x = run_blocks(self.encoder.blocks, self.encoder.prepend_cls_token(visible), self.gradient_checkpointing)
         return self.encoder.norm(x), mask, restore_ids
 
     def forward_decoder(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
@@ -151,8 +150,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [visible, masked] order
         patches = torch.gather(patches, 1, restore_ids.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # fp32 residual stream under autocast
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = run_blocks(self.decoder_blocks, x, self.gradient_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def target(self, images: torch.Tensor) -> torch.Tensor:

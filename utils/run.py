@@ -40,6 +40,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                      help="Clip the global gradient norm to this value (0 or unset: no clipping).")
     run.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Mixed precision; default: whatever the accelerate config says.")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile each transformer block (regional: the masking's token counts and the "
+                          "mask-ratio curriculum do not recompile the whole model); the first steps are slow.")
+    run.add_argument("--gradient_checkpointing", action="store_true",
+                     help="Recompute each block's activations in the backward pass instead of storing them: much "
+                          "less memory for large micro-batches, about a third more compute.")
     run.add_argument("--num_workers", type=int, default=None,
                      help="Data-loading worker processes per process (default: 0 on a CPU, else min(8, cores per process - 1)).")
     run.add_argument("--max_samples", type=int, default=None, help="Use only the first N training samples (quick runs).")

@@ -36,6 +36,19 @@ def sync_context(accelerator, model, micro: int, accumulation: int):
     return accelerator.no_sync(model) if micro < accumulation - 1 else nullcontext()
 
 
+def apply_speed_options(model: torch.nn.Module, args) -> None:
+    """--gradient_checkpointing and --compile, on the plain model before accelerator.prepare. Compiling block by
+    block keeps the masking (data-dependent gather, a ratio that may change per step) in eager mode; the weights'
+    names do not change, so checkpoints and final weights are the same as without it."""
+    from models.vit import Block
+
+    for module in model.modules():
+        if args.gradient_checkpointing and hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = True
+        if args.compile and isinstance(module, Block):
+            module.compile()
+
+
 def guarded_optimizer_step(accelerator, model, optimizer, step_loss: torch.Tensor, max_grad_norm: float):
     """Clip, then step unless the loss or the gradients are non-finite; returns (skipped, grad_norm, mean loss).
 
