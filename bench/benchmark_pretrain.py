@@ -1,15 +1,27 @@
-"""Pretraining throughput on the current device: images/s, step time and peak memory for one preset.
+"""Pretraining speed and memory, measured side by side.
 
-Synthetic images live on the device, so this measures the model step (forward, backward, AdamW), not
-the data pipeline. Example:
+    --mode model   the training step (forward, backward, AdamW) of this project's MAE and of 🤗 transformers'
+                   ViTMAEForPreTraining with the same config, in the same process, in alternating rounds, on
+                   synthetic images already on the device: images/s, step time, step memory, the ratio, and the
+                   model FLOP utilisation (model FLOPs per image counted from the shapes x images/s / peak).
+    --mode data    the input pipeline alone (read, decode, random-resized-crop + flip, collate, copy to the device,
+                   normalise there), as pretrain_mae.py builds it.
+    --mode both    the pipeline feeding this project's step: whichever is slower is the wall.
+    --mode memory  memory against micro-batch, with and without --gradient_checkpointing: measured peak on a GPU,
+                   estimated on a CPU from the tensors autograd saves for the backward pass.
 
-    python bench/benchmark_pretrain.py --model mae_vit_base_patch16 --batch_size 64 --precision bf16
+Examples:
+
+    python bench/benchmark_pretrain.py --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --compile
+    python bench/benchmark_pretrain.py --mode data --path_to_data /data/imagenet --batch_size 256 --num_workers 16
+    python bench/benchmark_pretrain.py --mode memory --model mae_vit_large_patch16 --precision bf16
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,73 +30,347 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config  # noqa: E402
+from models.vit import Block  # noqa: E402
 from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+
+# Dense peak FLOP/s per device and precision (vendor datasheets, without sparsity). fp32 means plain fp32 matmuls
+# (PyTorch's default; TF32 off). A CPU has no entry: pass --peak_tflops.
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
+
+
+def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
+    """Forward FLOPs of one transformer block on `tokens` tokens (a multiply-add counts 2): qkv, scores,
+    attention x values, projection, MLP."""
+    hidden = int(dim * mlp_ratio)
+    return 2 * tokens * dim * (3 * dim + dim + 2 * hidden) + 4 * tokens * tokens * dim
+
+
+def mae_flops_per_image(config: dict, mask_ratio: float) -> int:
+    """Forward FLOPs of the MAE for one image: patch projection of every patch, encoder on cls + visible patches,
+    decoder embedding, decoder on cls + every patch, prediction head. Norms, softmax and the loss are left out."""
+    patches = (config["img_size"] // config["patch_size"]) ** 2
+    encoder_tokens = 1 + int(patches * (1 - mask_ratio))
+    decoder_tokens = 1 + patches
+    patch_dim = config["patch_size"] ** 2 * config["in_chans"]
+    dim, decoder_dim = config["embed_dim"], config["decoder_embed_dim"]
+    return (2 * patches * patch_dim * dim
+            + config["depth"] * block_flops(encoder_tokens, dim, config["mlp_ratio"])
+            + 2 * encoder_tokens * dim * decoder_dim
+            + config["decoder_depth"] * block_flops(decoder_tokens, decoder_dim, config["decoder_mlp_ratio"])
+            + 2 * decoder_tokens * decoder_dim * patch_dim)
+
+
+def build_hf_mae(config: dict):
+    """🤗 transformers' ViTMAEForPreTraining with this config (SDPA attention, the same LayerNorm eps)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    hf_config = ViTMAEConfig(
+        hidden_size=config["embed_dim"], num_hidden_layers=config["depth"], num_attention_heads=config["num_heads"],
+        intermediate_size=int(config["embed_dim"] * config["mlp_ratio"]), decoder_hidden_size=config["decoder_embed_dim"],
+        decoder_num_hidden_layers=config["decoder_depth"], decoder_num_attention_heads=config["decoder_num_heads"],
+        decoder_intermediate_size=int(config["decoder_embed_dim"] * config["decoder_mlp_ratio"]),
+        image_size=config["img_size"], patch_size=config["patch_size"], num_channels=config["in_chans"],
+        mask_ratio=config["mask_ratio"], norm_pix_loss=config["norm_pix_loss"], layer_norm_eps=1e-6, qkv_bias=True)
+    return ViTMAEForPreTraining._from_config(hf_config, attn_implementation="sdpa")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+def peak_flops(args, device: torch.device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    name = device_name(device) if device.type == "cuda" else ""
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table[args.precision] * 1e12
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """One model + AdamW + the step, as pretrain_mae.py runs it (autocast, GradScaler under fp16)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, call):
+        self.name, self.model, self.call, self.device = name, model.to(device), call, device
+        if args.gradient_checkpointing:
+            if name == "ours":
+                for module in model.modules():
+                    if hasattr(module, "gradient_checkpointing"):
+                        module.gradient_checkpointing = True
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.compile:
+            if name == "ours":
+                for module in model.modules():
+                    if isinstance(module, Block):
+                        module.compile()
+            else:
+                model.compile()
+        self.optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device=device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.loss_sum = torch.zeros((), device=device)
+
+    def step(self, images: torch.Tensor, noise: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = self.call(self.model, images, noise)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_sum += loss.detach()  # no .item(): no host-device synchronisation inside the step
+
+    def static_bytes(self) -> int:
+        """Weights, and AdamW's two moments, resident between steps (gradients are freed after each step)."""
+        return sum(p.numel() * p.element_size() * 3 for p in self.model.parameters())
+
+
+def memory_now(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
+    torch.manual_seed(0)
+    trainers = []
+    if args.impl in ("ours", "both"):
+        trainers.append(Trainer("ours", MaskedAutoencoder(**config), args, device,
+                                lambda model, images, noise: model(images, noise=noise).loss))
+    if args.impl in ("hf", "both"):
+        trainers.append(Trainer("hf", build_hf_mae(config), args, device,
+                                lambda model, images, noise: model(pixel_values=images, noise=noise).loss))
+    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    noise = torch.rand(args.batch_size, (config["img_size"] // config["patch_size"]) ** 2, device=device)
+    for trainer in trainers:
+        for _ in range(args.warmup_steps):
+            trainer.step(images, noise)
+    sync(device)
+    times = {t.name: [] for t in trainers}
+    step_memory = {t.name: 0 for t in trainers}
+    for _ in range(args.rounds):  # alternating rounds: drifts in clock or load hit both alike
+        for trainer in trainers:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            before = memory_now(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step(images, noise)
+            sync(device)
+            times[trainer.name].append((time.perf_counter() - start) / args.steps)
+            if device.type == "cuda":
+                step_memory[trainer.name] = max(step_memory[trainer.name], torch.cuda.max_memory_allocated(device) - before)
+    flops = mae_flops_per_image(config, config["mask_ratio"])
+    peak = peak_flops(args, device)
+    rows = []
+    for trainer in trainers:
+        step_time = statistics.median(times[trainer.name])
+        images_per_sec = args.batch_size / step_time
+        rows.append({
+            "mode": "model", "impl": trainer.name, "model": args.model, "batch_size": args.batch_size,
+            "precision": args.precision, "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
+            "images_per_sec": round(images_per_sec, 1), "step_time_ms": round(step_time * 1000, 2),
+            "step_time_spread_ms": round((max(times[trainer.name]) - min(times[trainer.name])) * 1000, 2),
+            "gflops_per_image_train": round(3 * flops / 1e9, 3),
+            "mfu": round(3 * flops * images_per_sec / peak, 4) if peak else None,
+            "peak_tflops_used": peak / 1e12 if peak else None,
+            "memory_gib": round((step_memory[trainer.name] + trainer.static_bytes()) / 2**30, 2)
+            if device.type == "cuda" else None,
+            "finite_loss": bool(torch.isfinite(trainer.loss_sum).item()),
+        })
+    if len(rows) == 2:
+        rows[0]["speedup_vs_hf"] = round(rows[0]["images_per_sec"] / rows[1]["images_per_sec"], 3)
+    return rows
+
+
+def build_pipeline(args, config: dict, device: torch.device):
+    """pretrain_mae.py's training loader (same dataset classes, transform, sampler and loader settings)."""
+    from utils.data import RandomResizedCropFlip, SeededSamples, StepBatchSampler, build_image_dataset
+    from utils.training import build_loader
+
+    base = build_image_dataset(args.dataset, args.path_to_data, "train", config["in_chans"], config["img_size"],
+                               args.max_samples, None)
+    samples = SeededSamples(base, RandomResizedCropFlip(config["img_size"]), 0,
+                            (config["img_size"] // config["patch_size"]) ** 2)
+    sampler = StepBatchSampler(len(samples), args.batch_size, 1, 1, 0, 0)
+    workers = args.num_workers if args.num_workers is not None else (0 if device.type == "cpu" else 8)
+    return build_loader(samples, sampler, workers, device), sampler
+
+
+def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool) -> list[dict]:
+    from utils.data import Normalize, channel_stats
+
+    loader, sampler = build_pipeline(args, config, device)
+    normalize = Normalize(*channel_stats(config["in_chans"], args.dataset)).to(device)
+    trainer = (Trainer("ours", MaskedAutoencoder(**config), args, device,
+                       lambda model, images, noise: model(images, noise=noise).loss) if with_model else None)
+    seen, start, steps = 0, None, 0
+    epoch = 0
+    while steps < args.warmup_steps + args.steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            images = normalize(batch["pixel_values"].to(device, non_blocking=True))  # uint8 until on the device
+            noise = batch["noise"].to(device, non_blocking=True)
+            if trainer is not None:
+                trainer.step(images, noise)
+            steps += 1
+            if steps == args.warmup_steps:
+                sync(device)
+                start = time.perf_counter()
+            elif steps > args.warmup_steps:
+                seen += images.shape[0]
+            if steps == args.warmup_steps + args.steps:
+                break
+        epoch += 1
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return [{"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
+             "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
+             "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
+             "images_per_sec": round(seen / elapsed, 1), "step_time_ms": round(elapsed / args.steps * 1000, 2)}]
+
+
+def saved_bytes_per_block(model: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor, dtype) -> tuple[int, list[int]]:
+    """Bytes autograd saves for the backward pass: in total, and inside each transformer block."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    current = {"block": None}
+    per_block = [0] * len(blocks)
+    total = [0]
+    seen = set()
+
+    def pack(tensor):
+        key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
+        if key not in seen:  # a storage saved twice (e.g. by two ops) is held once
+            seen.add(key)
+            size = tensor.untyped_storage().nbytes()
+            total[0] += size
+            if current["block"] is not None:
+                per_block[current["block"]] += size
+        return tensor
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda module, inputs, i=index: current.update(block=i)))
+        handles.append(block.register_forward_hook(lambda module, inputs, output: current.update(block=None)))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            model(images, noise=noise)
+    for handle in handles:
+        handle.remove()
+    return total[0], per_block
+
+
+def run_memory_mode(args, device: torch.device, config: dict) -> list[dict]:
+    rows = []
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    model = MaskedAutoencoder(**config).to(device)
+    static = sum(p.numel() * p.element_size() for p in model.parameters()) * 4  # weights, grads, AdamW moments
+    patches = (config["img_size"] // config["patch_size"]) ** 2
+    batches = args.memory_batches or [32, 64, 128, 256, 512]
+    if device.type != "cuda":  # estimate: saved activations of a small probe batch, scaled per image
+        probe = 4
+        images = torch.randn(probe, config["in_chans"], config["img_size"], config["img_size"])
+        total, per_block = saved_bytes_per_block(model, images, torch.rand(probe, patches), dtype)
+        block_inputs = sum(tokens * dim * 4 for tokens, dim in block_token_dims(config)) * probe  # fp32 residual stream
+        checkpointed = total - sum(per_block) + block_inputs + max(per_block)
+        for batch in batches:
+            for ckpt, saved in ((False, total), (True, checkpointed)):
+                rows.append({"mode": "memory", "model": args.model, "precision": args.precision, "micro_batch": batch,
+                             "gradient_checkpointing": ckpt, "memory_gib": round((static + saved * batch / probe) / 2**30, 2),
+                             "kind": "estimate: weights+grads+AdamW (16 B/param) + saved activations (CPU autograd)"})
+        return rows
+    trainer_args = argparse.Namespace(**{**vars(args), "compile": False})
+    for ckpt in (False, True):
+        trainer_args.gradient_checkpointing = ckpt
+        trainer = Trainer("ours", MaskedAutoencoder(**config), trainer_args, device,
+                          lambda m, images, noise: m(images, noise=noise).loss)
+        for batch in batches:
+            images = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"], device=device)
+            noise = torch.rand(batch, patches, device=device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                trainer.step(images, noise)
+                trainer.step(images, noise)  # the second step has AdamW's moments allocated
+                sync(device)
+                peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            except torch.cuda.OutOfMemoryError:
+                peak = "OOM"
+            rows.append({"mode": "memory", "model": args.model, "precision": args.precision, "micro_batch": batch,
+                         "gradient_checkpointing": ckpt, "memory_gib": peak, "kind": "measured peak allocated"})
+            del images, noise
+        del trainer
+    return rows
+
+
+def block_token_dims(config: dict) -> list[tuple[int, int]]:
+    patches = (config["img_size"] // config["patch_size"]) ** 2
+    encoder = [(1 + int(patches * (1 - config["mask_ratio"])), config["embed_dim"])] * config["depth"]
+    return encoder + [(1 + patches, config["decoder_embed_dim"])] * config["decoder_depth"]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="model", choices=["model", "data", "both", "memory"], help="What to time.")
     parser.add_argument("--model", default="mae_vit_tiny_patch4", choices=sorted(MAE_PRESETS), help="Preset to time.")
-    parser.add_argument("--batch_size", type=int, default=128, help="Images per step.")
+    parser.add_argument("--impl", default="both", choices=["ours", "hf", "both"],
+                        help="--mode model: this project's MAE, 🤗 ViTMAEForPreTraining, or both in alternating rounds.")
+    parser.add_argument("--batch_size", type=int, default=128, help="Images per step (one micro-batch).")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="Autocast dtype.")
-    parser.add_argument("--steps", type=int, default=10, help="Timed steps (after the warm-up steps).")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile: ours block by block, 🤗's whole model.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute block activations in backward.")
     parser.add_argument("--norm_pix_loss", action="store_true", help="Time with the per-patch normalised target.")
-    parser.add_argument("--output", default=None, help="Also append the result as a JSON line to this file.")
-    return parser.parse_args(argv)
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; the median round is reported.")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (compilation happens here).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="Device peak for the MFU (default: the datasheet value for H100/H200/A100; none on a CPU).")
+    parser.add_argument("--dataset", default=None, help="--mode data/both: as pretrain_mae.py's --dataset "
+                                                        "(default: folder with --path_to_data, else fashion_mnist).")
+    parser.add_argument("--path_to_data", default=None, help="--mode data/both: an image folder (train/ inside).")
+    parser.add_argument("--max_samples", type=int, default=None, help="--mode data/both: first N training images.")
+    parser.add_argument("--num_workers", type=int, default=None, help="--mode data/both: loader workers.")
+    parser.add_argument("--memory_batches", type=int, nargs="+", default=None,
+                        help="--mode memory: micro-batches to measure (default 32 64 128 256 512).")
+    parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")
+    args = parser.parse_args(argv)
+    if args.dataset is None:
+        args.dataset = "folder" if args.path_to_data else "fashion_mnist"
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    config = mae_config(args.model, norm_pix_loss=args.norm_pix_loss)
-    model = MaskedAutoencoder(**config).to(device)
-    optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    config = mae_config(args.model, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
+    if args.mode in ("data", "both") and args.dataset == "fashion_mnist":
+        config["in_chans"] = 1
+    if args.mode == "model":
+        rows = run_model_mode(args, device, config)
+    elif args.mode == "memory":
+        rows = run_memory_mode(args, device, config)
+    else:
+        rows = run_pipeline_mode(args, device, config, with_model=args.mode == "both")
+    import transformers
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(images).loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup_steps):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    elapsed = (time.perf_counter() - start) / args.steps
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:  # the process's peak resident memory (Linux reports KiB)
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result = {
-        "model": args.model, "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "images_per_sec": round(args.batch_size / elapsed, 1), "step_time_ms": round(elapsed * 1000, 1),
-        "peak_memory_gib": round(peak, 2), "peak_memory_kind": "allocated" if device.type == "cuda" else "process RSS",
-    }
-    result["command"] = "python " + " ".join(sys.argv)
-    print(json.dumps(result))
+    context = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "command": "python " + " ".join(sys.argv)}
+    for row in rows:
+        row.update(context)
+        print(json.dumps(row))
     if args.output:
         with open(args.output, "a") as handle:
-            handle.write(json.dumps(result) + "\n")
-    return result
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return rows
 
 
 if __name__ == "__main__":

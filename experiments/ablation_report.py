@@ -324,6 +324,14 @@ def update_readme(readme: Path, block: str) -> None:
     readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
 
 
+def preset_text(name: str = "mae_vit_tiny_patch4") -> str:
+    from models import MAE_PRESETS
+
+    c = MAE_PRESETS[name]
+    return (f"encoder width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads, patch {c['patch_size']}, "
+            f"{c['img_size']} px; decoder width {c['decoder_embed_dim']}, depth {c['decoder_depth']}")
+
+
 def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict, command: str,
                  readme: Path | None = None) -> Path:
     """Collect every run under `out`; write results.json, RESULTS.md and the plots to `report` (and the table into
@@ -353,7 +361,7 @@ def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict
         "every number below comes from their `results.json` / `metrics.jsonl`.",
         "",
         f"- Machine: {', '.join(machines)}. Sum of the stages' wall times: {total_minutes:.0f} min.",
-        f"- Budget: {settings}. Encoder: `mae_vit_tiny_patch4` (ViT-Tiny, width 192, depth 12, patch 4, 28 px).",
+        f"- Budget: {settings}. Model: `mae_vit_tiny_patch4` ({preset_text()}).",
         "- Linear probe and fine-tune evaluate on the Fashion-MNIST test split; masked PSNR and HF error are measured "
         f"on {budget['compare_images']} test images under the same random 75% masks for every model "
         "(compare_reconstructions.py).",
