@@ -1,0 +1,56 @@
+"""bench/benchmark_pretrain.py: the FLOP count behind the MFU, and each mode producing finite figures (speed itself
+is never asserted: benchmarks print figures, tests check that they are computed right)."""
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import ROOT
+from models import MaskedAutoencoder, mae_config
+
+spec = importlib.util.spec_from_file_location("benchmark_pretrain", ROOT / "bench" / "benchmark_pretrain.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("name,ratio", [("mae_vit_tiny_patch4", 0.75), ("mae_vit_small_patch16", 0.5)])
+def test_flops_per_image_equal_pytorchs_count(name, ratio):
+    config = mae_config(name, mask_ratio=ratio)
+    model = MaskedAutoencoder(**config).eval()
+    images = torch.randn(2, config["in_chans"], config["img_size"], config["img_size"])
+    # The math attention path runs as matmuls, which the counter sees (the fused CPU kernel it does not count).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    assert bench.mae_flops_per_image(config, ratio) == counter.get_total_flops() // 2
+
+
+def test_model_mode_times_ours_and_transformers_on_the_same_config():
+    rows = bench.main(["--batch_size", "8", "--steps", "1", "--rounds", "2", "--warmup_steps", "1",
+                       "--peak_tflops", "1.0"])
+    ours, hf = rows
+    assert (ours["impl"], hf["impl"]) == ("ours", "hf")
+    for row in rows:
+        assert row["images_per_sec"] > 0 and row["finite_loss"] and 0 < row["mfu"] < 1
+        assert row["gflops_per_image_train"] == pytest.approx(3 * bench.mae_flops_per_image(
+            mae_config("mae_vit_tiny_patch4", mask_ratio=0.75), 0.75) / 1e9, abs=1e-3)
+    assert ours["speedup_vs_hf"] == pytest.approx(ours["images_per_sec"] / hf["images_per_sec"], rel=1e-2)
+
+
+def test_both_models_learn_the_same_task_from_the_same_config():
+    """The 🤗 model built for the comparison has our shapes: the same parameter count."""
+    config = mae_config("mae_vit_tiny_patch4", mask_ratio=0.75, norm_pix_loss=False)
+    ours = sum(p.numel() for p in MaskedAutoencoder(**config).parameters() if p.requires_grad)
+    theirs = sum(p.numel() for p in bench.build_hf_mae(config).parameters() if p.requires_grad)
+    assert ours == theirs
+
+
+def test_data_and_memory_modes(fashion_mnist_dir):
+    data = bench.main(["--mode", "both", "--batch_size", "16", "--steps", "2", "--warmup_steps", "1",
+                       "--max_samples", "64"])
+    assert data[0]["mode"] == "both" and data[0]["images_per_sec"] > 0
+    memory = bench.main(["--mode", "memory", "--memory_batches", "8", "16"])
+    by_key = {(row["micro_batch"], row["gradient_checkpointing"]): row["memory_gib"] for row in memory}
+    assert by_key[(16, False)] > by_key[(8, False)] > by_key[(8, True)] > 0 and all(map(math.isfinite, by_key.values()))
