@@ -202,8 +202,28 @@ def build_pipeline(args, config: dict, device: torch.device):
     return build_loader(samples, sampler, workers, device), sampler
 
 
+def make_jpegs(folder: Path, count: int, seed: int = 0) -> None:
+    """Smooth random colour fields with noise: they compress about like photos (tens of kB at quality 90)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "train" / "synthetic").mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((500, 375), Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.int16) + rng.integers(-20, 21, (375, 500, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / "train" / "synthetic" / f"{index:06d}.jpg",
+                                                                    quality=90)
+
+
 def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool) -> list[dict]:
     from utils.data import Normalize, channel_stats
+
+    if args.make_jpegs:
+        if not args.path_to_data:
+            raise SystemExit("--make_jpegs needs --path_to_data: the folder to write them to")
+        make_jpegs(Path(args.path_to_data), args.make_jpegs)
 
     loader, sampler = build_pipeline(args, config, device)
     normalize = Normalize(*channel_stats(config["in_chans"], args.dataset)).to(device)
@@ -337,6 +357,9 @@ def parse_args(argv=None):
     parser.add_argument("--path_to_data", default=None, help="--mode data/both: an image folder (train/ inside).")
     parser.add_argument("--max_samples", type=int, default=None, help="--mode data/both: first N training images.")
     parser.add_argument("--num_workers", type=int, default=None, help="--mode data/both: loader workers.")
+    parser.add_argument("--make_jpegs", type=int, default=0,
+                        help="--mode data/both: first write this many synthetic 500x375 JPEGs (ImageNet's typical size, "
+                             "quality 90) under --path_to_data/train/ (where no real image folder is at hand).")
     parser.add_argument("--memory_batches", type=int, nargs="+", default=None,
                         help="--mode memory: micro-batches to measure (default 32 64 128 256 512).")
     parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")

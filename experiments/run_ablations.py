@@ -52,6 +52,7 @@ class Variant:
     flags: tuple[str, ...]  # pretrain_mae.py flags on top of the plain MAE (75% random masking, pixels, norm_pix)
     headline: bool = False  # run with --seeds seeds (the others with one)
     mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
 
 
 def variants(epochs: float) -> list[Variant]:
@@ -60,7 +61,7 @@ def variants(epochs: float) -> list[Variant]:
         Variant("mae", "plain MAE: 75% random masking, pixel targets, norm_pix_loss", (), headline=True),
         Variant("improved", "seed 004: curriculum + HF loss + uniformity (--recipe improved)", ("--recipe", "improved"),
                 headline=True),
-        Variant("mae_raw_pixels", "plain MAE without norm_pix_loss", ("--no_norm_pix_loss",)),
+        Variant("mae_raw_pixels", "plain MAE without norm_pix_loss", (), norm_pix_loss=False),
         Variant("ratio_0.5", "mask ratio 0.5", ("--mask_ratio", "0.5"), mask_ratio=0.5),
         Variant("ratio_0.9", "mask ratio 0.9", ("--mask_ratio", "0.9"), mask_ratio=0.9),
         Variant("block", "block masking at 0.75", ("--mask_strategy", "block")),
@@ -124,12 +125,11 @@ def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
         for seed in range(seeds if variant.headline else 1):
             where = out / variant.name / f"seed{seed}"
             pretrained = str(where / "pretrain" / "final")
-            pretrain_flags = [f for f in variant.flags if f != "--no_norm_pix_loss"]
-            norm = [] if "--no_norm_pix_loss" in variant.flags else ["--norm_pix_loss"]
+            norm = ["--norm_pix_loss"] if variant.norm_pix_loss else []
             chains.append([
                 Stage(f"{variant.name}/seed{seed}/pretrain", where / "pretrain" / "final" / "model.safetensors",
                       python + [str(ROOT / "pretrain_mae.py"), "--working_directory", str(where), "--experiment_name",
-                                "pretrain", "--seed", str(seed), *norm, *pretrain_flags, "--eigenspace_metrics",
+                                "pretrain", "--seed", str(seed), *norm, *variant.flags, "--eigenspace_metrics",
                                 "--num_vis_images", "64", "--log_every", "10", *flags(budget["pretrain"]), *common]),
                 classifier(where, "linear_probe", ["--linear_probe", "--path_to_pretrained_mae_weights", pretrained], seed),
                 classifier(where, "finetune", ["--path_to_pretrained_mae_weights", pretrained], seed),
