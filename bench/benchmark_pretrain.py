@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config  # noqa: E402
 from models.vit import Block  # noqa: E402
 from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from utils.training import apply_speed_options  # noqa: E402
 
 # Dense peak FLOP/s per device and precision (vendor datasheets, without sparsity). fp32 means plain fp32 matmuls
 # (PyTorch's default; TF32 off). A CPU has no entry: pass --peak_tflops.
@@ -99,19 +100,12 @@ class Trainer:
 
     def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, call):
         self.name, self.model, self.call, self.device = name, model.to(device), call, device
-        if args.gradient_checkpointing:
-            if name == "ours":
-                for module in model.modules():
-                    if hasattr(module, "gradient_checkpointing"):
-                        module.gradient_checkpointing = True
-            else:
+        if name == "ours":
+            apply_speed_options(model, args)  # exactly what the scripts do with --compile / --gradient_checkpointing
+        else:
+            if args.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if args.compile:
-            if name == "ours":
-                for module in model.modules():
-                    if isinstance(module, Block):
-                        module.compile()
-            else:
+            if args.compile:
                 model.compile()
         self.optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device=device)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
