@@ -31,7 +31,8 @@ from utils.data import (
     channel_stats, collate_skipping_bad,
 )
 from utils.training import (
-    BadStepGuard, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+    EXIT_PREEMPTED, BadStepGuard, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch,
+    signal_name, sync_context,
 )
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
@@ -342,7 +343,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     if checkpoint is not None:
         state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch))
         logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], state["step"] // steps_per_epoch)
-    elif args.resume_from_checkpoint == "latest":
+    elif args.resume_from_checkpoint in ("latest", "auto"):
         logger.info("no checkpoint under %s yet: starting fresh", run_dir.checkpoints)
     step = state["step"]
     metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
@@ -376,7 +377,8 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     extra_losses = any(weight > 0 for weight in loss_weights.values())
     plain_mae, term_sums, last_vis_step = accelerator.unwrap_model(model), {}, None
     model.train()
-    while step < total_steps:
+    stop, stopping = StopSignal(), False
+    while step < total_steps and not stopping:
         sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
         micro_batches = iter(loader)
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
@@ -430,6 +432,9 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint_now()
                 last_saved_step = step
+            if stop.requested(accelerator):  # (the epoch-end work below still runs if this step ended an epoch)
+                stopping = True
+                break
         if step % steps_per_epoch == 0:  # an epoch ended
             finished_epochs = step // steps_per_epoch
             if args.vis_every and finished_epochs % args.vis_every == 0:
@@ -443,6 +448,11 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
 
     if last_saved_step != step:
         checkpoint_now()
+    if stopping and step < total_steps:
+        logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
+                       "--resume_from_checkpoint auto to continue", signal_name(stop.received), step, total_steps,
+                       run_dir.checkpoints)
+        raise SystemExit(EXIT_PREEMPTED)
     save_final_weights(accelerator, model, run_dir.final)
     picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
                                    math.ceil(step / steps_per_epoch), log_metrics=last_vis_step != step,

@@ -55,14 +55,15 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, trainer_state
 
 
 def resolve_checkpoint(resume_from: str, checkpoint_root: Path) -> Path | None:
-    """``latest`` -> the newest complete checkpoint of this run (None if there is none); else a path."""
-    if resume_from == "latest":
+    """``latest`` / ``auto`` -> the newest complete checkpoint of this run (None if there is none, so the same
+    command line can be requeued forever); else a path. Half-written saves (no marker) are never chosen."""
+    if resume_from in ("latest", "auto"):
         found = complete_checkpoints(checkpoint_root)
         return found[-1] if found else None
     path = Path(resume_from).expanduser()
     if not (path / COMPLETE_MARKER).exists():
         raise UserError(f"--resume_from_checkpoint {resume_from} is not a complete checkpoint folder "
-                        f"(no {COMPLETE_MARKER} marker): pass a step_* folder under checkpoints/ or 'latest'")
+                        f"(no {COMPLETE_MARKER} marker): pass a step_* folder under checkpoints/, 'latest' or 'auto'")
     return path
 
 

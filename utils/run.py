@@ -56,7 +56,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--keep_checkpoints", type=int, default=2,
                      help="Keep the newest K checkpoints (0 keeps all); the newest complete one is never deleted.")
     run.add_argument("--resume_from_checkpoint", type=str, default=None,
-                     help="A checkpoint folder (checkpoints/step_*) or 'latest' (this run's newest, fresh start if none).")
+                     help="A checkpoint folder (checkpoints/step_*), or 'latest' / 'auto': this run's newest complete "
+                          "checkpoint, a fresh start if there is none (the same command can be requeued forever).")
     run.add_argument("--log_every", type=int, default=10,
                      help="Optimizer steps between metrics.jsonl rows / tracker points (1 = every step).")
     run.add_argument("--log_with", type=str, default="tensorboard", choices=["wandb", "tensorboard", "all", "none"],

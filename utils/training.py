@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from contextlib import nullcontext
 
 import torch
@@ -18,7 +20,45 @@ def build_loader(samples, batch_sampler, num_workers: int, device: torch.device)
     resumed from a checkpoint (which restores the global RNG) draws the same mixup/erasing as one never stopped."""
     return DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
                       pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL ("try again"): stopped by a signal after writing a checkpoint; requeue the job
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the main process, which checkpoints and then shuts them down."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "a stop signal on another process"
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) and SIGINT (Ctrl-C) ask the run to
+    stop after the current optimizer step, with a checkpoint; a second signal exits at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        logger.warning("%s received: stopping after this optimizer step with a checkpoint (send it again to exit "
+                       "at once)", signal.Signals(signum).name)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process got a stop signal. Every process must call it at the same step (a collective)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
 def readable_batch(batch: dict, last_batch: dict | None) -> tuple[dict, float]:
