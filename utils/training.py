@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from contextlib import nullcontext
 
 import torch
@@ -39,17 +40,22 @@ def signal_name(signum: int | None) -> str:
 
 class StopSignal:
     """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) and SIGINT (Ctrl-C) ask the run to
-    stop after the current optimizer step, with a checkpoint; a second signal exits at once."""
+    stop after the current optimizer step, with a checkpoint; a second signal (more than 2 s later) exits at once."""
+
+    REPEAT_WINDOW_S = 2.0  # a scheduler and the launcher (torchrun forwards SIGTERM) often deliver the same stop twice
 
     def __init__(self):
         self.received: int | None = None
+        self.received_at = 0.0
         for stop in STOP_SIGNALS:
             signal.signal(stop, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            os._exit(128 + signum)
-        self.received = signum
+            if time.monotonic() - self.received_at > self.REPEAT_WINDOW_S:
+                os._exit(128 + signum)
+            return
+        self.received, self.received_at = signum, time.monotonic()
         logger.warning("%s received: stopping after this optimizer step with a checkpoint (send it again to exit "
                        "at once)", signal.Signals(signum).name)
 
