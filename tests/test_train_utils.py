@@ -82,3 +82,30 @@ def test_gradients_are_synchronised_on_the_last_micro_batch_only():
     contexts = [sync_context(accelerator, None, micro, 4) for micro in range(4)]
     assert accelerator.no_sync_calls == 3
     assert type(contexts[-1]).__name__ == "nullcontext"
+
+
+def test_stop_signal_once_asks_to_stop_twice_exits_at_once():
+    """One SIGUSR1 sets the request (a repeat within 2 s is the same stop, as when the scheduler and torchrun both
+    deliver it); a second one later exits at once with 128 + the signal number."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (
+        "import os, signal, time\n"
+        "from accelerate import Accelerator\n"
+        "from utils.training import StopSignal\n"
+        "stop, accelerator = StopSignal(), Accelerator(cpu=True)\n"
+        "assert not stop.requested(accelerator)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert stop.requested(accelerator) and stop.received == signal.SIGUSR1\n"
+        "print('requested', flush=True)\n"
+        "time.sleep(StopSignal.REPEAT_WINDOW_S + 0.2)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "print('still running')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["requested"], result.stderr[-2000:]
+    assert result.returncode == 128 + 15
