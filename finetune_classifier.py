@@ -35,8 +35,8 @@ from utils.run import (
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.training import (
-    BadStepGuard, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch,
-    sync_context,
+    EXIT_PREEMPTED, BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader,
+    guarded_optimizer_step, readable_batch, signal_name, sync_context,
 )
 
 logger = logging.getLogger("finetune_classifier")
@@ -393,7 +393,8 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
         state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
-    while step < total_steps:
+    stop, stopping = StopSignal(), False
+    while step < total_steps and not stopping:
         sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
         trained.train()
         if mode in FROZEN_MODES and not cached:
@@ -438,6 +439,9 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                 progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch:
                 checkpoint_now()  # (at an epoch end the checkpoint waits for the evaluation, below)
+            if stop.requested(accelerator):  # (an epoch-end evaluation below still runs)
+                stopping = True
+                break
         epoch_done = step % steps_per_epoch == 0
         if epoch_done or step == total_steps:  # evaluate at every epoch end and at the end of the run
             images_per_sec = round(throughput.rate(), 2)
@@ -457,6 +461,12 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                     or (args.checkpointing_steps and step % args.checkpointing_steps == 0)):
                 checkpoint_now()
     progress.close()
+    if stopping and step < total_steps:
+        checkpoint_now()
+        logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
+                       "--resume_from_checkpoint auto to continue", signal_name(stop.received), step, total_steps,
+                       run_dir.checkpoints)
+        raise SystemExit(EXIT_PREEMPTED)
     if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
         result = run_eval()
     save_final_weights(accelerator, model, run_dir.final)
