@@ -35,8 +35,8 @@ from utils.run import (
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.training import (
-    EXIT_PREEMPTED, BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader,
-    guarded_optimizer_step, readable_batch, signal_name, sync_context,
+    BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step,
+    readable_batch, sync_context,
 )
 
 logger = logging.getLogger("finetune_classifier")
@@ -462,11 +462,9 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                 checkpoint_now()
     progress.close()
     if stopping and step < total_steps:
-        checkpoint_now()
-        logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
-                       "--resume_from_checkpoint auto to continue", signal_name(stop.received), step, total_steps,
-                       run_dir.checkpoints)
-        raise SystemExit(EXIT_PREEMPTED)
+        if state["step"] != step:  # (an epoch-end stop was checkpointed with its evaluation already)
+            checkpoint_now()
+        stop.exit_preempted(step, total_steps, run_dir.checkpoints)
     if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
         result = run_eval()
     save_final_weights(accelerator, model, run_dir.final)

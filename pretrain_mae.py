@@ -31,8 +31,7 @@ from utils.data import (
     channel_stats, collate_skipping_bad,
 )
 from utils.training import (
-    EXIT_PREEMPTED, BadStepGuard, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch,
-    signal_name, sync_context,
+    BadStepGuard, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch, sync_context,
 )
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
@@ -449,10 +448,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     if last_saved_step != step:
         checkpoint_now()
     if stopping and step < total_steps:
-        logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
-                       "--resume_from_checkpoint auto to continue", signal_name(stop.received), step, total_steps,
-                       run_dir.checkpoints)
-        raise SystemExit(EXIT_PREEMPTED)
+        stop.exit_preempted(step, total_steps, run_dir.checkpoints)
     save_final_weights(accelerator, model, run_dir.final)
     picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
                                    math.ceil(step / steps_per_epoch), log_metrics=last_vis_step != step,

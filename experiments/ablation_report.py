@@ -271,8 +271,7 @@ def plots(summary: dict, curves: dict, order: list[str], report: Path, compare: 
         plt.close(figure)
         written.append("mask_ratio.png")
 
-    first_seed = {name: rows for (name, seed), rows in sorted(curves.items()) if seed == min(
-        s for (n, s) in curves if n == name)}
+    first_seed = {name: rows for (name, seed), rows in curves.items() if seed == 0}
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, rows in first_seed.items():
         train = [row for row in rows if "loss" in row]
@@ -288,8 +287,7 @@ def plots(summary: dict, curves: dict, order: list[str], report: Path, compare: 
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
     for name, rows in first_seed.items():
-        per_step = {row["step"]: row["epoch"] / row["step"] for row in rows if "epoch" in row and row.get("step")}
-        scale = next(iter(per_step.values()), 1.0)
+        scale = next((row["epoch"] / row["step"] for row in rows if "epoch" in row and row.get("step")), 1.0)
         val = [row for row in rows if "val_error_top" in row]
         for axis, key in zip(axes, ("val_error_top", "val_error_bottom")):
             axis.plot([row["step"] * scale for row in val], [row[key] for row in val], marker=".", label=name,

@@ -134,8 +134,7 @@ def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
                 classifier(where, "linear_probe", ["--linear_probe", "--path_to_pretrained_mae_weights", pretrained], seed),
                 classifier(where, "finetune", ["--path_to_pretrained_mae_weights", pretrained], seed),
             ])
-    models = [str(out / v.name / f"seed{s}" / "pretrain" / "final") for v in chosen
-              for s in range(seeds if v.headline else 1)]
+    models = [str(chain[0].done.parent) for chain in chains if chain[0].name.endswith("/pretrain")]
     compare = Stage("compare_reconstructions", out / "compare" / "metrics.json",
                     python + [str(ROOT / "compare_reconstructions.py"), "--models", *models, "--mask_ratio", "0.75",
                               "--num_images", str(budget["compare_images"]), "--grid_images", "6",

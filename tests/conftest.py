@@ -36,6 +36,23 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, timeo
     return result
 
 
+def sigterm_script(script: str, *args, ready, timeout: int = 180) -> tuple[int, str]:
+    """Start one of the scripts (1 process), wait until ``ready()`` says training is under way, send SIGTERM and
+    return (exit code, stderr)."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
 def read_metrics(run_dir: Path, reconstruction_rows: bool = False) -> list[dict]:
     """metrics.jsonl's training rows (or, with ``reconstruction_rows``, pretraining's validation rows)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, sigterm_script
 from models import MaskedAutoencoder, VisionTransformer
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.metrics import topk_accuracy
@@ -220,30 +220,15 @@ def test_linear_probe_optimizer_is_lars_with_momentum():
 def test_sigterm_then_auto_resume_equals_an_uninterrupted_finetune(tmp_path, fashion_mnist_dir):
     """SIGTERM stops fine-tuning after the current step with a checkpoint (exit 75); the requeued command continues
     and ends with the uninterrupted run's metrics and weights."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
-
     common = ["--from_scratch", "--max_samples", 512, "--max_val_samples", 128, "--per_gpu_batch_size", 32,
               "--epochs", 6, "--log_with", "none", "--resume_from_checkpoint", "auto", "--seed", 3]
     run_script("finetune_classifier.py", "--working_directory", tmp_path, "--experiment_name", "whole", *common)
-    command = [sys.executable, str(ROOT / "finetune_classifier.py"), "--working_directory", str(tmp_path),
-               "--experiment_name", "stopped", *map(str, common)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    metrics = tmp_path / "stopped" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not metrics.exists():  # the first epoch's row: training is under way
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=180)
-    assert process.returncode == 75, stderr[-2000:]
+    stopped = ["--working_directory", tmp_path, "--experiment_name", "stopped", *common]
+    metrics = tmp_path / "stopped" / "metrics.jsonl"  # its first row: the first epoch is done, training under way
+    returncode, stderr = sigterm_script("finetune_classifier.py", *stopped, ready=metrics.exists)
+    assert returncode == 75, stderr[-2000:]
     assert not (tmp_path / "stopped" / "results.json").exists()
-    run_script("finetune_classifier.py", *map(str, command[2:]))
+    run_script("finetune_classifier.py", *stopped)
 
     def rows(name):
         return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, sigterm_script
 from models import MaskedAutoencoder
 
 # A small model so that every run takes seconds on two cores.
@@ -203,28 +203,14 @@ def test_compiled_and_checkpointed_runs_match_eager(tmp_path, fashion_mnist_dir)
 def test_sigterm_checkpoints_and_auto_resume_equals_an_uninterrupted_run(tmp_path, fashion_mnist_dir):
     """SIGTERM mid-run: the run finishes its optimizer step, writes a checkpoint and exits with code 75; the same
     command with --resume_from_checkpoint auto continues and logs exactly the rows of a run never stopped."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
-
     common = ["--max_samples", 512, "--per_gpu_batch_size", 32, "--epochs", 12, "--log_every", 1, "--vis_every", 4,
               "--resume_from_checkpoint", "auto", *SMALL]
     run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "whole", *common)
-    command = [sys.executable, str(ROOT / "pretrain_mae.py"), "--working_directory", str(tmp_path),
-               "--experiment_name", "stopped", *map(str, common)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    stopped = ["--working_directory", tmp_path, "--experiment_name", "stopped", *common]
     metrics = tmp_path / "stopped" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr[-2000:]
+    returncode, stderr = sigterm_script("pretrain_mae.py", *stopped,
+                                        ready=lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20)
+    assert returncode == 75, stderr[-2000:]
     assert "--resume_from_checkpoint auto" in stderr
     stopped_rows = read_metrics(tmp_path / "stopped")
     assert 20 <= len(stopped_rows) < 192  # stopped part-way (192 steps in all)
@@ -232,7 +218,7 @@ def test_sigterm_checkpoints_and_auto_resume_equals_an_uninterrupted_run(tmp_pat
     assert checkpoints[-1].name == f"step_{stopped_rows[-1]['step']:08d}"  # a checkpoint at the step it stopped
     assert not (tmp_path / "stopped" / "final").exists()
 
-    run_script("pretrain_mae.py", *map(str, command[2:]))  # the same command line, requeued
+    run_script("pretrain_mae.py", *stopped)  # the same command line, requeued
     whole = [{k: v for k, v in row.items() if k != "images_per_sec"} for row in read_metrics(tmp_path / "whole")]
     resumed = [{k: v for k, v in row.items() if k != "images_per_sec"} for row in read_metrics(tmp_path / "stopped")]
     assert resumed == whole  # bit-identical losses, learning rates and gradient norms, step by step

@@ -34,10 +34,6 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(stop, signal.SIG_IGN)
 
 
-def signal_name(signum: int | None) -> str:
-    return signal.Signals(signum).name if signum else "a stop signal on another process"
-
-
 class StopSignal:
     """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) and SIGINT (Ctrl-C) ask the run to
     stop after the current optimizer step, with a checkpoint; a second signal (more than 2 s later) exits at once."""
@@ -65,6 +61,13 @@ class StopSignal:
             return self.received is not None
         flag = torch.tensor(float(self.received is not None), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
+    def exit_preempted(self, step: int, total_steps: int, checkpoint_dir) -> None:
+        """After the stop's checkpoint is written: say how to continue and exit with EXIT_PREEMPTED."""
+        cause = signal.Signals(self.received).name if self.received else "a stop signal on another process"
+        logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
+                       "--resume_from_checkpoint auto to continue", cause, step, total_steps, checkpoint_dir)
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 def readable_batch(batch: dict, last_batch: dict | None) -> tuple[dict, float]:
