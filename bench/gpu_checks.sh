@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements in one call, prepared for a session that has the device (about 8 min on one H100):
+# Issue 9's GPU measurements in one call, prepared for a session that has the device (not run yet; each command
+# is capped at 240 s):
 #   OUT=bench/gpu_out bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # Each command is time-limited so that one failure leaves the others' rows.
