@@ -61,8 +61,13 @@ SIZE_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_he
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser, "Folder of images (ImageNet layout with train/ and val/, class subfolders, or loose images); "
-                          "for fashion_mnist, a folder with its IDX files.")
+    data = add_data_args(parser, "Folder of images (ImageNet layout with train/ and val/, class subfolders, or loose "
+                                 "images); for fashion_mnist, a folder with its IDX files.")
+    data.add_argument("--decode", type=str, default="auto", choices=["auto", "cpu", "device"],
+                      help="Where a folder's JPEGs are decoded: cpu (loader workers, PIL), device (the workers only "
+                           "read the bytes and draw the crop; the batch is decoded on the training device with "
+                           "torchvision's decode_jpeg, nvJPEG on a GPU, then cropped and resized there). auto: device "
+                           "when training on a GPU. Both give the same views of the same samples.")
     model = parser.add_argument_group("model (a preset, overridable flag by flag)")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
                        help="Preset. Default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, mae_vit_base_patch16 otherwise.")
@@ -247,8 +252,9 @@ def strategy_noise(args, grid_size: tuple[int, int]):
 
 def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accelerator):
     """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler)."""
+    decode_on_device = args.decode == "device" or (args.decode == "auto" and accelerator.device.type == "cuda")
     base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
-                               args.max_samples, args.image_column)
+                               args.max_samples, args.image_column, encoded_jpeg=decode_on_device)
     samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
     sampler = StepBatchSampler(len(samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,

@@ -182,18 +182,46 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
     return rows
 
 
-def build_pipeline(args, config: dict, device: torch.device):
-    """pretrain_mae.py's training loader (same dataset classes, transform, sampler and loader settings)."""
-    from utils.data import RandomResizedCropFlip, SeededSamples, StepBatchSampler, build_image_dataset
-    from utils.training import build_loader
+def training_samples(args, config: dict, decode_on_device: bool):
+    """pretrain_mae.py's training samples (same dataset classes and transform)."""
+    from utils.data import RandomResizedCropFlip, SeededSamples, build_image_dataset
 
     base = build_image_dataset(args.dataset, args.path_to_data, "train", config["in_chans"], config["img_size"],
-                               args.max_samples, None)
-    samples = SeededSamples(base, RandomResizedCropFlip(config["img_size"]), 0,
-                            (config["img_size"] // config["patch_size"]) ** 2)
+                               args.max_samples, None, encoded_jpeg=decode_on_device)
+    return SeededSamples(base, RandomResizedCropFlip(config["img_size"]), 0,
+                         (config["img_size"] // config["patch_size"]) ** 2)
+
+
+def build_pipeline(args, config: dict, device: torch.device):
+    """pretrain_mae.py's training loader (same samples, sampler and loader settings)."""
+    from utils.data import StepBatchSampler
+    from utils.run import default_num_workers
+    from utils.training import build_loader
+
+    samples = training_samples(args, config, decodes_on_device(args, device))
     sampler = StepBatchSampler(len(samples), args.batch_size, 1, 1, 0, 0)
-    workers = args.num_workers if args.num_workers is not None else (0 if device.type == "cpu" else 8)
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     return build_loader(samples, sampler, workers, device), sampler
+
+
+def decodes_on_device(args, device: torch.device) -> bool:
+    return args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
+
+
+def decode_paths_difference(args, config: dict, device: torch.device, count: int = 64) -> dict:
+    """The same samples' views made by the on-device path and by the CPU path (PIL in the workers): the largest
+    and the mean absolute difference, in uint8 levels."""
+    from utils.data import collate_skipping_bad
+    from utils.run import move_to_device
+
+    views = []
+    for on_device in (True, False):
+        samples = training_samples(args, config, on_device)
+        batch = collate_skipping_bad([samples[(i, 0)] for i in range(min(count, len(samples)))])
+        views.append(move_to_device(batch, device)["pixel_values"].int())
+    difference = (views[0] - views[1]).abs()
+    return {"max_abs_diff_vs_cpu_decode": int(difference.max()),
+            "mean_abs_diff_vs_cpu_decode": round(difference.float().mean().item(), 4)}
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> None:
@@ -213,6 +241,7 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> None:
 
 def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool) -> list[dict]:
     from utils.data import Normalize, channel_stats
+    from utils.run import move_to_device
 
     if args.make_jpegs:
         if not args.path_to_data:
@@ -228,8 +257,8 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     while steps < args.warmup_steps + args.steps:
         sampler.set_epoch(epoch)
         for batch in loader:
-            images = normalize(batch["pixel_values"].to(device, non_blocking=True))  # uint8 until on the device
-            noise = batch["noise"].to(device, non_blocking=True)
+            batch = move_to_device(batch, device)  # uint8 until on the device (JPEGs decoded there with --decode device)
+            images, noise = normalize(batch["pixel_values"]), batch["noise"]
             if trainer is not None:
                 trainer.step(images, noise)
             steps += 1
@@ -243,10 +272,15 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
         epoch += 1
     sync(device)
     elapsed = time.perf_counter() - start
-    return [{"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
-             "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
-             "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
-             "images_per_sec": round(seen / elapsed, 1), "step_time_ms": round(elapsed / args.steps * 1000, 2)}]
+    row = {"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
+           "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
+           "decode": "device" if decodes_on_device(args, device) and args.dataset == "folder" else "cpu",
+           "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
+           "compile": args.compile, "images_per_sec": round(seen / elapsed, 1),
+           "step_time_ms": round(elapsed / args.steps * 1000, 2)}
+    if row["decode"] == "device" and not with_model:
+        row.update(decode_paths_difference(args, config, device))
+    return [row]
 
 
 def saved_bytes_per_block(model: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor, dtype) -> tuple[int, list[int]]:
@@ -350,7 +384,11 @@ def parse_args(argv=None):
                                                         "(default: folder with --path_to_data, else fashion_mnist).")
     parser.add_argument("--path_to_data", default=None, help="--mode data/both: an image folder (train/ inside).")
     parser.add_argument("--max_samples", type=int, default=None, help="--mode data/both: first N training images.")
-    parser.add_argument("--num_workers", type=int, default=None, help="--mode data/both: loader workers.")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="--mode data/both: loader workers (default: pretrain_mae.py's, cores - 1 on a GPU).")
+    parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+                        help="--mode data/both: where a folder's JPEGs are decoded, as pretrain_mae.py's --decode "
+                             "(auto: on the device when it is a GPU).")
     parser.add_argument("--make_jpegs", type=int, default=0,
                         help="--mode data/both: first write this many synthetic 500x375 JPEGs (ImageNet's typical size, "
                              "quality 90) under --path_to_data/train/ (where no real image folder is at hand).")

@@ -7,6 +7,7 @@ workers, and a resumed run sees exactly the images it would have seen: resume is
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
 import warnings
@@ -25,6 +26,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 logger = logging.getLogger(__name__)
 
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ARRAY_EXTENSIONS = (".npy",)  # (H, W, C) arrays: any number of channels (multispectral, ...)
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -90,13 +92,71 @@ class RandomResizedCropFlip:
             crop_w, crop_h = width, height
         return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        top, left, crop_h, crop_w = self.crop_box(image.shape[-2], image.shape[-1], generator)
-        image = TF.resized_crop(image, top, left, crop_h, crop_w, self.size,
-                                interpolation=InterpolationMode.BICUBIC, antialias=True)
-        if self.flip and torch.rand(1, generator=generator).item() < 0.5:
-            image = image.flip(-1)
-        return image
+    def __call__(self, image: "torch.Tensor | EncodedJpeg", generator: torch.Generator) -> "torch.Tensor | DeferredCrop":
+        """The view of ``image``; for an :class:`EncodedJpeg`, the same view's parameters, to be decoded and cropped
+        on the device (the same draws in the same order, so both paths give the same sample)."""
+        height, width = (image.height, image.width) if isinstance(image, EncodedJpeg) else image.shape[-2:]
+        top, left, crop_h, crop_w = self.crop_box(height, width, generator)
+        flip = bool(self.flip and torch.rand(1, generator=generator).item() < 0.5)
+        crop = torch.tensor([top, left, crop_h, crop_w, int(flip), self.size[0]])
+        if isinstance(image, EncodedJpeg):
+            return DeferredCrop(image.data, crop)
+        return crop_view(image, crop.tolist())
+
+
+def crop_view(image: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
+    """Cut ``crop = (top, left, height, width, flip, size)`` out of a (C, H, W) uint8 image, resize it to size x size
+    (bicubic, antialiased) and flip it: the one implementation behind both the CPU and the on-device path."""
+    top, left, crop_h, crop_w, flip, size = crop
+    view = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                           antialias=True)
+    return view.flip(-1) if flip else view
+
+
+@dataclass
+class EncodedJpeg:
+    """A JPEG's bytes and size, read without decoding it (``--decode device``: decoded later, on the GPU)."""
+
+    data: torch.Tensor  # uint8 (num_bytes,)
+    height: int
+    width: int
+
+
+@dataclass
+class DeferredCrop:
+    """A training view still to be made: the JPEG's bytes and ``(top, left, height, width, flip, size)``."""
+
+    data: torch.Tensor
+    crop: torch.Tensor
+
+
+def decode_deferred(batch: dict, device: torch.device) -> dict:
+    """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU) and make their views there:
+    ``batch["jpeg"]`` + ``batch["crop"]`` become ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
+    that does not decode is dropped with its label and noise and counted in ``num_skipped``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas, crops = batch.pop("jpeg"), batch.pop("crop").tolist()
+    try:
+        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the batched call: decode them one by one to find it
+        images = []
+        for data in datas:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as error:
+                logger.warning("skipping a JPEG that does not decode (%s)", str(error).splitlines()[0])
+                images.append(None)
+    keep = [image is not None for image in images]
+    views = [crop_view(image, crop) for image, crop in zip(images, crops) if image is not None]
+    if not all(keep):
+        mask = torch.tensor(keep)
+        batch = {k: v[mask] if isinstance(v, torch.Tensor) and v.ndim and len(v) == len(keep) else v
+                 for k, v in batch.items()}
+        batch["num_skipped"] = batch.get("num_skipped", 0) + keep.count(False)
+    if views:
+        batch["pixel_values"] = torch.stack(views)
+    return batch
 
 
 class ClassifierTrainTransform(RandomResizedCropFlip):
@@ -272,8 +332,9 @@ class ImageFolderDataset(Dataset):
     drops it and counts it) so one bad JPEG never stops a long run.
     """
 
-    def __init__(self, root: Path, num_channels: int):
+    def __init__(self, root: Path, num_channels: int, encoded_jpeg: bool = False):
         self.num_channels = num_channels
+        self.encoded_jpeg = encoded_jpeg and num_channels == 3  # JPEGs come back undecoded (EncodedJpeg)
         files = list_files(root, IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)}) found under {root}: "
@@ -294,6 +355,12 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         try:
+            if self.encoded_jpeg and record.path.suffix.lower() in JPEG_EXTENSIONS:
+                data = record.path.read_bytes()
+                with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                    if image.format == "JPEG" and image.mode in ("RGB", "L"):  # CMYK etc.: decoded here, below
+                        width, height = image.size
+                        return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width), record.label
             if record.path.suffix.lower() in ARRAY_EXTENSIONS:
                 return to_channels(np.load(record.path, allow_pickle=False), self.num_channels), record.label
             with warnings.catch_warnings():
@@ -400,10 +467,11 @@ def load_hub_split(name: str, split: str, streaming: bool = False, require_split
 
 def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int, img_size: int,
                         max_samples: int | None = None, image_column: str | None = None,
-                        require_split: bool = False) -> Dataset:
+                        require_split: bool = False, encoded_jpeg: bool = False) -> Dataset:
     """The uint8 image dataset (items ``(C, H, W) uint8, label`` or ``None``) for one split.
 
     ``dataset``: ``folder`` (``--path_to_data``), ``fashion_mnist``, ``synthetic`` or ``hf:<name or path>``.
+    ``encoded_jpeg``: a folder's RGB JPEGs come back as :class:`EncodedJpeg`, to be decoded on the device.
     """
     if dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(split, path_to_data)
@@ -413,7 +481,7 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
     elif dataset == "folder":
         if not path_to_data:
             raise DataError("--dataset folder needs --path_to_data DIR (a folder of images)")
-        data = ImageFolderDataset(resolve_image_folder(path_to_data, split, require_split), num_channels)
+        data = ImageFolderDataset(resolve_image_folder(path_to_data, split, require_split), num_channels, encoded_jpeg)
     elif dataset.startswith("hf:"):
         data = HubImageDataset(load_hub_split(dataset[3:], split, require_split=require_split), num_channels, image_column)
     else:
@@ -464,9 +532,26 @@ def collate_skipping_bad(samples: list) -> dict:
     good = [s for s in samples if s is not None]
     if not good:
         return {"num_skipped": len(samples)}
-    batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0]}
+    deferred = [isinstance(s["pixel_values"], DeferredCrop) for s in good]
+    if any(deferred) and not all(deferred):  # a folder mixing JPEGs and other files: make every view here
+        good = [s for s in map(view_made_here, good) if s is not None]
+    elif any(deferred):  # decode_deferred (called by move_to_device) makes them on the device
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0] if key != "pixel_values"}
+        batch["jpeg"] = [s["pixel_values"].data for s in good]
+        batch["crop"] = torch.stack([s["pixel_values"].crop for s in good])
+    else:
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0]}
     batch["num_skipped"] = len(samples) - len(good)
     return batch
+
+
+def view_made_here(sample: dict) -> dict | None:
+    """A sample whose view was deferred, made on the CPU (``None`` if its JPEG does not decode)."""
+    if not isinstance(sample["pixel_values"], DeferredCrop):
+        return sample
+    batch = decode_deferred({"jpeg": [sample["pixel_values"].data], "crop": sample["pixel_values"].crop[None]},
+                            torch.device("cpu"))
+    return {**sample, "pixel_values": batch["pixel_values"][0]} if "pixel_values" in batch else None
 
 
 class StepBatchSampler(Sampler):
