@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements in one call (about 6 minutes on an H100; every step has its own time limit, so one
+# Issue 9's GPU measurements in one call (about 7 minutes on an H100; every step has its own time limit, so one
 # failure leaves the others' rows), most important first:
 #   OUT=bench/gpu_out bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py

@@ -40,13 +40,18 @@ def model_table(rows: list[dict], commands: list[str]) -> list[str]:
 
 
 def pipeline_table(rows: list[dict], commands: list[str]) -> list[str]:
-    lines = ["| machine | what | data | batch | workers | img/s | cmd |", "|" + "---|" * 7]
+    lines = ["| machine | what | data | JPEG decode | batch | workers | img/s | note | cmd |", "|" + "---|" * 9]
     for row in rows:
         commands.append(row["command"])
         what = "loader only" if row["mode"] == "data" else f"loader + our step ({row['model']}, {row['precision']})"
         data = row.get("path_to_data") or row.get("dataset")
-        lines.append(f"| {machine(row)} | {what} | {data} | {row['batch_size']} | {row['num_workers']} | "
-                     f"{row['images_per_sec']} | [{len(commands)}] |")
+        decode = row.get("decode", "cpu") if row.get("dataset") == "folder" else "—"
+        notes = [row["note"]] if row.get("note") else []
+        if "max_abs_diff_vs_cpu_decode" in row:
+            notes.append(f"views differ from the CPU path's by {row['mean_abs_diff_vs_cpu_decode']} levels on average "
+                         f"(max {row['max_abs_diff_vs_cpu_decode']})")
+        lines.append(f"| {machine(row)} | {what} | {data} | {decode} | {row['batch_size']} | {row['num_workers']} | "
+                     f"{row['images_per_sec']} | {'; '.join(notes)} | [{len(commands)}] |")
     return lines
 
 
@@ -80,7 +85,8 @@ def main(argv=None) -> None:
             "## Training step: this project's MAE vs 🤗 transformers' ViTMAEForPreTraining", "",
             "Same config, same process, alternating rounds, synthetic images on the device; median round. MFU = model "
             "FLOPs per image (3 x forward, counted from the shapes; see `mae_flops_per_image`) x images/s / the "
-            "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Step memory: peak allocated "
+            "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Compiled rows compile both models "
+            "(ours block by block, 🤗's whole model). Step memory: peak allocated "
             "during the steps above what was resident before, plus weights and AdamW moments.", "",
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",
             "## Input pipeline", "",

@@ -174,3 +174,50 @@ def test_hub_dataset_from_disk_with_image_column(tmp_path):
     assert len(build_image_dataset(f"hf:{tmp_path / 'hub'}", None, "val", 3, 16)) == 2
     with pytest.raises(DataError, match="cannot open 🤗 dataset"):
         build_image_dataset(f"hf:{tmp_path / 'missing'}", None, "train", 3, 16)
+
+
+def photo_like_jpegs(root, count, rng):
+    """Smooth colour fields of varying sizes (a few grayscale), saved as JPEGs in two class folders."""
+    for index in range(count):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((90 + 7 * index, 70 + 3 * index), Image.BICUBIC)
+        if index % 5 == 2:
+            image = image.convert("L")
+        (root / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        image.save(root / f"class{index % 2}" / f"{index:03d}.jpg", quality=90)
+
+
+def views(folder, encoded: bool, count: int):
+    """The first ``count`` training samples of pretrain_mae.py's pipeline, made on the CPU device."""
+    from utils.run import move_to_device
+
+    base = build_image_dataset("folder", str(folder), "train", 3, 32, encoded_jpeg=encoded)
+    samples = SeededSamples(base, RandomResizedCropFlip(32), 7, 16)
+    loader = DataLoader(samples, batch_sampler=StepBatchSampler(count, count, 1, seed=3),
+                        collate_fn=collate_skipping_bad)
+    return move_to_device(next(iter(loader)), torch.device("cpu"))
+
+
+def test_jpegs_decoded_on_the_device_give_the_workers_views(tmp_path):
+    photo_like_jpegs(tmp_path, 12, np.random.default_rng(0))
+    plain, deferred = views(tmp_path, False, 12), views(tmp_path, True, 12)
+    assert "jpeg" not in deferred and deferred["pixel_values"].dtype == torch.uint8
+    assert deferred["pixel_values"].shape == (12, 3, 32, 32)
+    assert torch.equal(deferred["pixel_values"], plain["pixel_values"])  # same crop, flip, decoder: same pixels
+    assert torch.equal(deferred["noise"], plain["noise"]) and torch.equal(deferred["label"], plain["label"])
+
+
+def test_deferred_decode_drops_a_broken_jpeg_with_its_label_and_handles_mixed_folders(tmp_path):
+    photo_like_jpegs(tmp_path, 6, np.random.default_rng(1))
+    good = (tmp_path / "class0" / "000.jpg").read_bytes()
+    (tmp_path / "class1" / "broken.jpg").write_bytes(good[:len(good) // 2])  # readable header, truncated data
+    plain, deferred = views(tmp_path, False, 7), views(tmp_path, True, 7)
+    assert plain["num_skipped"] == deferred["num_skipped"] == 1
+    assert deferred["pixel_values"].shape[0] == deferred["noise"].shape[0] == deferred["label"].shape[0] == 6
+    assert torch.equal(deferred["pixel_values"], plain["pixel_values"])
+    assert torch.equal(deferred["label"], plain["label"]) and torch.equal(deferred["noise"], plain["noise"])
+
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(tmp_path / "class1" / "flat.png")  # not a JPEG
+    plain, deferred = views(tmp_path, False, 8), views(tmp_path, True, 8)
+    assert deferred["pixel_values"].shape[0] == 7  # views made in the collate when a batch mixes formats
+    assert torch.equal(deferred["pixel_values"], plain["pixel_values"])

@@ -144,7 +144,8 @@ def test_bf16_norm_pix_loss_run_with_accumulation(tmp_path, fashion_mnist_dir):
     assert list((tmp_path / "bf16" / "reconstructions").glob("*.png"))
 
 
-def test_a_corrupt_image_is_skipped_during_a_run(tmp_path):
+@pytest.mark.parametrize("suffix, decode", [("png", "cpu"), ("jpg", "device")])
+def test_a_corrupt_image_is_skipped_during_a_run(tmp_path, suffix, decode):
     import numpy as np
     from PIL import Image
 
@@ -152,12 +153,12 @@ def test_a_corrupt_image_is_skipped_during_a_run(tmp_path):
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(15):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
-    (images / "15.png").write_bytes(b"not a png")
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i:02d}.{suffix}")
+    (images / f"15.{suffix}").write_bytes(b"not an image")
     result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "corrupt",
                         "--path_to_data", images, "--model", "mae_vit_tiny_patch4", "--img_size", 32,
                         "--input_channels", 3, "--per_gpu_batch_size", 8, "--epochs", 1, "--log_every", 1,
-                        "--vis_every", 0, *SMALL)
+                        "--vis_every", 0, "--decode", decode, *SMALL)
     rows = read_metrics(tmp_path / "corrupt")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["skipped_images"] == 1
     assert "skipping unreadable image" in result.stderr and "1 unreadable images were skipped" in result.stderr

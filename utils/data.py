@@ -137,8 +137,12 @@ def decode_deferred(batch: dict, device: torch.device) -> dict:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     datas, crops = batch.pop("jpeg"), batch.pop("crop").tolist()
+    if device.type == "cuda":  # torchvision's nvJPEG decoder runs on its own stream: without these fences it races
+        torch.cuda.synchronize(device)  # the training step's kernels (seen on an H100: a device-side assert, error 710)
     try:
         images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except RuntimeError:  # one bad file fails the batched call: decode them one by one to find it
         images = []
         for data in datas:
@@ -533,16 +537,15 @@ def collate_skipping_bad(samples: list) -> dict:
     if not good:
         return {"num_skipped": len(samples)}
     deferred = [isinstance(s["pixel_values"], DeferredCrop) for s in good]
-    if any(deferred) and not all(deferred):  # a folder mixing JPEGs and other files: make every view here
-        good = [s for s in map(view_made_here, good) if s is not None]
-    elif any(deferred):  # decode_deferred (called by move_to_device) makes them on the device
+    if all(deferred):  # decode_deferred (called by move_to_device) makes the views on the device
         batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0] if key != "pixel_values"}
         batch["jpeg"] = [s["pixel_values"].data for s in good]
         batch["crop"] = torch.stack([s["pixel_values"].crop for s in good])
-    else:
-        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0]}
-    batch["num_skipped"] = len(samples) - len(good)
-    return batch
+        return {**batch, "num_skipped": len(samples) - len(good)}
+    if any(deferred):  # a folder mixing JPEGs and other files: every view is made here
+        good = [s for s in map(view_made_here, good) if s is not None]
+    batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0]} if good else {}
+    return {**batch, "num_skipped": len(samples) - len(good)}
 
 
 def view_made_here(sample: dict) -> dict | None:
