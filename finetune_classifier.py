@@ -22,7 +22,7 @@ from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
-    ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples, StepBatchSampler,
+    ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples,
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
 )
 from utils.errors import UserError, run_cli
@@ -34,6 +34,7 @@ from utils.run import (
     save_final_weights, start_run,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+from utils.shards import build_step_sampler
 from utils.training import (
     BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step,
     readable_batch, sync_context,
@@ -310,8 +311,9 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     else:
         trained, prepare_inputs = model, normalize
 
-    sampler = StepBatchSampler(len(train_samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
-                               accelerator.num_processes, accelerator.process_index, args.seed)
+    sampler = build_step_sampler(train_samples if cached else train_base, args.per_gpu_batch_size,
+                                 args.gradient_accumulation_steps, accelerator.num_processes,
+                                 accelerator.process_index, args.seed)
     loader = build_loader(train_samples, sampler, args.num_workers, accelerator.device)
     val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
     val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,

@@ -27,7 +27,7 @@ from utils.checkpoint import (
     resolve_checkpoint, resume_from, save_checkpoint,
 )
 from utils.data import (
-    Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, StepBatchSampler, build_image_dataset,
+    Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, build_image_dataset,
     channel_stats, collate_skipping_bad,
 )
 from utils.training import (
@@ -42,6 +42,7 @@ from utils.run import (
     save_final_weights, start_run,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+from utils.shards import build_step_sampler
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
 
 logger = logging.getLogger("pretrain_mae")
@@ -257,8 +258,8 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
                                args.max_samples, args.image_column, encoded_jpeg=decode_on_device)
     samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
-    sampler = StepBatchSampler(len(samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
-                               accelerator.num_processes, accelerator.process_index, args.seed)
+    sampler = build_step_sampler(base, args.per_gpu_batch_size, args.gradient_accumulation_steps,
+                                 accelerator.num_processes, accelerator.process_index, args.seed)
     loader = build_loader(samples, sampler, args.num_workers, accelerator.device)
     return loader, sampler
 

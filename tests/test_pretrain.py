@@ -50,10 +50,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
     full = tmp_path / "full"
     shutil.copytree(full, tmp_path / "resumed")
     resumed = tmp_path / "resumed"
-    for later in ("step_00000009", "step_00000010"):  # as if the run had died after its step-6 checkpoint
+    for later in ("step_00000008", "step_00000009", "step_00000010"):  # as if it had died after step 6
         shutil.rmtree(resumed / "checkpoints" / later)
     shutil.rmtree(resumed / "final")
-    run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "latest", *common)
+    result = run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "latest", *common)
+    assert "step_00000006 at step 6" in result.stderr  # resumed mid-epoch (a fresh start would give the same rows)
     full_rows, resumed_rows = read_metrics(full), read_metrics(resumed)
     # Rows every 4 steps: the one at step 8 averages steps 5-8 across the resume at step 6.
     assert [r["step"] for r in resumed_rows] == [4, 8, 10]

@@ -359,24 +359,28 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         try:
-            if self.encoded_jpeg and record.path.suffix.lower() in JPEG_EXTENSIONS:
-                data = record.path.read_bytes()
-                with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                    if image.format == "JPEG" and image.mode in ("RGB", "L"):  # CMYK etc.: decoded here, below
-                        width, height = image.size
-                        return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width), record.label
-            if record.path.suffix.lower() in ARRAY_EXTENSIONS:
-                return to_channels(np.load(record.path, allow_pickle=False), self.num_channels), record.label
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PIL's EXIF / palette warnings would flood the log
-                with Image.open(record.path) as image:
-                    image.load()
-                    return to_channels(image, self.num_channels), record.label
+            image = image_from_bytes(record.path.read_bytes(), record.path.suffix, self.num_channels, self.encoded_jpeg)
+            return image, record.label
         except DataError:
             raise
         except Exception as error:  # truncated, corrupt or unreadable: skipped and counted by the collate
             logger.warning("skipping unreadable image %s (%s)", record.path, error)
             return None
+
+
+def image_from_bytes(data: bytes, suffix: str, num_channels: int, encoded_jpeg: bool = False):
+    """An image file's bytes -> uint8 (C, H, W); or, with ``encoded_jpeg``, an RGB/gray JPEG left undecoded
+    (:class:`EncodedJpeg`). Raises on a file that does not decode."""
+    if suffix.lower() in ARRAY_EXTENSIONS:
+        return to_channels(np.load(io.BytesIO(data), allow_pickle=False), num_channels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's EXIF / palette warnings would flood the log
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            if encoded_jpeg and num_channels == 3 and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                width, height = image.size  # CMYK etc. are decoded here
+                return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width)
+            image.load()
+            return to_channels(image, num_channels)
 
 
 class ArrayDataset(Dataset):
@@ -474,8 +478,9 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
                         require_split: bool = False, encoded_jpeg: bool = False) -> Dataset:
     """The uint8 image dataset (items ``(C, H, W) uint8, label`` or ``None``) for one split.
 
-    ``dataset``: ``folder`` (``--path_to_data``), ``fashion_mnist``, ``synthetic`` or ``hf:<name or path>``.
-    ``encoded_jpeg``: a folder's RGB JPEGs come back as :class:`EncodedJpeg`, to be decoded on the device.
+    ``dataset``: ``folder`` (``--path_to_data``), ``shards`` (tar shards under ``--path_to_data``, a folder or fsspec
+    URL; see utils/shards.py), ``fashion_mnist``, ``synthetic`` or ``hf:<name or path>``.
+    ``encoded_jpeg``: a folder's (or shards') RGB JPEGs come back as :class:`EncodedJpeg`, to be decoded on the device.
     """
     if dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(split, path_to_data)
@@ -486,10 +491,18 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
         if not path_to_data:
             raise DataError("--dataset folder needs --path_to_data DIR (a folder of images)")
         data = ImageFolderDataset(resolve_image_folder(path_to_data, split, require_split), num_channels, encoded_jpeg)
+    elif dataset == "shards":
+        from .shards import TarShardDataset, find_index
+
+        found = find_index(path_to_data, split) if path_to_data else None
+        if found is None:
+            raise DataError(f"no shards.json under --path_to_data {path_to_data}: pass a folder or URL of tar shards "
+                            "written by make_shards.py (or index yours with make_shards.py --index_only URL)")
+        return TarShardDataset(found, num_channels, encoded_jpeg, max_samples)
     elif dataset.startswith("hf:"):
         data = HubImageDataset(load_hub_split(dataset[3:], split, require_split=require_split), num_channels, image_column)
     else:
-        raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist, synthetic, folder or hf:<name>")
+        raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist, synthetic, folder, shards or hf:<name>")
     if max_samples is not None and max_samples < len(data):
         data = torch.utils.data.Subset(data, range(max_samples))
     return data

@@ -1,0 +1,116 @@
+"""Turn an image folder into webdataset-style tar shards (plus the shards.json index the training scripts read),
+or index shards written elsewhere. The shards can then live on any fsspec URL: train with
+``--path_to_data s3://bucket/imagenet-shards`` (each process reads its own shards, by byte range).
+
+    python make_shards.py --input_dir /data/imagenet --output_dir /data/imagenet-shards    # train/ and val/ kept apart
+    python make_shards.py --input_dir photos/ --output_dir s3://bucket/photos-shards --samples_per_shard 5000
+    python make_shards.py --index_only s3://bucket/existing-webdataset/train                 # shards made by others
+
+Images are copied byte for byte (no re-encoding), in a shuffled order (``--seed``) so that every shard mixes the
+classes; each becomes ``<key>.<ext>`` with its class index in ``<key>.cls``, as webdataset does.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import tarfile
+from pathlib import Path, PurePosixPath
+
+from utils.data import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataError, ImageFolderDataset
+from utils.errors import run_cli
+from utils.shards import INDEX_NAME, filesystem
+
+logger = logging.getLogger("make_shards")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", default=None,
+                        help="Image folder: ImageNet layout (train/ and val/ with class subfolders), class subfolders, "
+                             "or loose images (label -1).")
+    parser.add_argument("--output_dir", default=None, help="Folder or fsspec URL for the shards (split subfolders kept).")
+    parser.add_argument("--samples_per_shard", type=int, default=1000,
+                        help="Images per tar shard (ImageNet's 1.28M make 1,282 shards of ~110 MB at 1000).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the order images are written in.")
+    parser.add_argument("--no_shuffle", action="store_true", help="Keep the folder's sorted order.")
+    parser.add_argument("--index_only", default=None, metavar="URL",
+                        help="Only (re)write shards.json for the *.tar shards under this folder or URL.")
+    args = parser.parse_args(argv)
+    if not args.index_only and not (args.input_dir and args.output_dir):
+        parser.error("give --input_dir and --output_dir (or --index_only URL)")
+    if args.samples_per_shard < 1:
+        parser.error("--samples_per_shard must be at least 1")
+    return args
+
+
+def index_shard(fs, path: str) -> list[list]:
+    """``[member name, data offset, size, label]`` of each image in one tar shard (label from ``<key>.cls``, else -1)."""
+    images, labels = {}, {}
+    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, suffix = str(PurePosixPath(member.name).with_suffix("")), PurePosixPath(member.name).suffix.lower()
+            if suffix == ".cls":
+                labels[key] = int(tar.extractfile(member).read().decode().strip() or -1)
+            elif suffix in IMAGE_EXTENSIONS + ARRAY_EXTENSIONS:
+                images[key] = [member.name, member.offset_data, member.size]
+    return [[*images[key], labels.get(key, -1)] for key in images]
+
+
+def write_index(url: str, classes: list[str]) -> dict:
+    fs, root = filesystem(url)
+    names = sorted(PurePosixPath(p).name for p in fs.glob(f"{root.rstrip('/')}/*.tar"))
+    if not names:
+        raise DataError(f"no *.tar shards under {url}")
+    index = {"format": "webdataset tar shards, indexed by mae-accelerate's make_shards.py", "classes": classes,
+             "shards": [{"name": name, "samples": index_shard(fs, f"{root}/{name}")} for name in names]}
+    with fs.open(f"{root}/{INDEX_NAME}", "w") as handle:
+        json.dump(index, handle)
+    total = sum(len(shard["samples"]) for shard in index["shards"])
+    logger.info("%s: %d shards, %d images indexed", url, len(names), total)
+    return index
+
+
+def write_shards(folder: Path, url: str, samples_per_shard: int, seed: int | None) -> None:
+    dataset = ImageFolderDataset(folder, num_channels=3)
+    records = list(dataset.records)
+    if seed is not None:
+        random.Random(seed).shuffle(records)
+    fs, root = filesystem(url)
+    fs.makedirs(root, exist_ok=True)
+    for stale in fs.glob(f"{root.rstrip('/')}/shard-*.tar"):  # a rerun must not mix with an older, larger one
+        fs.rm(stale)
+    for number, first in enumerate(range(0, len(records), samples_per_shard)):
+        with fs.open(f"{root}/shard-{number:06d}.tar", "wb") as handle, tarfile.open(fileobj=handle, mode="w") as tar:
+            for position, record in enumerate(records[first:first + samples_per_shard], start=first):
+                key = f"{position:09d}"
+                for name, data in ((key + record.path.suffix.lower(), record.path.read_bytes()),
+                                   (key + ".cls", str(record.label).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    write_index(url, dataset.classes)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.index_only:
+        write_index(args.index_only, [])
+        return
+    source = Path(args.input_dir).expanduser()
+    if not source.is_dir():
+        raise DataError(f"--input_dir {args.input_dir} is not a folder: pass a folder of images")
+    splits = [name for name in ("train", "val", "validation") if (source / name).is_dir()]
+    seed = None if args.no_shuffle else args.seed
+    for split in splits or [None]:
+        target = args.output_dir.rstrip("/") + (f"/{split}" if split else "")
+        write_shards(source / split if split else source, target, args.samples_per_shard, seed)
+
+
+if __name__ == "__main__":
+    run_cli(main)

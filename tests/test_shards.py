@@ -1,0 +1,143 @@
+"""Tar shards: make_shards.py, the byte-range reader (local and fsspec URLs) and the per-process shard sampler."""
+import io
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_script
+from make_shards import main as make_shards
+from utils.data import DataError, build_image_dataset
+from utils.shards import ShardStepSampler, TarShardDataset, assign_shards
+
+
+def image_folder(root, counts=(("train", 30), ("val", 6)), seed=0):
+    """ImageNet layout: train/ and val/ with three class folders; JPEGs, a few PNGs and an .npy array."""
+    rng = np.random.default_rng(seed)
+    for split, count in counts:
+        for i in range(count):
+            folder = root / split / f"class{i % 3}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)
+            if i == 7:
+                np.save(folder / f"{i:03d}.npy", pixels)
+            else:
+                Image.fromarray(pixels).save(folder / f"{i:03d}.{'png' if i % 5 == 0 else 'jpg'}")
+    return root
+
+
+def as_dict(dataset):
+    """image bytes -> (decoded tensor, label) for every item, to compare data sets whatever their order."""
+    items = {}
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        items[image.numpy().tobytes()] = label
+    return items
+
+
+def test_shards_hold_every_image_and_label_of_the_folder(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    make_shards(["--input_dir", str(folder), "--output_dir", f"file://{tmp_path}/shards", "--samples_per_shard", "4"])
+    assert len(list((tmp_path / "shards" / "train").glob("shard-*.tar"))) == 8  # 30 images, 4 per shard
+    for split in ("train", "val"):
+        plain = build_image_dataset("folder", str(folder), split, 3, 32)
+        sharded = build_image_dataset("shards", f"file://{tmp_path}/shards", split, 3, 32)
+        assert isinstance(sharded, TarShardDataset) and sharded.classes == ["class0", "class1", "class2"]
+        assert len(sharded) == len(plain)
+        assert as_dict(sharded) == as_dict(plain)  # same pixels, same labels (images were copied, not re-encoded)
+    assert build_image_dataset("shards", str(tmp_path / "shards"), "train", 3, 32, max_samples=9).shard_ranges == \
+        [(0, 4), (4, 4), (8, 1)]
+
+
+def test_shards_written_elsewhere_are_indexed(tmp_path):
+    """webdataset's layout: <key>.jpg + <key>.cls, keys with folders in them, other members ignored."""
+    (tmp_path / "wds").mkdir()
+    rng = np.random.default_rng(1)
+    expected = {}
+    for shard in range(3):
+        with tarfile.open(tmp_path / "wds" / f"part-{shard}.tar", "w") as tar:
+            for i in range(5):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
+                label = (shard * 5 + i) % 4
+                for name, data in ((f"n{shard}/{i}.png", buffer.getvalue()), (f"n{shard}/{i}.cls", str(label).encode()),
+                                   (f"n{shard}/{i}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                expected[np.asarray(Image.open(io.BytesIO(buffer.getvalue()))).transpose(2, 0, 1).tobytes()] = label
+    with pytest.raises(DataError, match="make_shards.py --index_only"):
+        TarShardDataset(str(tmp_path / "wds"), 3)
+    make_shards(["--index_only", str(tmp_path / "wds")])
+    assert as_dict(TarShardDataset(str(tmp_path / "wds"), 3)) == expected
+
+
+def test_each_process_reads_its_own_shards_and_every_sample_once_per_epoch():
+    ranges = [(10 * n, 10) for n in range(8)]  # 8 shards of 10 samples
+    samplers = [ShardStepSampler(ranges, 8, 2, num_processes=2, rank=rank, seed=3) for rank in range(2)]
+    assert samplers[0].steps_per_epoch == 5 and samplers[0].global_batch == 16
+    orders = []
+    for epoch in range(2):
+        seen = Counter()
+        for rank, sampler in enumerate(samplers):
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == 10 and all(len(b) == 4 for b in batches)  # 5 steps x 2 micro-batches of 4
+            keys = [key for batch in batches for key in batch]
+            assert {e for _, e in keys} == {epoch}
+            own = {i for shard in sampler.assignment[rank] for i in range(ranges[shard][0], sum(ranges[shard]))}
+            assert {i for i, _ in keys} <= own  # only this process's shards
+            seen.update(i for i, _ in keys)
+            orders.append([i for i, _ in keys])
+        assert seen == Counter(range(80))  # every sample exactly once per epoch, across the processes
+    assert orders[0] != orders[2]  # reshuffled every epoch
+
+    # resumed mid-epoch: exactly the batches the uninterrupted epoch still had to give, in the same order
+    sampler = samplers[1]
+    sampler.set_epoch(1)
+    whole = list(sampler)
+    sampler.set_epoch(1, start_step=3)
+    assert list(sampler) == whole[3 * 2:]
+
+
+def test_unequal_shards_give_every_process_the_same_number_of_steps():
+    ranges = [(0, 30), (30, 7), (37, 12), (49, 5), (54, 20)]
+    assignment = assign_shards(ranges, 2)
+    assert sorted(sum(assignment, [])) == list(range(5))
+    samplers = [ShardStepSampler(ranges, 5, 1, num_processes=2, rank=rank) for rank in range(2)]
+    shares = [sum(ranges[n][1] for n in shards) for shards in assignment]
+    assert samplers[0].steps_per_epoch == samplers[1].steps_per_epoch == min(shares) // 5
+    assert [len(list(s)) for s in samplers] == [min(shares) // 5] * 2
+    with pytest.raises(DataError, match="at least as many shards as processes"):
+        ShardStepSampler(ranges[:1], 5, 1, num_processes=2)
+
+
+def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
+    folder = image_folder(tmp_path / "images", counts=(("train", 48),), seed=2)
+    url = f"file://{tmp_path}/shards"
+    make_shards(["--input_dir", str(folder), "--output_dir", url, "--samples_per_shard", "5"])
+    # 48 images in 10 shards, 8 per step: 6 steps per epoch; 9 steps cross an epoch; step 4 is mid-epoch
+    common = ["--working_directory", tmp_path, "--path_to_data", url, "--model", "mae_vit_tiny_patch4",
+              "--img_size", 16, "--patch_size", 4, "--input_channels", 3, "--encoder_embed_dim", 32, "--encoder_depth", 1,
+              "--encoder_num_heads", 2, "--decoder_embed_dim", 32, "--decoder_depth", 1, "--decoder_num_heads", 2,
+              "--per_gpu_batch_size", 8, "--max_train_steps", 9, "--checkpointing_steps", 4, "--keep_checkpoints", 0,
+              "--log_every", 1, "--vis_every", 0, "--log_with", "none", "--num_workers", 2]
+    run_script("pretrain_mae.py", "--experiment_name", "full", *common)
+    full = tmp_path / "full"
+    assert read_metrics(full)[0]["epoch"] == round(1 / 6, 4)  # 6 steps per epoch: shards were used
+    shutil.copytree(full, tmp_path / "resumed")
+    resumed = tmp_path / "resumed"
+    for later in ("step_00000006", "step_00000008", "step_00000009"):  # as if it had died after step 4
+        shutil.rmtree(resumed / "checkpoints" / later)
+    shutil.rmtree(resumed / "final")
+    result = run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "auto", *common)
+    assert "step_00000004 at step 4" in result.stderr  # it did resume mid-epoch (a fresh start would match too)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(resumed)) == strip(read_metrics(full))  # bit-identical from step 5 on
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,196 @@
+"""Sharded image data for data sets that do not fit on each node's disk: webdataset-style tar shards.
+
+A shard is a plain tar file holding ``<key>.<ext>`` images (jpg, png, npy, ...) and, for labelled data,
+``<key>.cls`` (the class index as text), as webdataset writes them. Beside the shards, ``shards.json`` records each
+image's byte range inside its shard (``make_shards.py`` writes it, and indexes shards made elsewhere). With it,
+every sample is one ranged read, from a local folder or any fsspec URL (``s3://``, ``gs://``, ``hf://``, ...):
+
+- each process reads its own shards (split once, balanced by sample count), a few at a time, in an order
+  reshuffled every epoch (:class:`ShardStepSampler`);
+- items are ``(index, epoch)`` keys like every other data set here, so crops and masks stay functions of
+  ``(seed, epoch, index)`` and a run resumes mid-epoch with exactly the remaining samples.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import PurePosixPath
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .data import DataError, image_from_bytes
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "shards.json"
+SHARDS_MIXED = 4  # shards read side by side: a micro-batch draws from this many shards' samples
+OPEN_SHARDS = 8  # open shard files kept per worker
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path) for a local path or an fsspec URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def find_index(url: str, split: str) -> str | None:
+    """The folder (or URL) holding ``split``'s shards.json: ``<url>/train`` (``val``/``validation`` for other
+    splits) when there, else ``<url>`` itself; None if neither has one."""
+    fs, root = filesystem(url)
+    names = ("train",) if split == "train" else ("val", "validation", "train")
+    for candidate in [f"{root.rstrip('/')}/{name}" for name in names] + [root]:
+        if fs.exists(f"{candidate}/{INDEX_NAME}"):
+            return candidate if "://" not in url else f"{url.split('://')[0]}://{candidate}"
+    return None
+
+
+def is_sharded(url: str | None) -> bool:
+    return bool(url) and find_index(url, "train") is not None
+
+
+class TarShardDataset(Dataset):
+    """The images of a folder of tar shards (local or fsspec URL), read by byte range. Items are
+    ``(uint8 (C, H, W) or EncodedJpeg, label)``, or ``None`` for an image that does not decode."""
+
+    def __init__(self, url: str, num_channels: int, encoded_jpeg: bool = False, max_samples: int | None = None):
+        self.url, self.num_channels, self.encoded_jpeg = url, num_channels, encoded_jpeg
+        self.fs, self.root = filesystem(url)
+        try:
+            with self.fs.open(f"{self.root}/{INDEX_NAME}", "r") as handle:
+                index = json.load(handle)
+        except FileNotFoundError:
+            raise DataError(f"no {INDEX_NAME} under {url}: write one with "
+                            f"`python make_shards.py --index_only {url}`") from None
+        self.classes = index.get("classes", [])
+        self.shard_names = [shard["name"] for shard in index["shards"]]
+        self.records = []  # (shard number, offset, size, label, suffix), shard after shard
+        self.shard_ranges = []  # (first record, count) of each shard
+        for number, shard in enumerate(index["shards"]):
+            start = len(self.records)
+            for key, offset, size, label in shard["samples"]:
+                self.records.append((number, offset, size, label, PurePosixPath(key).suffix))
+            self.shard_ranges.append((start, len(self.records) - start))
+        if max_samples is not None and max_samples < len(self.records):  # whole shards first, then part of one
+            self.records = self.records[:max_samples]
+            self.shard_ranges = [(start, min(count, max_samples - start)) for start, count in self.shard_ranges
+                                 if start < max_samples]
+        if not self.records:
+            raise DataError(f"the shards under {url} hold no images: check --path_to_data")
+        self._open: dict[int, object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _shard_file(self, number: int):
+        if self._pid != os.getpid():  # a forked worker: never share the parent's file offsets
+            self._open, self._pid = {}, os.getpid()
+        handle = self._open.pop(number, None)
+        if handle is None:
+            if len(self._open) >= OPEN_SHARDS:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest).close()
+            handle = self.fs.open(f"{self.root}/{self.shard_names[number]}", "rb")
+        self._open[number] = handle  # most recently used last
+        return handle
+
+    def read_bytes(self, index: int) -> bytes:
+        number, offset, size, _, _ = self.records[index]
+        handle = self._shard_file(number)
+        handle.seek(offset)
+        return handle.read(size)
+
+    def __getitem__(self, index: int):
+        number, _, _, label, suffix = self.records[index]
+        try:
+            return image_from_bytes(self.read_bytes(index), suffix, self.num_channels, self.encoded_jpeg), label
+        except DataError:
+            raise
+        except Exception as error:  # skipped and counted by the collate, as for image folders
+            logger.warning("skipping unreadable image %d of shard %s (%s)", index, self.shard_names[number], error)
+            return None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}, "_pid": None}
+
+
+def assign_shards(shard_ranges: list[tuple[int, int]], num_processes: int) -> list[list[int]]:
+    """Shards per process, balanced by sample count (largest first, each to the least loaded process). The split
+    is fixed for the run; what each process reads in an epoch is reshuffled by ShardStepSampler."""
+    loads, assigned = [0] * num_processes, [[] for _ in range(num_processes)]
+    for number in sorted(range(len(shard_ranges)), key=lambda n: (-shard_ranges[n][1], n)):
+        rank = min(range(num_processes), key=lambda r: (loads[r], r))
+        assigned[rank].append(number)
+        loads[rank] += shard_ranges[number][1]
+    return [sorted(shards) for shards in assigned]
+
+
+class ShardStepSampler(Sampler):
+    """StepBatchSampler's interface (``set_epoch(epoch, start_step)``, ``steps_per_epoch``, ``global_batch``,
+    ``micro_batch``) for tar shards: this process reads only its own shards.
+
+    Every epoch, its shards come in a new order, ``SHARDS_MIXED`` at a time, with the samples of those shards
+    shuffled together; every process takes the same number of steps (the smallest share; the few samples beyond
+    it are left out of that epoch). ``start_step`` skips exactly the samples of the steps already taken.
+    """
+
+    def __init__(self, shard_ranges: list[tuple[int, int]], per_process_batch: int, accumulation_steps: int,
+                 num_processes: int = 1, rank: int = 0, seed: int = 0):
+        if per_process_batch % accumulation_steps:
+            raise DataError(f"--per_gpu_batch_size {per_process_batch} is not divisible by --gradient_accumulation_steps "
+                            f"{accumulation_steps}: choose a batch size that is a multiple of it")
+        if len(shard_ranges) < num_processes:
+            raise DataError(f"{len(shard_ranges)} shards for {num_processes} processes: each process reads its own "
+                            "shards, so write at least as many shards as processes (make_shards.py --samples_per_shard)")
+        self.shard_ranges, self.rank, self.seed = shard_ranges, rank, seed
+        self.per_process_batch, self.accumulation_steps, self.num_processes = per_process_batch, accumulation_steps, num_processes
+        self.micro_batch = per_process_batch // accumulation_steps
+        self.global_batch = per_process_batch * num_processes
+        self.assignment = assign_shards(shard_ranges, num_processes)
+        shares = [sum(shard_ranges[n][1] for n in shards) for shards in self.assignment]
+        self.steps_per_epoch = min(shares) // per_process_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"a process's shards hold {min(shares)} samples, fewer than one --per_gpu_batch_size of "
+                            f"{per_process_batch}: lower it or add data")
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accumulation_steps
+
+    def epoch_order(self, rank: int | None = None) -> list[int]:
+        """The sample indices one process reads in this epoch, in order."""
+        rank = self.rank if rank is None else rank
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + rank)
+        shards = self.assignment[rank]
+        shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
+        order = []
+        for first in range(0, len(shards), SHARDS_MIXED):
+            group = [index for number in shards[first:first + SHARDS_MIXED]
+                     for index in range(self.shard_ranges[number][0], sum(self.shard_ranges[number]))]
+            order += [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+        return order
+
+    def __iter__(self) -> Iterator[list]:
+        order = self.epoch_order()
+        for step in range(self.start_step, self.steps_per_epoch):
+            for micro in range(self.accumulation_steps):
+                start = step * self.per_process_batch + micro * self.micro_batch
+                yield [(index, self.epoch) for index in order[start:start + self.micro_batch]]
+
+
+def build_step_sampler(dataset, per_process_batch: int, accumulation_steps: int, num_processes: int, rank: int,
+                       seed: int) -> Sampler:
+    """The training sampler for ``dataset``: ShardStepSampler for tar shards (each process reads its own),
+    StepBatchSampler (a global permutation) otherwise."""
+    from .data import StepBatchSampler
+
+    if isinstance(dataset, TarShardDataset):
+        return ShardStepSampler(dataset.shard_ranges, per_process_batch, accumulation_steps, num_processes, rank, seed)
+    return StepBatchSampler(len(dataset), per_process_batch, accumulation_steps, num_processes, rank, seed)
