@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.upernet import ViTUperNet
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
+from utils.checkpoint import keep_global_batch, resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
@@ -40,7 +40,7 @@ from utils.segmentation_data import (
     SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
 )
 from utils.training import (
-    BadStepGuard, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch,
+    BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch,
     sync_context,
 )
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_defaults(args) -> tuple[dict, dict | None]:
     """Fill data-dependent defaults; return (backbone config, pretrained encoder state or None)."""
-    args.dataset = default_dataset(args, BUILT_IN)
+    args.dataset = default_dataset(args, BUILT_IN, shards=False)
     small = args.dataset == BUILT_IN
     defaults = dict(DEFAULTS[0 if small else 1])
     if args.epochs is not None:
@@ -267,6 +267,7 @@ def main(argv=None) -> None:
 
 
 def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
+    keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # a resume on another process count
     with accelerator.main_process_first():
         train_base, train_samples = segmentation_samples(args, "train", train=True, max_samples=args.max_samples)
         _, val_samples = segmentation_samples(args, "val", train=False, max_samples=args.max_val_samples)
@@ -309,7 +310,8 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
     plain_model = accelerator.unwrap_model(model)
     metric = SegmentationMetric(args.num_classes, IGNORE_INDEX, accelerator.device)
 
-    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch, "best_mIoU": 0.0,
+    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch,
+             "num_processes": accelerator.num_processes, "best_mIoU": 0.0,
              "loss_sum": 0.0, "loss_steps": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
     if checkpoint is not None:
@@ -342,9 +344,10 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
+    stop, stopping = StopSignal(), False
     with progress:  # closed before an error is printed, so the error stays the last line
         model.train()
-        while step < total_steps:
+        while step < total_steps and not stopping:
             sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
             micro_batches = iter(loader)
             for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
@@ -391,6 +394,13 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
                 scheduled = epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0)
                 if step == total_steps or (scheduled and not skipped):  # the last step always checkpoints
                     checkpoint_now()
+                if stop.requested(accelerator):
+                    stopping = True
+                    break
+    if stopping and step < total_steps:
+        if state["step"] != step:
+            checkpoint_now()
+        stop.exit_preempted(step, total_steps, run_dir.checkpoints)
     if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
         result = run_eval()
     save_final_weights(accelerator, model, run_dir.final)

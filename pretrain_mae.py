@@ -23,9 +23,7 @@ from models.losses import high_frequency_loss, uniformity_loss
 from models.pca import TARGETS, PCABasis, eigenspace_errors, fit_pca, pca_target
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
-from utils.checkpoint import (
-    resolve_checkpoint, resume_from, save_checkpoint,
-)
+from utils.checkpoint import keep_global_batch, resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, build_image_dataset,
     channel_stats, collate_skipping_bad,
@@ -321,6 +319,7 @@ def main(argv=None) -> None:
 
 
 def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
+    keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # a resume on another process count
     if args.resume_from_pretrained:
         model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, **config)
         logger.info("continuing pretraining from %s", args.resume_from_pretrained)
@@ -344,6 +343,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
 
     # What the run carries between steps; saved in every checkpoint so that a resumed run logs the same rows.
     state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch,
+             "num_processes": accelerator.num_processes,
              "log_loss_sum": 0.0, "log_steps": 0, "skipped_images": 0}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
     if checkpoint is not None:

@@ -202,23 +202,29 @@ def test_compiled_and_checkpointed_runs_match_eager(tmp_path, fashion_mnist_dir)
         torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-2, atol=1e-3)
 
 
-def test_sigterm_checkpoints_and_auto_resume_equals_an_uninterrupted_run(tmp_path, fashion_mnist_dir):
-    """SIGTERM mid-run: the run finishes its optimizer step, writes a checkpoint and exits with code 75; the same
-    command with --resume_from_checkpoint auto continues and logs exactly the rows of a run never stopped."""
+def test_repeated_sigterms_and_auto_resumes_equal_an_uninterrupted_run(tmp_path, fashion_mnist_dir):
+    """SIGTERM mid-run, three times: each time the run finishes its optimizer step, writes a checkpoint and exits
+    with code 75; the same command with --resume_from_checkpoint auto continues, and in the end the rows and the
+    weights are exactly those of a run never stopped."""
     common = ["--max_samples", 512, "--per_gpu_batch_size", 32, "--epochs", 12, "--log_every", 1, "--vis_every", 4,
               "--resume_from_checkpoint", "auto", *SMALL]
     run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "whole", *common)
     stopped = ["--working_directory", tmp_path, "--experiment_name", "stopped", *common]
     metrics = tmp_path / "stopped" / "metrics.jsonl"
-    returncode, stderr = sigterm_script("pretrain_mae.py", *stopped,
-                                        ready=lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20)
-    assert returncode == 75, stderr[-2000:]
-    assert "--resume_from_checkpoint auto" in stderr
-    stopped_rows = read_metrics(tmp_path / "stopped")
-    assert 20 <= len(stopped_rows) < 192  # stopped part-way (192 steps in all)
-    checkpoints = sorted((tmp_path / "stopped" / "checkpoints").glob("step_*"))
-    assert checkpoints[-1].name == f"step_{stopped_rows[-1]['step']:08d}"  # a checkpoint at the step it stopped
-    assert not (tmp_path / "stopped" / "final").exists()
+    done = 0
+    for rows_before_stop in (20, 60, 110):
+        returncode, stderr = sigterm_script(
+            "pretrain_mae.py", *stopped,
+            ready=lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= rows_before_stop)
+        assert returncode == 75, stderr[-2000:]
+        assert "--resume_from_checkpoint auto" in stderr
+        stopped_rows = read_metrics(tmp_path / "stopped")
+        assert done < stopped_rows[-1]["step"] < 192  # it trained further, and stopped part-way (192 steps in all)
+        done = stopped_rows[-1]["step"]
+        checkpoints = sorted((tmp_path / "stopped" / "checkpoints").glob("step_*"))
+        assert checkpoints[-1].name == f"step_{done:08d}"  # a checkpoint at the step it stopped
+        assert (tmp_path / "stopped" / "checkpoints" / "PREEMPTED").read_text() == f"{done}\n"  # for job scripts
+        assert not (tmp_path / "stopped" / "final").exists()
 
     run_script("pretrain_mae.py", *stopped)  # the same command line, requeued
     whole = [{k: v for k, v in row.items() if k != "images_per_sec"} for row in read_metrics(tmp_path / "whole")]

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, sigterm_script
 from models.upernet import ViTUperNet
 from utils.data import DataError, Normalize, channel_stats
 from utils.metrics import SegmentationMetric
@@ -227,6 +227,26 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         return [(row["step"], row["train_loss"], row["mIoU"]) for row in read_metrics(run)]
 
     assert curve(resumed) == curve(tmp_path / "straight") and len(curve(resumed)) == 2
+
+
+def test_sigterm_then_auto_resume_equals_an_uninterrupted_run(tmp_path):
+    common = ["--dataset", "fashion_mnist_seg", "--from_scratch", "--max_samples", 64, "--max_train_steps", 60,
+              "--eval_every", 10, "--per_gpu_batch_size", 8, "--working_directory", tmp_path, "--log_with", "none",
+              "--img_size", 32, "--max_val_samples", 16, "--num_pictures", 0, "--seed", 3,
+              "--resume_from_checkpoint", "auto"]
+    run_script("finetune_segmentation.py", *common, "--experiment_name", "straight")
+    stopped = [*common, "--experiment_name", "stopped"]
+    metrics = tmp_path / "stopped" / "metrics.jsonl"  # its first row: step 10 is done, training under way
+    returncode, stderr = sigterm_script("finetune_segmentation.py", *stopped, ready=metrics.exists)
+    assert returncode == 75, stderr[-2000:]
+    step = int(sorted((tmp_path / "stopped" / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
+    assert 10 <= step < 60 and not (tmp_path / "stopped" / "final").exists()
+    run_script("finetune_segmentation.py", *stopped)
+    straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    again = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
+    assert all(torch.equal(again[key], straight[key]) for key in straight)
+    assert [row["mIoU"] for row in read_metrics(tmp_path / "stopped")] == \
+        [row["mIoU"] for row in read_metrics(tmp_path / "straight")]
 
 
 def test_hub_dataset_with_image_and_annotation_columns(tmp_path):

@@ -67,6 +67,34 @@ def resolve_checkpoint(resume_from: str, checkpoint_root: Path) -> Path | None:
     return path
 
 
+def keep_global_batch(args, num_processes: int, checkpoint_root: Path) -> None:
+    """A run resumed on another number of processes (a job requeued on fewer or more GPUs) splits the checkpoint's
+    global batch over the processes it has, changing ``args.per_gpu_batch_size``: the optimizer steps keep their
+    images and learning rate, and the epoch continues with the same samples in the same order. Call it before the
+    loader is built."""
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root) if args.resume_from_checkpoint else None
+    if checkpoint is None:
+        return
+    saved = json.loads((checkpoint / TRAINER_STATE).read_text())
+    before = saved.get("num_processes", num_processes)
+    if before == num_processes:
+        return
+    if getattr(args, "dataset", None) == "shards":
+        raise UserError(f"checkpoint {checkpoint} was written by {before} processes, each reading its own shards, "
+                        f"and this run has {num_processes}: resume sharded data on {before} processes")
+    per_process, rest = divmod(saved["global_batch"], num_processes)
+    if rest or per_process % args.gradient_accumulation_steps:
+        raise UserError(f"checkpoint {checkpoint} has a global batch of {saved['global_batch']}, which {num_processes} "
+                        f"processes cannot share in whole micro-batches (--gradient_accumulation_steps "
+                        f"{args.gradient_accumulation_steps}): resume on a number of processes that divides it")
+    if per_process != args.per_gpu_batch_size:
+        logger.warning("resharding: %s was written by %d processes and this run has %d; each process now takes %d "
+                       "images per step (not --per_gpu_batch_size %d), so every step keeps the global batch of %d and "
+                       "the epoch continues with the same samples in the same order", checkpoint, before,
+                       num_processes, per_process, args.per_gpu_batch_size, saved["global_batch"])
+        args.per_gpu_batch_size = per_process
+
+
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scaler and RNG states; return the trainer state (``step`` etc.)."""
     try:
@@ -83,6 +111,7 @@ def resume_from(accelerator, checkpoint: Path, checkpoint_root: Path, steps_per_
     """Load ``checkpoint`` into the prepared objects and return its trainer state. The data must cut into the
     same optimizer steps as when it was written; checkpoints newer than it are set aside (see set_aside_newer)."""
     saved = load_checkpoint(accelerator, checkpoint)
+    saved.pop("num_processes", None)  # the run's own count goes into its next checkpoints (see keep_global_batch)
     if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != global_batch:
         raise UserError(f"checkpoint {checkpoint} was written with {saved['steps_per_epoch']} steps per epoch of "
                         f"{saved['global_batch']} images, this run has {steps_per_epoch} of {global_batch}: "

@@ -81,13 +81,13 @@ def add_data_args(parser: argparse.ArgumentParser, folder_help: str, built_in: s
     return data
 
 
-def default_dataset(args, built_in: str = "fashion_mnist") -> str:
-    """--dataset, else: shards for a folder or URL holding tar shards (shards.json), folder for another
-    --path_to_data, the built-in data set without one."""
+def default_dataset(args, built_in: str = "fashion_mnist", shards: bool = True) -> str:
+    """--dataset, else: shards for a folder or URL holding tar shards (shards.json; scripts that read them),
+    folder for another --path_to_data, the built-in data set without one."""
     if args.dataset:
         return args.dataset
-    if not args.path_to_data:
-        return built_in
+    if not args.path_to_data or not shards:
+        return built_in if not args.path_to_data else "folder"
     from .shards import is_sharded
 
     return "shards" if "://" in args.path_to_data or is_sharded(args.path_to_data) else "folder"

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,6 +27,7 @@ def build_loader(samples, batch_sampler, num_workers: int, device: torch.device)
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL ("try again"): stopped by a signal after writing a checkpoint; requeue the job
+PREEMPTED_MARKER = "PREEMPTED"  # written into checkpoints/ by such a stop (holds the step)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -63,8 +65,12 @@ class StopSignal:
         return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
     def exit_preempted(self, step: int, total_steps: int, checkpoint_dir) -> None:
-        """After the stop's checkpoint is written: say how to continue and exit with EXIT_PREEMPTED."""
+        """After the stop's checkpoint is written: leave the PREEMPTED marker, say how to continue and exit with
+        EXIT_PREEMPTED. Job scripts requeue on the marker: multi-process launchers (torchrun, accelerate launch)
+        report a worker's exit code 75 as 1."""
         cause = signal.Signals(self.received).name if self.received else "a stop signal on another process"
+        if int(os.environ.get("RANK", "0")) == 0:
+            (Path(checkpoint_dir) / PREEMPTED_MARKER).write_text(f"{step}\n")
         logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
                        "--resume_from_checkpoint auto to continue", cause, step, total_steps, checkpoint_dir)
         raise SystemExit(EXIT_PREEMPTED)

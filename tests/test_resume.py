@@ -1,0 +1,103 @@
+"""Runs that die or move: a kill during a checkpoint write, and resuming on 2 processes or on another count."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_metrics, run_script
+
+SMALL = ["--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
+         "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--seed", 1, "--vis_every", 0]
+
+# Runs a script with accelerate's save_state replaced: the Nth save is written, one of its files is cut to half its
+# size (as a kill part-way through would leave it), and the process is SIGKILLed before the checkpoint is complete.
+DIE_WHILE_SAVING = """
+import os, runpy, signal, sys
+from pathlib import Path
+
+import accelerate
+
+save_state, saves = accelerate.Accelerator.save_state, []
+
+
+def save_state_then_die(self, output_dir=None, **kwargs):
+    result = save_state(self, output_dir, **kwargs)
+    saves.append(output_dir)
+    if len(saves) == int(os.environ["DIE_AT_SAVE"]):
+        for written in Path(output_dir).glob("*.safetensors"):
+            written.write_bytes(written.read_bytes()[: written.stat().st_size // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+accelerate.Accelerator.save_state = save_state_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def final_weights(run) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, fashion_mnist_dir):
+    # 64 samples, 8 per step: 8 steps; checkpoints at steps 2, 4, 6 and 8; the kill hits the write of step 4's
+    common = ["--working_directory", tmp_path, "--max_samples", 64, "--per_gpu_batch_size", 8, "--epochs", 1,
+              "--checkpointing_steps", 2, "--keep_checkpoints", 1, "--log_every", 1, *SMALL]
+    run_script("pretrain_mae.py", "--experiment_name", "whole", *common)
+    killed = ["--experiment_name", "killed", "--resume_from_checkpoint", "auto", *common]
+    wrapper = tmp_path / "die_while_saving.py"
+    wrapper.write_text(DIE_WHILE_SAVING)
+    result = subprocess.run([sys.executable, str(wrapper), str(ROOT / "pretrain_mae.py"), *map(str, killed)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), DIE_AT_SAVE="2"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".partial_step_00000004", "step_00000002"]
+
+    resumed = run_script("pretrain_mae.py", *killed)  # the same command, requeued
+    assert "step_00000002 at step 2" in resumed.stderr  # the half-written checkpoint was not loaded
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000008"]  # cleaned up; keep-K kept the last
+    whole, again = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
+
+
+def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fashion_mnist_dir):
+    # 2 processes x 8 (2 micro-batches of 4) = 16 per step, 4 steps per epoch; checkpoints at 2, 4, 6; step 2 is
+    # mid-epoch
+    common = ["--working_directory", tmp_path, "--max_samples", 64, "--per_gpu_batch_size", 8,
+              "--gradient_accumulation_steps", 2, "--max_train_steps", 6, "--warmup_epochs", 0.5,
+              "--checkpointing_steps", 2, "--keep_checkpoints", 0, "--log_every", 1, *SMALL]
+    run_script("pretrain_mae.py", "--experiment_name", "whole", *common, processes=2)
+    whole = tmp_path / "whole"
+    for name in ("two", "one"):
+        shutil.copytree(whole, tmp_path / name)
+        for later in ("step_00000004", "step_00000006", "final"):
+            shutil.rmtree(tmp_path / name / ("checkpoints" if later != "final" else "") / later)
+
+    result = run_script("pretrain_mae.py", "--experiment_name", "two", "--resume_from_checkpoint", "auto", *common,
+                        processes=2)
+    assert "step_00000002 at step 2" in result.stderr
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "two")) == strip(read_metrics(whole))  # bit-identical
+    a, b = final_weights(whole), final_weights(tmp_path / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The same command on one process: it keeps the global batch of 16 (one process x 16) and says so.
+    result = run_script("pretrain_mae.py", "--experiment_name", "one", "--resume_from_checkpoint", "auto", *common)
+    assert "resharding" in result.stderr and "each process now takes 16" in result.stderr
+    rows, reference = read_metrics(tmp_path / "one"), read_metrics(whole)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
+    for row, expected in zip(rows, reference):
+        assert row["lr"] == pytest.approx(expected["lr"], rel=1e-12)
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)  # same samples, same order
+    b = final_weights(tmp_path / "one")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
