@@ -179,7 +179,25 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
         })
     if len(rows) == 2:
         rows[0]["speedup_vs_hf"] = round(rows[0]["images_per_sec"] / rows[1]["images_per_sec"], 3)
+    if args.profile:
+        profile_steps(trainers, images, noise, device, args.profile)
     return rows
+
+
+def profile_steps(trainers, images: torch.Tensor, noise: torch.Tensor, device: torch.device, top: int) -> None:
+    """Where a step's time goes: the ``top`` operators by device time (self time, so nothing is counted twice) over
+    three steps of each model, with each one's share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for trainer in trainers:
+        with profile(activities=activities) as profiler:
+            for _ in range(3):
+                trainer.step(images, noise)
+            sync(device)
+        print(f"== {trainer.name}: top {top} operators by {sort_key}")
+        print(profiler.key_averages().table(sort_by=sort_key, row_limit=top))
 
 
 def training_samples(args, config: dict, decode_on_device: bool):
@@ -394,6 +412,9 @@ def parse_args(argv=None):
                              "quality 90) under --path_to_data/train/ (where no real image folder is at hand).")
     parser.add_argument("--memory_batches", type=int, nargs="+", default=None,
                         help="--mode memory: micro-batches to measure (default 32 64 128 256 512).")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="--mode model: after timing, print the N operators that take the most device time "
+                             "(torch.profiler, three steps per model; 0: no profile).")
     parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")
     args = parser.parse_args(argv)
     if args.dataset is None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements in one call (about 7 minutes on an H100; every step has its own time limit, so one
-# failure leaves the others' rows), most important first:
-#   OUT=bench/gpu_out bash bench/gpu_checks.sh      # then, back here:
+# Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
+# after that run (capped at 6.5 minutes). Every step has its own time limit, so one failure leaves the others' rows;
+# STEPS picks some (default: all), e.g. to fit one 10-minute call:
+#   OUT=bench/gpu_out STEPS="1 7 8" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,28 +13,37 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -4; }
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8} "
+step() { [[ "$STEPS" == *" $1 "* ]]; }
+run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
-run 120 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3
+step 1 && run 120 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3
 # 2. the input pipeline from JPEG (500x375, quality 90) alone: decoded by PIL in the workers, then on the GPU
-run 100 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --make_jpegs 2000 --batch_size 256 \
+step 2 && run 100 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --make_jpegs 2000 --batch_size 256 \
     --decode cpu --steps 30 --warmup_steps 5
-run 60 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --batch_size 256 --decode device \
+step 2 && run 60 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --batch_size 256 --decode device \
     --steps 30 --warmup_steps 5
 # 3. peak memory against micro-batch, with and without --gradient_checkpointing
-run 80 --mode memory --model mae_vit_base_patch16 --precision bf16 --memory_batches 128 256 512 1024
-run 80 --mode memory --model mae_vit_large_patch16 --precision bf16 --memory_batches 64 128 256 512
+step 3 && run 80 --mode memory --model mae_vit_base_patch16 --precision bf16 --memory_batches 128 256 512 1024
+step 3 && run 80 --mode memory --model mae_vit_large_patch16 --precision bf16 --memory_batches 64 128 256 512
 # 4. compiled vs compiled
-run 150 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile
+step 4 && run 150 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile
 # 5. the pipeline feeding the step (decode on the GPU): whichever is slower is the wall
-run 80 --mode both --model mae_vit_base_patch16 --precision bf16 --path_to_data /tmp/jpegs --batch_size 256 \
+step 5 && run 80 --mode both --model mae_vit_base_patch16 --precision bf16 --path_to_data /tmp/jpegs --batch_size 256 \
     --steps 20 --warmup_steps 5
 # 6. FSDP through the accelerate config (accelerate runs FSDP only on GPUs: on a CPU-only machine it falls back to
 # DistributedType.NO), one process, a few steps on synthetic images: the path trains and saves loadable weights.
-echo "== FSDP"
-timeout 90 accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 pretrain_mae.py \
+step 6 && echo "== FSDP"
+step 6 && timeout 90 accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 pretrain_mae.py \
     --dataset synthetic --model mae_vit_base_patch16 --per_gpu_batch_size 64 --max_train_steps 20 --log_every 5 \
     --vis_every 0 --log_with none --working_directory "$OUT" --experiment_name fsdp 2>&1 | grep -v Warning | tail -4
-timeout 30 python -c "from models import MaskedAutoencoder; m = MaskedAutoencoder.from_pretrained('$OUT/fsdp/final'); print('FSDP weights load:', sum(p.numel() for p in m.parameters()))"
-tail -3 "$OUT/fsdp/metrics.jsonl" 2>/dev/null
-rm -rf "$OUT/fsdp"  # weights stay on the device machine; the log above is what comes back
+step 6 && timeout 30 python -c "from models import MaskedAutoencoder; m = MaskedAutoencoder.from_pretrained('$OUT/fsdp/final'); print('FSDP weights load:', sum(p.numel() for p in m.parameters()))"
+step 6 && tail -3 "$OUT/fsdp/metrics.jsonl" 2>/dev/null
+step 6 && rm -rf "$OUT/fsdp"  # weights stay on the device machine; the log above is what comes back
+# 7. for the next session (not run yet): the MFU at a larger micro-batch, and where the compiled step's time goes
+step 7 && run 150 --model mae_vit_base_patch16 --batch_size 512 --precision bf16 --steps 10 --rounds 3 --compile --profile 15
+# 8. the pipeline feeding the compiled step on more data (3,000 JPEGs, 40 steps), decoded on the GPU and by PIL
+step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs --make_jpegs 3000 \
+    --batch_size 256 --steps 40 --warmup_steps 5
+step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs --batch_size 256 \
+    --decode cpu --steps 40 --warmup_steps 5
