@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import keep_global_batch, resolve_checkpoint, resume_from, save_checkpoint
+from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples,
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
@@ -281,7 +281,6 @@ def main(argv=None) -> None:
 
 
 def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
-    keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # a resume on another process count
     with accelerator.main_process_first():
         train_base, train_samples = image_samples(args, "train", train=mode == "finetune" or not args.cache_features,
                                                   max_samples=args.max_samples)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.upernet import ViTUperNet
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import keep_global_batch, resolve_checkpoint, resume_from, save_checkpoint
+from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
@@ -267,7 +267,6 @@ def main(argv=None) -> None:
 
 
 def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
-    keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # a resume on another process count
     with accelerator.main_process_first():
         train_base, train_samples = segmentation_samples(args, "train", train=True, max_samples=args.max_samples)
         _, val_samples = segmentation_samples(args, "val", train=False, max_samples=args.max_val_samples)

@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import logging
+import posixpath
 import random
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -53,21 +54,32 @@ def index_shard(fs, path: str) -> list[list]:
         for member in tar:
             if not member.isfile():
                 continue
-            key, suffix = str(PurePosixPath(member.name).with_suffix("")), PurePosixPath(member.name).suffix.lower()
-            if suffix == ".cls":
+            folder, base = posixpath.split(member.name)  # webdataset: the key ends at the base name's first dot
+            stem, _, extension = base.partition(".")
+            key, extension = posixpath.join(folder, stem), "." + extension.lower()
+            if extension == ".cls":
                 labels[key] = int(tar.extractfile(member).read().decode().strip() or -1)
-            elif suffix in IMAGE_EXTENSIONS + ARRAY_EXTENSIONS:
+            elif extension in IMAGE_EXTENSIONS + ARRAY_EXTENSIONS and key not in images:  # not x.seg.png, ...
                 images[key] = [member.name, member.offset_data, member.size]
     return [[*images[key], labels.get(key, -1)] for key in images]
 
 
-def write_index(url: str, classes: list[str]) -> dict:
+def write_index(url: str, classes: list[str] | None = None) -> dict:
+    """Write ``shards.json`` for the *.tar shards under ``url``. ``classes``: the class names; by default those of
+    the index being replaced, else the label numbers found ("0", "1", ...)."""
     fs, root = filesystem(url)
     names = sorted(PurePosixPath(p).name for p in fs.glob(f"{root.rstrip('/')}/*.tar"))
     if not names:
         raise DataError(f"no *.tar shards under {url}")
+    shards = [{"name": name, "samples": index_shard(fs, f"{root}/{name}")} for name in names]
+    if classes is None and fs.exists(f"{root}/{INDEX_NAME}"):
+        with fs.open(f"{root}/{INDEX_NAME}", "r") as handle:
+            classes = json.load(handle).get("classes") or None
+    if classes is None:
+        top = max((label for shard in shards for *_, label in shard["samples"]), default=-1)
+        classes = [str(label) for label in range(top + 1)]
     index = {"format": "webdataset tar shards, indexed by mae-accelerate's make_shards.py", "classes": classes,
-             "shards": [{"name": name, "samples": index_shard(fs, f"{root}/{name}")} for name in names]}
+             "shards": shards}
     with fs.open(f"{root}/{INDEX_NAME}", "w") as handle:
         json.dump(index, handle)
     total = sum(len(shard["samples"]) for shard in index["shards"])
@@ -100,7 +112,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.index_only:
-        write_index(args.index_only, [])
+        write_index(args.index_only)
         return
     source = Path(args.input_dir).expanduser()
     if not source.is_dir():

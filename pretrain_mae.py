@@ -23,10 +23,10 @@ from models.losses import high_frequency_loss, uniformity_loss
 from models.pca import TARGETS, PCABasis, eigenspace_errors, fit_pca, pca_target
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
-from utils.checkpoint import keep_global_batch, resolve_checkpoint, resume_from, save_checkpoint
+from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, build_image_dataset,
-    channel_stats, collate_skipping_bad,
+    channel_stats, collate_skipping_bad, decodes_on_device,
 )
 from utils.training import (
     BadStepGuard, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch, sync_context,
@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="Where a folder's JPEGs are decoded: cpu (loader workers, PIL), device (the workers only "
                            "read the bytes and draw the crop; the batch is decoded on the training device with "
                            "torchvision's decode_jpeg, nvJPEG on a GPU, then cropped and resized there). auto: device "
-                           "when training on a GPU. Both give the same views of the same samples.")
+                           "when training on a GPU. Both cut the same crops of the same samples (nvJPEG's pixels "
+                           "differ from PIL's by about one level).")
     model = parser.add_argument_group("model (a preset, overridable flag by flag)")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
                        help="Preset. Default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, mae_vit_base_patch16 otherwise.")
@@ -251,9 +252,9 @@ def strategy_noise(args, grid_size: tuple[int, int]):
 
 def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accelerator):
     """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler)."""
-    decode_on_device = args.decode == "device" or (args.decode == "auto" and accelerator.device.type == "cuda")
     base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
-                               args.max_samples, args.image_column, encoded_jpeg=decode_on_device)
+                               args.max_samples, args.image_column,
+                               encoded_jpeg=decodes_on_device(args.decode, accelerator.device))
     samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
     sampler = build_step_sampler(base, args.per_gpu_batch_size, args.gradient_accumulation_steps,
@@ -319,7 +320,6 @@ def main(argv=None) -> None:
 
 
 def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
-    keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # a resume on another process count
     if args.resume_from_pretrained:
         model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, **config)
         logger.info("continuing pretraining from %s", args.resume_from_pretrained)

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config  # noqa: E402
 from models.vit import Block  # noqa: E402
+from utils.data import decodes_on_device  # noqa: E402
 from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 from utils.training import apply_speed_options  # noqa: E402
 
@@ -216,14 +217,10 @@ def build_pipeline(args, config: dict, device: torch.device):
     from utils.run import default_num_workers
     from utils.training import build_loader
 
-    samples = training_samples(args, config, decodes_on_device(args, device))
+    samples = training_samples(args, config, decodes_on_device(args.decode, device))
     sampler = StepBatchSampler(len(samples), args.batch_size, 1, 1, 0, 0)
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     return build_loader(samples, sampler, workers, device), sampler
-
-
-def decodes_on_device(args, device: torch.device) -> bool:
-    return args.decode == "device" or (args.decode == "auto" and device.type == "cuda")
 
 
 def decode_paths_difference(args, config: dict, device: torch.device, count: int = 64) -> dict:
@@ -292,7 +289,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     elapsed = time.perf_counter() - start
     row = {"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
            "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
-           "decode": "device" if decodes_on_device(args, device) and args.dataset == "folder" else "cpu",
+           "decode": "device" if decodes_on_device(args.decode, device) and args.dataset == "folder" else "cpu",
            "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
            "compile": args.compile, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2)}

@@ -57,3 +57,8 @@ def read_metrics(run_dir: Path, reconstruction_rows: bool = False) -> list[dict]
     """metrics.jsonl's training rows (or, with ``reconstruction_rows``, pretraining's validation rows)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [row for row in rows if ("val_psnr_masked" in row) == reconstruction_rows]
+
+
+def without_timing(rows) -> list[dict]:
+    """metrics rows less their images_per_sec (wall-clock dependent), for comparing two runs row by row."""
+    return [{k: v for k, v in row.items() if k != "images_per_sec"} for row in rows]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script, sigterm_script
+from conftest import read_metrics, run_script, sigterm_script, without_timing
 from models import MaskedAutoencoder
 
 # A small model so that every run takes seconds on two cores.
@@ -227,8 +227,7 @@ def test_repeated_sigterms_and_auto_resumes_equal_an_uninterrupted_run(tmp_path,
         assert not (tmp_path / "stopped" / "final").exists()
 
     run_script("pretrain_mae.py", *stopped)  # the same command line, requeued
-    whole = [{k: v for k, v in row.items() if k != "images_per_sec"} for row in read_metrics(tmp_path / "whole")]
-    resumed = [{k: v for k, v in row.items() if k != "images_per_sec"} for row in read_metrics(tmp_path / "stopped")]
+    whole, resumed = without_timing(read_metrics(tmp_path / "whole")), without_timing(read_metrics(tmp_path / "stopped"))
     assert resumed == whole  # bit-identical losses, learning rates and gradient norms, step by step
     assert read_metrics(tmp_path / "stopped", reconstruction_rows=True) == read_metrics(tmp_path / "whole",
                                                                                       reconstruction_rows=True)

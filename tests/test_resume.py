@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, read_metrics, run_script, without_timing
 
 SMALL = ["--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
          "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--seed", 1, "--vis_every", 0]
@@ -65,8 +65,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000008"]  # cleaned up; keep-K kept the last
     whole, again = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
     assert all(torch.equal(whole[k], again[k]) for k in whole)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
+    assert without_timing(read_metrics(tmp_path / "killed")) == without_timing(read_metrics(tmp_path / "whole"))
 
 
 def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fashion_mnist_dir):
@@ -85,8 +84,7 @@ def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fas
     result = run_script("pretrain_mae.py", "--experiment_name", "two", "--resume_from_checkpoint", "auto", *common,
                         processes=2)
     assert "step_00000002 at step 2" in result.stderr
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "two")) == strip(read_metrics(whole))  # bit-identical
+    assert without_timing(read_metrics(tmp_path / "two")) == without_timing(read_metrics(whole))  # bit-identical
     a, b = final_weights(whole), final_weights(tmp_path / "two")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -101,3 +99,36 @@ def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fas
     b = final_weights(tmp_path / "one")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
+    import argparse
+    import json
+
+    from utils.checkpoint import COMPLETE_MARKER, TRAINER_STATE, keep_global_batch
+    from utils.errors import UserError
+
+    checkpoint = tmp_path / "step_00000002"
+    checkpoint.mkdir()
+    (checkpoint / COMPLETE_MARKER).write_text("ok\n")
+
+    def resumed(processes, saved_processes=2, dataset="folder", per_gpu=8, accumulation=2, resume="auto"):
+        state = {"step": 2, "global_batch": 16, "steps_per_epoch": 4}
+        if saved_processes is not None:
+            state["num_processes"] = saved_processes
+        (checkpoint / TRAINER_STATE).write_text(json.dumps(state))
+        args = argparse.Namespace(resume_from_checkpoint=resume, dataset=dataset, per_gpu_batch_size=per_gpu,
+                                  gradient_accumulation_steps=accumulation)
+        keep_global_batch(args, processes, tmp_path)
+        return args.per_gpu_batch_size
+
+    assert resumed(2) == 8  # same count: nothing changes
+    assert resumed(1) == 16 and resumed(4) == 4  # the global batch of 16 is kept
+    assert resumed(1, saved_processes=None) == 8  # a checkpoint from before the count was saved: as given
+    assert resumed(1, resume=None) == 8  # a fresh start
+    assert resumed(8) == 2  # 2 per process = 2 micro-batches of 1
+    for processes, accumulation in ((3, 1), (16, 2)):  # 16 / 3 is no whole batch; 1 image is no 2 micro-batches
+        with pytest.raises(UserError, match="cannot share in whole micro-batches"):
+            resumed(processes, accumulation=accumulation)
+    with pytest.raises(UserError, match="reading its own shards"):
+        resumed(1, dataset="shards")

@@ -1,5 +1,6 @@
 """Tar shards: make_shards.py, the byte-range reader (local and fsspec URLs) and the per-process shard sampler."""
 import io
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, without_timing
 from make_shards import main as make_shards
 from utils.data import DataError, build_image_dataset
 from utils.shards import ShardStepSampler, TarShardDataset, assign_shards
@@ -65,8 +66,9 @@ def test_shards_written_elsewhere_are_indexed(tmp_path):
                 buffer = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
                 label = (shard * 5 + i) % 4
-                for name, data in ((f"n{shard}/{i}.png", buffer.getvalue()), (f"n{shard}/{i}.cls", str(label).encode()),
-                                   (f"n{shard}/{i}.json", b"{}")):
+                members = ((f"n{shard}/{i}.png", buffer.getvalue()), (f"n{shard}/{i}.cls", str(label).encode()),
+                           (f"n{shard}/{i}.json", b"{}"), (f"n{shard}/{i}.seg.png", buffer.getvalue()))  # a mask
+                for name, data in members:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -74,7 +76,40 @@ def test_shards_written_elsewhere_are_indexed(tmp_path):
     with pytest.raises(DataError, match="make_shards.py --index_only"):
         TarShardDataset(str(tmp_path / "wds"), 3)
     make_shards(["--index_only", str(tmp_path / "wds")])
-    assert as_dict(TarShardDataset(str(tmp_path / "wds"), 3)) == expected
+    dataset = TarShardDataset(str(tmp_path / "wds"), 3)
+    assert len(dataset) == 15 and as_dict(dataset) == expected  # one image per key: the .seg.png is not one
+    assert dataset.classes == ["0", "1", "2", "3"]  # named after the labels found
+
+
+def test_reindexing_keeps_class_names_and_held_out_splits_are_required(tmp_path):
+    folder = image_folder(tmp_path / "images", counts=(("train", 12),))
+    make_shards(["--input_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--samples_per_shard", "5"])
+    make_shards(["--index_only", str(tmp_path / "shards" / "train")])
+    assert TarShardDataset(str(tmp_path / "shards" / "train"), 3).classes == ["class0", "class1", "class2"]
+    with pytest.raises(DataError, match="no shards.json"):  # evaluation never falls back to training images
+        build_image_dataset("shards", str(tmp_path / "shards"), "val", 3, 32, require_split=True)
+    assert len(build_image_dataset("shards", str(tmp_path / "shards"), "val", 3, 32)) == 12  # pictures may
+
+
+def test_jpegs_from_shards_decoded_on_the_device_give_the_folder_views(tmp_path):
+    from utils.data import RandomResizedCropFlip, SeededSamples, collate_skipping_bad
+    from utils.run import move_to_device
+
+    folder = image_folder(tmp_path / "images", counts=(("train", 10),), seed=4)
+    make_shards(["--input_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--samples_per_shard", "4",
+                 "--no_shuffle"])  # the folder's order: item i is the same image in both
+    bases = {name: build_image_dataset(name, str(folder if name == "folder" else tmp_path / "shards"), "train", 3,
+                                       16, encoded_jpeg=name == "shards") for name in ("folder", "shards")}
+    jpegs = [i for i, record in enumerate(bases["folder"].records) if record.path.suffix == ".jpg"]
+    for keys in (jpegs, range(10)):  # JPEGs only: decoded by decode_deferred; with the PNGs and the .npy: in the collate
+        made = []
+        for name, base in bases.items():
+            samples = SeededSamples(base, RandomResizedCropFlip(16), 5, 4)
+            batch = collate_skipping_bad([samples[(i, 2)] for i in keys])
+            assert ("jpeg" in batch) == (name == "shards" and keys is jpegs)
+            made.append(move_to_device(batch, torch.device("cpu")))
+        assert torch.equal(made[0]["pixel_values"], made[1]["pixel_values"])
+        assert torch.equal(made[0]["noise"], made[1]["noise"]) and torch.equal(made[0]["label"], made[1]["label"])
 
 
 def test_each_process_reads_its_own_shards_and_every_sample_once_per_epoch():
@@ -129,7 +164,8 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
               "--log_every", 1, "--vis_every", 0, "--log_with", "none", "--num_workers", 2]
     run_script("pretrain_mae.py", "--experiment_name", "full", *common)
     full = tmp_path / "full"
-    assert read_metrics(full)[0]["epoch"] == round(1 / 6, 4)  # 6 steps per epoch: shards were used
+    assert json.loads((full / "args.json").read_text())["dataset"] == "shards"  # found by its shards.json
+    assert read_metrics(full)[0]["epoch"] == round(1 / 6, 4)  # 6 steps per epoch
     shutil.copytree(full, tmp_path / "resumed")
     resumed = tmp_path / "resumed"
     for later in ("step_00000006", "step_00000008", "step_00000009"):  # as if it had died after step 4
@@ -137,7 +173,6 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
     shutil.rmtree(resumed / "final")
     result = run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "auto", *common)
     assert "step_00000004 at step 4" in result.stderr  # it did resume mid-epoch (a fresh start would match too)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
-    assert strip(read_metrics(resumed)) == strip(read_metrics(full))  # bit-identical from step 5 on
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(full))  # bit-identical from step 5 on
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

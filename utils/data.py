@@ -26,7 +26,6 @@ from torchvision.transforms import InterpolationMode, v2
 
 logger = logging.getLogger(__name__)
 
-JPEG_EXTENSIONS = (".jpg", ".jpeg")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ARRAY_EXTENSIONS = (".npy",)  # (H, W, C) arrays: any number of channels (multispectral, ...)
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -130,6 +129,11 @@ class DeferredCrop:
     crop: torch.Tensor
 
 
+def decodes_on_device(decode: str, device: torch.device) -> bool:
+    """``--decode``: ``device``, or ``auto`` on a GPU, leaves JPEGs encoded for :func:`decode_deferred`."""
+    return decode == "device" or (decode == "auto" and device.type == "cuda")
+
+
 def decode_deferred(batch: dict, device: torch.device) -> dict:
     """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU) and make their views there:
     ``batch["jpeg"]`` + ``batch["crop"]`` become ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
@@ -141,8 +145,6 @@ def decode_deferred(batch: dict, device: torch.device) -> dict:
         torch.cuda.synchronize(device)  # the training step's kernels (seen on an H100: a device-side assert, error 710)
     try:
         images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     except RuntimeError:  # one bad file fails the batched call: decode them one by one to find it
         images = []
         for data in datas:
@@ -151,6 +153,8 @@ def decode_deferred(batch: dict, device: torch.device) -> dict:
             except RuntimeError as error:
                 logger.warning("skipping a JPEG that does not decode (%s)", str(error).splitlines()[0])
                 images.append(None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     keep = [image is not None for image in images]
     views = [crop_view(image, crop) for image, crop in zip(images, crops) if image is not None]
     if not all(keep):
@@ -494,7 +498,7 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
     elif dataset == "shards":
         from .shards import TarShardDataset, find_index
 
-        found = find_index(path_to_data, split) if path_to_data else None
+        found = find_index(path_to_data, split, require_split) if path_to_data else None
         if found is None:
             raise DataError(f"no shards.json under --path_to_data {path_to_data}: pass a folder or URL of tar shards "
                             "written by make_shards.py (or index yours with make_shards.py --index_only URL)")

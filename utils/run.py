@@ -273,5 +273,12 @@ def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
     if args.num_workers is None:
         args.num_workers = default_num_workers(accelerator.device)
+    if args.resume_from_checkpoint:
+        from .checkpoint import keep_global_batch
+        from .training import PREEMPTED_MARKER
+
+        keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # before args.json is written
+        if accelerator.is_main_process:  # a stop's marker means "requeue me" only until the run starts again
+            (run_dir.checkpoints / PREEMPTED_MARKER).unlink(missing_ok=True)
     set_seed(args.seed)
     return run_dir, accelerator

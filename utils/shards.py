@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "shards.json"
 SHARDS_MIXED = 4  # shards read side by side: a micro-batch draws from this many shards' samples
-OPEN_SHARDS = 8  # open shard files kept per worker
 
 
 def filesystem(url: str):
@@ -37,14 +36,19 @@ def filesystem(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def find_index(url: str, split: str) -> str | None:
+def find_index(url: str, split: str, require_split: bool = False) -> str | None:
     """The folder (or URL) holding ``split``'s shards.json: ``<url>/train`` (``val``/``validation`` for other
-    splits) when there, else ``<url>`` itself; None if neither has one."""
-    fs, root = filesystem(url)
-    names = ("train",) if split == "train" else ("val", "validation", "train")
-    for candidate in [f"{root.rstrip('/')}/{name}" for name in names] + [root]:
-        if fs.exists(f"{candidate}/{INDEX_NAME}"):
-            return candidate if "://" not in url else f"{url.split('://')[0]}://{candidate}"
+    splits) when there; else, unless ``require_split``, ``<url>/train`` or ``<url>`` itself (pictures of a run
+    without held-out images show training ones); None if there is none."""
+    names = ("train",) if split == "train" else ("val", "validation")
+    base = url.rstrip("/")
+    candidates = [f"{base}/{name}" for name in names]
+    if not require_split:
+        candidates += [f"{base}/train", base] if split != "train" else [base]
+    for candidate in candidates:
+        fs, path = filesystem(candidate)
+        if fs.exists(f"{path}/{INDEX_NAME}"):
+            return candidate
     return None
 
 
@@ -53,12 +57,14 @@ def is_sharded(url: str | None) -> bool:
 
 
 class TarShardDataset(Dataset):
-    """The images of a folder of tar shards (local or fsspec URL), read by byte range. Items are
-    ``(uint8 (C, H, W) or EncodedJpeg, label)``, or ``None`` for an image that does not decode."""
+    """The images of a folder of tar shards (local or fsspec URL), one ranged read each. Items are
+    ``(uint8 (C, H, W) or EncodedJpeg, label)``, or ``None`` for an image that does not decode (a shard that cannot
+    be read is an error)."""
 
     def __init__(self, url: str, num_channels: int, encoded_jpeg: bool = False, max_samples: int | None = None):
         self.url, self.num_channels, self.encoded_jpeg = url, num_channels, encoded_jpeg
         self.fs, self.root = filesystem(url)
+        self._pid = os.getpid()
         try:
             with self.fs.open(f"{self.root}/{INDEX_NAME}", "r") as handle:
                 index = json.load(handle)
@@ -80,42 +86,33 @@ class TarShardDataset(Dataset):
                                  if start < max_samples]
         if not self.records:
             raise DataError(f"the shards under {url} hold no images: check --path_to_data")
-        self._open: dict[int, object] = {}
-        self._pid = None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _shard_file(self, number: int):
-        if self._pid != os.getpid():  # a forked worker: never share the parent's file offsets
-            self._open, self._pid = {}, os.getpid()
-        handle = self._open.pop(number, None)
-        if handle is None:
-            if len(self._open) >= OPEN_SHARDS:
-                oldest = next(iter(self._open))
-                self._open.pop(oldest).close()
-            handle = self.fs.open(f"{self.root}/{self.shard_names[number]}", "rb")
-        self._open[number] = handle  # most recently used last
-        return handle
-
     def read_bytes(self, index: int) -> bytes:
+        """The image's bytes: one ranged read (no read-ahead, so a shuffled order costs no extra traffic)."""
+        if self._pid != os.getpid():  # a forked loader worker: s3fs, gcsfs and HTTP filesystems are not fork-safe
+            self.fs, self.root = filesystem(self.url)
+            self._pid = os.getpid()
         number, offset, size, _, _ = self.records[index]
-        handle = self._shard_file(number)
-        handle.seek(offset)
-        return handle.read(size)
+        path = f"{self.root}/{self.shard_names[number]}"
+        try:
+            return self.fs.cat_file(path, start=offset, end=offset + size)
+        except OSError as error:
+            raise DataError(f"cannot read shard {self.shard_names[number]} under {self.url} ({error}): check "
+                            "--path_to_data and the credentials of its filesystem") from None
 
     def __getitem__(self, index: int):
         number, _, _, label, suffix = self.records[index]
+        data = self.read_bytes(index)
         try:
-            return image_from_bytes(self.read_bytes(index), suffix, self.num_channels, self.encoded_jpeg), label
+            return image_from_bytes(data, suffix, self.num_channels, self.encoded_jpeg), label
         except DataError:
             raise
         except Exception as error:  # skipped and counted by the collate, as for image folders
             logger.warning("skipping unreadable image %d of shard %s (%s)", index, self.shard_names[number], error)
             return None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_open": {}, "_pid": None}
 
 
 def assign_shards(shard_ranges: list[tuple[int, int]], num_processes: int) -> list[list[int]]:
@@ -156,6 +153,12 @@ class ShardStepSampler(Sampler):
         if self.steps_per_epoch == 0:
             raise DataError(f"a process's shards hold {min(shares)} samples, fewer than one --per_gpu_batch_size of "
                             f"{per_process_batch}: lower it or add data")
+        left_out = sum(shares) - self.steps_per_epoch * self.global_batch
+        if rank == 0 and left_out > 0.02 * sum(shares):
+            logger.warning("%d of %d images (%.0f%%) sit out every epoch: %d processes share %d shards unevenly "
+                           "(%d to %d images each); write a multiple of %d shards of equal size", left_out, sum(shares),
+                           100 * left_out / sum(shares), num_processes, len(shard_ranges), min(shares), max(shares),
+                           num_processes)
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
