@@ -176,3 +176,12 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
     assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(full))  # bit-identical from step 5 on
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_url_whose_filesystem_is_not_installed_is_a_one_line_error():
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(DataError, match="s3fs.*pip install"):
+        build_image_dataset("shards", "s3://bucket/imagenet-shards", "train", 3, 32)

@@ -33,7 +33,10 @@ def filesystem(url: str):
     """(fsspec filesystem, path) for a local path or an fsspec URL."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:  # e.g. "Install s3fs to access S3"
+        raise DataError(f"cannot open {url}: {error} (pip install it)") from None
 
 
 def find_index(url: str, split: str, require_split: bool = False) -> str | None:
