@@ -185,3 +185,25 @@ def test_a_url_whose_filesystem_is_not_installed_is_a_one_line_error():
         pytest.skip("s3fs is installed here")
     with pytest.raises(DataError, match="s3fs.*pip install"):
         build_image_dataset("shards", "s3://bucket/imagenet-shards", "train", 3, 32)
+
+
+def test_a_batch_of_shard_images_is_read_with_one_request(tmp_path, monkeypatch):
+    """On an object store each request has tens of ms of latency: a batch's ranged reads go out together
+    (fsspec's cat_ranges, concurrent on s3fs/gcsfs), and give what one-by-one reads give."""
+    from torch.utils.data import DataLoader
+
+    from utils.data import RandomResizedCropFlip, SeededSamples, StepBatchSampler, collate_skipping_bad
+
+    make_shards(["--input_dir", str(image_folder(tmp_path / "images", counts=(("train", 24),))), "--output_dir",
+                 str(tmp_path / "shards"), "--samples_per_shard", "5"])
+    samples = SeededSamples(TarShardDataset(str(tmp_path / "shards" / "train"), 3), RandomResizedCropFlip(16), 0, 4)
+    one_by_one = [samples[(i, 0)] for i in range(24)]
+    fs = samples.base.fs
+    batches, cat_ranges = [], fs.cat_ranges
+    monkeypatch.setattr(fs, "cat_ranges", lambda paths, *a, **k: batches.append(len(paths)) or cat_ranges(paths, *a, **k))
+    reads, cat_file = [], fs.cat_file  # the local filesystem's cat_ranges reads range by range with cat_file
+    monkeypatch.setattr(fs, "cat_file", lambda *a, **k: reads.append(a) or cat_file(*a, **k))
+    loader = DataLoader(samples, batch_sampler=StepBatchSampler(24, 8, 1, shuffle=False), collate_fn=collate_skipping_bad)
+    together = torch.cat([batch["pixel_values"] for batch in loader])
+    assert batches == [8, 8, 8] and len(reads) == 24  # every image came through a batch's request, once
+    assert torch.equal(together, torch.stack([sample["pixel_values"] for sample in one_by_one]))

@@ -533,6 +533,13 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def __getitems__(self, keys: list) -> list:
+        """A batch (the DataLoader calls this when it exists): a base that can read many items at once (tar shards
+        on an object store) reads them together first."""
+        if hasattr(self.base, "prefetch"):
+            self.base.prefetch([key[0] if isinstance(key, tuple) else key for key in keys])
+        return [self[key] for key in keys]
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         item = self.base[index]

@@ -60,14 +60,15 @@ def is_sharded(url: str | None) -> bool:
 
 
 class TarShardDataset(Dataset):
-    """The images of a folder of tar shards (local or fsspec URL), one ranged read each. Items are
+    """The images of a folder of tar shards (local or fsspec URL), one ranged read each (a batch's reads are
+    issued together, see ``prefetch``). Items are
     ``(uint8 (C, H, W) or EncodedJpeg, label)``, or ``None`` for an image that does not decode (a shard that cannot
     be read is an error)."""
 
     def __init__(self, url: str, num_channels: int, encoded_jpeg: bool = False, max_samples: int | None = None):
         self.url, self.num_channels, self.encoded_jpeg = url, num_channels, encoded_jpeg
         self.fs, self.root = filesystem(url)
-        self._pid = os.getpid()
+        self._pid, self._fetched = os.getpid(), {}  # bytes read ahead by prefetch(), by index
         try:
             with self.fs.open(f"{self.root}/{INDEX_NAME}", "r") as handle:
                 index = json.load(handle)
@@ -93,18 +94,39 @@ class TarShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def read_bytes(self, index: int) -> bytes:
-        """The image's bytes: one ranged read (no read-ahead, so a shuffled order costs no extra traffic)."""
+    def _filesystem(self):
         if self._pid != os.getpid():  # a forked loader worker: s3fs, gcsfs and HTTP filesystems are not fork-safe
             self.fs, self.root = filesystem(self.url)
-            self._pid = os.getpid()
+            self._pid, self._fetched = os.getpid(), {}
+        return self.fs
+
+    def _unreadable(self, number: int, error: Exception) -> DataError:
+        return DataError(f"cannot read shard {self.shard_names[number]} under {self.url} ({error}): check "
+                         "--path_to_data and the credentials of its filesystem")
+
+    def prefetch(self, indices: list[int]) -> None:
+        """Read these images' bytes in one ``cat_ranges`` call (concurrent requests on object stores such as
+        s3fs and gcsfs), for the ``read_bytes`` calls that follow. SeededSamples calls it with each batch."""
+        fs = self._filesystem()
+        records = [self.records[index] for index in indices]
+        paths = [f"{self.root}/{self.shard_names[number]}" for number, *_ in records]
+        blobs = fs.cat_ranges(paths, [offset for _, offset, *_ in records],
+                              [offset + size for _, offset, size, *_ in records], on_error="return")
+        for index, record, blob in zip(indices, records, blobs):
+            if isinstance(blob, Exception):
+                raise self._unreadable(record[0], blob)
+            self._fetched[index] = blob
+
+    def read_bytes(self, index: int) -> bytes:
+        """The image's bytes: one ranged read (no read-ahead, so a shuffled order costs no extra traffic)."""
+        fs = self._filesystem()
+        if index in self._fetched:
+            return self._fetched.pop(index)
         number, offset, size, _, _ = self.records[index]
-        path = f"{self.root}/{self.shard_names[number]}"
         try:
-            return self.fs.cat_file(path, start=offset, end=offset + size)
+            return fs.cat_file(f"{self.root}/{self.shard_names[number]}", start=offset, end=offset + size)
         except OSError as error:
-            raise DataError(f"cannot read shard {self.shard_names[number]} under {self.url} ({error}): check "
-                            "--path_to_data and the credentials of its filesystem") from None
+            raise self._unreadable(number, error) from None
 
     def __getitem__(self, index: int):
         number, _, _, label, suffix = self.records[index]
