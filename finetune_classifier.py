@@ -313,7 +313,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
 
     sampler = build_step_sampler(train_samples if cached else train_base, args.per_gpu_batch_size,
                                  args.gradient_accumulation_steps, accelerator.num_processes,
-                                 accelerator.process_index, args.seed)
+                                 accelerator.process_index, args.seed, getattr(args, "shard_resume", None))
     loader = build_loader(train_samples, sampler, args.num_workers, accelerator.device)
     val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
     val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,
@@ -393,7 +393,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     accumulation = args.gradient_accumulation_steps
 
     def checkpoint_now() -> None:
-        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
+        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps, **sampler.state_dict())
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False

@@ -258,7 +258,8 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
     samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
     sampler = build_step_sampler(base, args.per_gpu_batch_size, args.gradient_accumulation_steps,
-                                 accelerator.num_processes, accelerator.process_index, args.seed)
+                                 accelerator.num_processes, accelerator.process_index, args.seed,
+                                 getattr(args, "shard_resume", None))
     loader = build_loader(samples, sampler, args.num_workers, accelerator.device)
     return loader, sampler
 
@@ -368,7 +369,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     def checkpoint_now() -> None:
         count_skipped()
         state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=float(loss_sum), log_steps=logged_steps,
-                     skipped_images=skipped_images)
+                     skipped_images=skipped_images, **sampler.state_dict())
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
 
     accumulation = args.gradient_accumulation_steps

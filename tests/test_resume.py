@@ -120,6 +120,7 @@ def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
         args = argparse.Namespace(resume_from_checkpoint=resume, dataset=dataset, per_gpu_batch_size=per_gpu,
                                   gradient_accumulation_steps=accumulation)
         keep_global_batch(args, processes, tmp_path)
+        resumed.shard_resume = getattr(args, "shard_resume", None)
         return args.per_gpu_batch_size
 
     assert resumed(2) == 8  # same count: nothing changes
@@ -130,5 +131,6 @@ def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
     for processes, accumulation in ((3, 1), (16, 2)):  # 16 / 3 is no whole batch; 1 image is no 2 micro-batches
         with pytest.raises(UserError, match="cannot share in whole micro-batches"):
             resumed(processes, accumulation=accumulation)
-    with pytest.raises(UserError, match="reading its own shards"):
-        resumed(1, dataset="shards")
+    assert resumed(1, dataset="shards") == 16  # tar shards: the epoch in progress keeps the 2 processes' layout
+    assert resumed.shard_resume == {"steps_per_epoch": 4, "shard_layout": [0, 2]}
+    assert resumed(2, dataset="shards") == 8 and resumed.shard_resume is None  # nothing to carry

@@ -207,3 +207,51 @@ def test_a_batch_of_shard_images_is_read_with_one_request(tmp_path, monkeypatch)
     together = torch.cat([batch["pixel_values"] for batch in loader])
     assert batches == [8, 8, 8] and len(reads) == 24  # every image came through a batch's request, once
     assert torch.equal(together, torch.stack([sample["pixel_values"] for sample in one_by_one]))
+
+
+def test_a_resume_on_another_process_count_keeps_the_epoch_in_progress():
+    ranges = [(10 * n, 10) for n in range(8)]
+    old = [ShardStepSampler(ranges, 4, 1, num_processes=2, rank=rank, seed=1) for rank in range(2)]
+    for sampler in old:
+        sampler.set_epoch(3)
+    per_step = [[i for s in old for i, _ in list(s)[step]] for step in range(old[0].steps_per_epoch)]
+    assert old[0].state_dict() == {"shard_layout": [3, 2]}
+    resume = {"steps_per_epoch": old[0].steps_per_epoch, "shard_layout": [3, 2]}
+    for processes in (1, 4):  # stopped after step 2 of epoch 3, resumed on 1 and on 4 processes (global batch 8)
+        new = [ShardStepSampler(ranges, 8 // processes, 1, num_processes=processes, rank=rank, seed=1, resume=resume)
+               for rank in range(processes)]
+        for sampler in new:
+            sampler.set_epoch(3, start_step=2)
+        batches = [list(sampler) for sampler in new]
+        assert [[i for b in batches for i, _ in b[step]] for step in range(len(batches[0]))] == per_step[2:]
+        assert new[0].state_dict() == {"shard_layout": [3, 2]}  # still the epoch the 2 processes laid out
+        for sampler in new:
+            sampler.set_epoch(4)  # the next epoch: the shards split over the new processes, the same step count
+        assert new[0].state_dict() == {"shard_layout": [4, processes]}
+        assert all(len(list(sampler)) == old[0].steps_per_epoch for sampler in new)
+        seen = Counter(i for sampler in new for batch in sampler for i, _ in batch)
+        assert set(seen) <= set(range(80)) and sum(seen.values()) == old[0].steps_per_epoch * 8
+
+
+def test_pretraining_from_shards_resumed_on_one_process_continues_the_epoch(tmp_path):
+    url = f"file://{tmp_path}/shards"
+    make_shards(["--input_dir", str(image_folder(tmp_path / "images", counts=(("train", 48),), seed=2)),
+                 "--output_dir", url, "--samples_per_shard", "6"])  # 8 shards of 6: 24 images and 3 steps per process
+    common = ["--working_directory", tmp_path, "--path_to_data", url, "--model", "mae_vit_tiny_patch4",
+              "--img_size", 16, "--patch_size", 4, "--input_channels", 3, "--encoder_embed_dim", 32, "--encoder_depth", 1,
+              "--encoder_num_heads", 2, "--decoder_embed_dim", 32, "--decoder_depth", 1, "--decoder_num_heads", 2,
+              "--per_gpu_batch_size", 8, "--max_train_steps", 5, "--checkpointing_steps", 1, "--keep_checkpoints", 0,
+              "--log_every", 1, "--vis_every", 0, "--log_with", "none"]
+    run_script("pretrain_mae.py", "--experiment_name", "two", *common, processes=2)
+    two = tmp_path / "two"
+    shutil.copytree(two, tmp_path / "one")
+    for later in ("step_00000002", "step_00000003", "step_00000004", "step_00000005"):
+        shutil.rmtree(tmp_path / "one" / "checkpoints" / later)
+    shutil.rmtree(tmp_path / "one" / "final")
+    result = run_script("pretrain_mae.py", "--experiment_name", "one", "--resume_from_checkpoint", "auto", *common)
+    assert "step_00000001 at step 1" in result.stderr and "split anew from the next epoch" in result.stderr
+    rows, reference = read_metrics(tmp_path / "one"), read_metrics(two)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["epoch"] for r in rows] == [r["epoch"] for r in reference]
+    for row, expected in zip(rows[:3], reference[:3]):  # the rest of epoch 0: the same images in every step
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
+    assert all(np.isfinite(row["loss"]) for row in rows[3:])  # epoch 1: the shards split over one process

@@ -70,29 +70,29 @@ def resolve_checkpoint(resume_from: str, checkpoint_root: Path) -> Path | None:
 def keep_global_batch(args, num_processes: int, checkpoint_root: Path) -> None:
     """A run resumed on another number of processes (a job requeued on fewer or more GPUs) splits the checkpoint's
     global batch over the processes it has, changing ``args.per_gpu_batch_size``: the optimizer steps keep their
-    images and learning rate, and the epoch continues with the same samples in the same order. Call it before the
-    loader is built."""
+    images and learning rate, and the epoch continues with the same samples in the same order. Tar shards also
+    need the checkpoint's layout (``args.shard_resume``, for ShardStepSampler). Call it before the loader is built."""
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root) if args.resume_from_checkpoint else None
     if checkpoint is None:
         return
     saved = json.loads((checkpoint / TRAINER_STATE).read_text())
     before = saved.get("num_processes", num_processes)
+    if getattr(args, "dataset", None) == "shards" and ("shard_layout" in saved or before != num_processes):
+        args.shard_resume = {"steps_per_epoch": saved["steps_per_epoch"],
+                             "shard_layout": saved.get("shard_layout", [saved["step"] // saved["steps_per_epoch"], before])}
     if before == num_processes:
         return
-    if getattr(args, "dataset", None) == "shards":
-        raise UserError(f"checkpoint {checkpoint} was written by {before} processes, each reading its own shards, "
-                        f"and this run has {num_processes}: resume sharded data on {before} processes")
     per_process, rest = divmod(saved["global_batch"], num_processes)
     if rest or per_process % args.gradient_accumulation_steps:
         raise UserError(f"checkpoint {checkpoint} has a global batch of {saved['global_batch']}, which {num_processes} "
                         f"processes cannot share in whole micro-batches (--gradient_accumulation_steps "
                         f"{args.gradient_accumulation_steps}): resume on a number of processes that divides it")
-    if per_process != args.per_gpu_batch_size:
-        logger.warning("resharding: %s was written by %d processes and this run has %d; each process now takes %d "
-                       "images per step (not --per_gpu_batch_size %d), so every step keeps the global batch of %d and "
-                       "the epoch continues with the same samples in the same order", checkpoint, before,
-                       num_processes, per_process, args.per_gpu_batch_size, saved["global_batch"])
-        args.per_gpu_batch_size = per_process
+    logger.warning("resharding: %s was written by %d processes and this run has %d; each process now takes %d images "
+                   "per step (--per_gpu_batch_size %d), so every step keeps the global batch of %d and the epoch "
+                   "continues with the same samples in the same order%s", checkpoint, before, num_processes,
+                   per_process, args.per_gpu_batch_size, saved["global_batch"],
+                   "; tar shards are split anew from the next epoch" if getattr(args, "dataset", None) == "shards" else "")
+    args.per_gpu_batch_size = per_process
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:

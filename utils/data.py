@@ -613,6 +613,10 @@ class StepBatchSampler(Sampler):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accumulation_steps
 
+    def state_dict(self) -> dict:
+        """Nothing: the order is a function of (seed, epoch), the same for any number of processes."""
+        return {}
+
     def __iter__(self) -> Iterator[list]:
         if self.shuffle:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))

@@ -158,10 +158,15 @@ class ShardStepSampler(Sampler):
     Every epoch, its shards come in a new order, ``SHARDS_MIXED`` at a time, with the samples of those shards
     shuffled together; every process takes the same number of steps (the smallest share; the few samples beyond
     it are left out of that epoch). ``start_step`` skips exactly the samples of the steps already taken.
+
+    Resumed on another number of processes (``resume``, from the checkpoint's ``state_dict``): the epoch in progress
+    keeps the steps of the layout that began it (each step's global batch is the same images, now split over the
+    new processes), later epochs split the shards anew, and the run keeps its ``steps_per_epoch`` (a process
+    whose new share is short repeats a few of its images).
     """
 
     def __init__(self, shard_ranges: list[tuple[int, int]], per_process_batch: int, accumulation_steps: int,
-                 num_processes: int = 1, rank: int = 0, seed: int = 0):
+                 num_processes: int = 1, rank: int = 0, seed: int = 0, resume: dict | None = None):
         if per_process_batch % accumulation_steps:
             raise DataError(f"--per_gpu_batch_size {per_process_batch} is not divisible by --gradient_accumulation_steps "
                             f"{accumulation_steps}: choose a batch size that is a multiple of it")
@@ -174,12 +179,19 @@ class ShardStepSampler(Sampler):
         self.global_batch = per_process_batch * num_processes
         self.assignment = assign_shards(shard_ranges, num_processes)
         shares = [sum(shard_ranges[n][1] for n in shards) for shards in self.assignment]
-        self.steps_per_epoch = min(shares) // per_process_batch
+        natural_steps = min(shares) // per_process_batch
+        self.steps_per_epoch = resume["steps_per_epoch"] if resume else natural_steps
+        # (epoch, processes): the epoch in progress when the run was resumed, and the process count that laid it out
+        self.carried = tuple(resume["shard_layout"]) if resume else (-1, num_processes)
         if self.steps_per_epoch == 0:
             raise DataError(f"a process's shards hold {min(shares)} samples, fewer than one --per_gpu_batch_size of "
                             f"{per_process_batch}: lower it or add data")
         left_out = sum(shares) - self.steps_per_epoch * self.global_batch
-        if rank == 0 and left_out > 0.02 * sum(shares):
+        if rank == 0 and natural_steps < self.steps_per_epoch:
+            logger.warning("the shards split over %d processes give %d to %d images each, fewer than the run's %d "
+                           "steps of %d: a process with a short share repeats a few of its images every epoch",
+                           num_processes, min(shares), max(shares), self.steps_per_epoch, per_process_batch)
+        elif rank == 0 and left_out > 0.02 * sum(shares):
             logger.warning("%d of %d images (%.0f%%) sit out every epoch: %d processes share %d shards unevenly "
                            "(%d to %d images each); write a multiple of %d shards of equal size", left_out, sum(shares),
                            100 * left_out / sum(shares), num_processes, len(shard_ranges), min(shares), max(shares),
@@ -192,12 +204,20 @@ class ShardStepSampler(Sampler):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accumulation_steps
 
-    def epoch_order(self, rank: int | None = None) -> list[int]:
-        """The sample indices one process reads in this epoch, in order."""
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume this sampler on any number of processes."""
+        processes = self.carried[1] if self.epoch == self.carried[0] else self.num_processes
+        return {"shard_layout": [self.epoch, processes]}
+
+    def epoch_order(self, rank: int | None = None, num_processes: int | None = None) -> list[int]:
+        """The sample indices one process reads in this epoch, in order (for another process count: what that
+        layout's process ``rank`` reads)."""
         rank = self.rank if rank is None else rank
+        num_processes = num_processes or self.num_processes
+        assignment = self.assignment if num_processes == self.num_processes else assign_shards(self.shard_ranges,
+                                                                                               num_processes)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + rank)
-        shards = self.assignment[rank]
-        shards = [shards[i] for i in torch.randperm(len(shards), generator=generator).tolist()]
+        shards = [assignment[rank][i] for i in torch.randperm(len(assignment[rank]), generator=generator).tolist()]
         order = []
         for first in range(0, len(shards), SHARDS_MIXED):
             group = [index for number in shards[first:first + SHARDS_MIXED]
@@ -205,20 +225,35 @@ class ShardStepSampler(Sampler):
             order += [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
         return order
 
-    def __iter__(self) -> Iterator[list]:
+    def step_orders(self) -> Iterator[list[int]]:
+        """This process's images of each step of the epoch, from ``start_step``."""
+        if self.epoch == self.carried[0] and self.carried[1] != self.num_processes:
+            old = self.carried[1]  # the layout that began this epoch: its steps, re-split over these processes
+            share = self.global_batch // old
+            orders = [self.epoch_order(rank, old) for rank in range(old)]
+            for step in range(self.start_step, self.steps_per_epoch):
+                step_images = [i for order in orders for i in order[step * share:(step + 1) * share]]
+                yield step_images[self.rank * self.per_process_batch:(self.rank + 1) * self.per_process_batch]
+            return
         order = self.epoch_order()
+        needed = self.steps_per_epoch * self.per_process_batch
+        order = (order * (needed // len(order) + 1))[:needed] if len(order) < needed else order
         for step in range(self.start_step, self.steps_per_epoch):
+            yield order[step * self.per_process_batch:(step + 1) * self.per_process_batch]
+
+    def __iter__(self) -> Iterator[list]:
+        for images in self.step_orders():
             for micro in range(self.accumulation_steps):
-                start = step * self.per_process_batch + micro * self.micro_batch
-                yield [(index, self.epoch) for index in order[start:start + self.micro_batch]]
+                yield [(index, self.epoch) for index in images[micro * self.micro_batch:(micro + 1) * self.micro_batch]]
 
 
 def build_step_sampler(dataset, per_process_batch: int, accumulation_steps: int, num_processes: int, rank: int,
-                       seed: int) -> Sampler:
-    """The training sampler for ``dataset``: ShardStepSampler for tar shards (each process reads its own),
-    StepBatchSampler (a global permutation) otherwise."""
+                       seed: int, resume: dict | None = None) -> Sampler:
+    """The training sampler for ``dataset``: ShardStepSampler for tar shards (each process reads its own; ``resume``:
+    the checkpoint's trainer state, see keep_global_batch), StepBatchSampler (a global permutation) otherwise."""
     from .data import StepBatchSampler
 
     if isinstance(dataset, TarShardDataset):
-        return ShardStepSampler(dataset.shard_ranges, per_process_batch, accumulation_steps, num_processes, rank, seed)
+        return ShardStepSampler(dataset.shard_ranges, per_process_batch, accumulation_steps, num_processes, rank, seed,
+                                resume)
     return StepBatchSampler(len(dataset), per_process_batch, accumulation_steps, num_processes, rank, seed)
