@@ -213,12 +213,12 @@ def training_samples(args, config: dict, decode_on_device: bool):
 
 def build_pipeline(args, config: dict, device: torch.device):
     """pretrain_mae.py's training loader (same samples, sampler and loader settings)."""
-    from utils.data import StepBatchSampler
     from utils.run import default_num_workers
+    from utils.shards import build_step_sampler
     from utils.training import build_loader
 
     samples = training_samples(args, config, decodes_on_device(args.decode, device))
-    sampler = StepBatchSampler(len(samples), args.batch_size, 1, 1, 0, 0)
+    sampler = build_step_sampler(samples.base, args.batch_size, 1, 1, 0, 0)
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     return build_loader(samples, sampler, workers, device), sampler
 
@@ -289,7 +289,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     elapsed = time.perf_counter() - start
     row = {"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
            "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
-           "decode": "device" if decodes_on_device(args.decode, device) and args.dataset == "folder" else "cpu",
+           "decode": "device" if decodes_on_device(args.decode, device) and args.dataset in ("folder", "shards") else "cpu",
            "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
            "compile": args.compile, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2)}

@@ -227,6 +227,7 @@ def test_repeated_sigterms_and_auto_resumes_equal_an_uninterrupted_run(tmp_path,
         assert not (tmp_path / "stopped" / "final").exists()
 
     run_script("pretrain_mae.py", *stopped)  # the same command line, requeued
+    assert not (tmp_path / "stopped" / "checkpoints" / "PREEMPTED").exists()  # cleared when it started again
     whole, resumed = without_timing(read_metrics(tmp_path / "whole")), without_timing(read_metrics(tmp_path / "stopped"))
     assert resumed == whole  # bit-identical losses, learning rates and gradient norms, step by step
     assert read_metrics(tmp_path / "stopped", reconstruction_rows=True) == read_metrics(tmp_path / "whole",

@@ -178,13 +178,28 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_url_whose_filesystem_is_not_installed_is_a_one_line_error():
-    import importlib.util
+def test_a_url_whose_filesystem_is_not_installed_is_a_one_line_error(monkeypatch):
+    import fsspec
 
-    if importlib.util.find_spec("s3fs") is not None:
-        pytest.skip("s3fs is installed here")
+    def not_installed(url, **kwargs):  # what fsspec says for s3:// without s3fs
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", not_installed)
     with pytest.raises(DataError, match="s3fs.*pip install"):
         build_image_dataset("shards", "s3://bucket/imagenet-shards", "train", 3, 32)
+
+
+def test_a_truncated_shard_is_an_error_not_skipped_images(tmp_path):
+    make_shards(["--input_dir", str(image_folder(tmp_path / "images", counts=(("train", 6),))), "--output_dir",
+                 str(tmp_path / "shards"), "--samples_per_shard", "6"])
+    shard = tmp_path / "shards" / "train" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # an upload cut short
+    dataset = TarShardDataset(str(tmp_path / "shards" / "train"), 3)
+    last = max(range(6), key=lambda i: dataset.records[i][1])
+    with pytest.raises(DataError, match="truncated shard"):
+        dataset[last]
+    with pytest.raises(DataError, match="truncated shard"):
+        dataset.prefetch(list(range(6)))
 
 
 def test_a_batch_of_shard_images_is_read_with_one_request(tmp_path, monkeypatch):

@@ -536,6 +536,7 @@ class SeededSamples(Dataset):
     def __getitems__(self, keys: list) -> list:
         """A batch (the DataLoader calls this when it exists): a base that can read many items at once (tar shards
         on an object store) reads them together first."""
+        keys = list(keys)
         if hasattr(self.base, "prefetch"):
             self.base.prefetch([key[0] if isinstance(key, tuple) else key for key in keys])
         return [self[key] for key in keys]

@@ -278,7 +278,7 @@ def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
         from .training import PREEMPTED_MARKER
 
         keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # before args.json is written
-        if accelerator.is_main_process:  # a stop's marker means "requeue me" only until the run starts again
+        if accelerator.is_main_process and not getattr(args, "eval_only", False):  # "requeue me", until it restarts
             (run_dir.checkpoints / PREEMPTED_MARKER).unlink(missing_ok=True)
     set_seed(args.seed)
     return run_dir, accelerator

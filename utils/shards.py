@@ -112,10 +112,16 @@ class TarShardDataset(Dataset):
         paths = [f"{self.root}/{self.shard_names[number]}" for number, *_ in records]
         blobs = fs.cat_ranges(paths, [offset for _, offset, *_ in records],
                               [offset + size for _, offset, size, *_ in records], on_error="return")
+        self._fetched = {}  # never more than one batch
         for index, record, blob in zip(indices, records, blobs):
-            if isinstance(blob, Exception):
-                raise self._unreadable(record[0], blob)
+            if isinstance(blob, Exception) or len(blob) != record[2]:
+                raise self._unreadable(record[0], blob if isinstance(blob, Exception) else self._short(record, blob))
             self._fetched[index] = blob
+
+    @staticmethod
+    def _short(record, blob: bytes) -> str:
+        return (f"{len(blob)} bytes where the index has {record[2]} at offset {record[1]}: a truncated shard, or a "
+                "server that ignores range requests")
 
     def read_bytes(self, index: int) -> bytes:
         """The image's bytes: one ranged read (no read-ahead, so a shuffled order costs no extra traffic)."""
@@ -124,9 +130,12 @@ class TarShardDataset(Dataset):
             return self._fetched.pop(index)
         number, offset, size, _, _ = self.records[index]
         try:
-            return fs.cat_file(f"{self.root}/{self.shard_names[number]}", start=offset, end=offset + size)
+            blob = fs.cat_file(f"{self.root}/{self.shard_names[number]}", start=offset, end=offset + size)
         except OSError as error:
             raise self._unreadable(number, error) from None
+        if len(blob) != size:
+            raise self._unreadable(number, self._short(self.records[index], blob))
+        return blob
 
     def __getitem__(self, index: int):
         number, _, _, label, suffix = self.records[index]
@@ -186,16 +195,16 @@ class ShardStepSampler(Sampler):
         if self.steps_per_epoch == 0:
             raise DataError(f"a process's shards hold {min(shares)} samples, fewer than one --per_gpu_batch_size of "
                             f"{per_process_batch}: lower it or add data")
-        left_out = sum(shares) - self.steps_per_epoch * self.global_batch
+        uneven = sum(shares) - num_processes * min(shares)  # beyond the smallest share: out of every epoch
         if rank == 0 and natural_steps < self.steps_per_epoch:
             logger.warning("the shards split over %d processes give %d to %d images each, fewer than the run's %d "
                            "steps of %d: a process with a short share repeats a few of its images every epoch",
                            num_processes, min(shares), max(shares), self.steps_per_epoch, per_process_batch)
-        elif rank == 0 and left_out > 0.02 * sum(shares):
-            logger.warning("%d of %d images (%.0f%%) sit out every epoch: %d processes share %d shards unevenly "
-                           "(%d to %d images each); write a multiple of %d shards of equal size", left_out, sum(shares),
-                           100 * left_out / sum(shares), num_processes, len(shard_ranges), min(shares), max(shares),
-                           num_processes)
+        elif rank == 0 and uneven > 0.02 * sum(shares):
+            logger.warning("%d of %d images (%.0f%%) sit out every epoch: the %d shards split unevenly over %d "
+                           "processes (%d to %d images each); write shards of equal size, a multiple of %d of them",
+                           uneven, sum(shares), 100 * uneven / sum(shares), len(shard_ranges), num_processes,
+                           min(shares), max(shares), num_processes)
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
