@@ -270,3 +270,19 @@ def test_pretraining_from_shards_resumed_on_one_process_continues_the_epoch(tmp_
     for row, expected in zip(rows[:3], reference[:3]):  # the rest of epoch 0: the same images in every step
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
     assert all(np.isfinite(row["loss"]) for row in rows[3:])  # epoch 1: the shards split over one process
+
+
+def test_fine_tuning_reads_labelled_shards_and_evaluates_on_their_val_split(tmp_path):
+    folder = image_folder(tmp_path / "images", counts=(("train", 48), ("val", 15)))
+    make_shards(["--input_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--samples_per_shard", "8"])
+    result = run_script("finetune_classifier.py", "--path_to_data", tmp_path / "shards", "--from_scratch",
+                        "--img_size", 16, "--input_channels", 3, "--model", "mae_vit_tiny_patch4",
+                        "--per_gpu_batch_size", 8, "--epochs", 1, "--working_directory", tmp_path, "--experiment_name",
+                        "probe", "--log_with", "none")
+    assert "48 training samples, 3 classes, 6 steps/epoch" in result.stderr
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert results["args"]["dataset"] == "shards" and 0 <= results["top1"] <= 100
+    shutil.rmtree(tmp_path / "shards" / "val")  # without held-out shards evaluation refuses (no training images)
+    result = run_script("finetune_classifier.py", "--path_to_data", tmp_path / "shards", "--from_scratch",
+                        "--working_directory", tmp_path, "--experiment_name", "no_val", check=False)
+    assert result.returncode == 2 and "no shards.json" in result.stderr.strip().splitlines()[-1]
