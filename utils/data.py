@@ -136,11 +136,13 @@ def decodes_on_device(decode: str, device: torch.device) -> bool:
 
 def decode_deferred(batch: dict, device: torch.device) -> dict:
     """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU) and make their views there:
-    ``batch["jpeg"]`` + ``batch["crop"]`` become ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
+    ``batch["jpeg"]`` (the JPEGs' bytes end to end, cut by ``batch["jpeg_sizes"]``) + ``batch["crop"]`` become
+    ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
     that does not decode is dropped with its label and noise and counted in ``num_skipped``."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    datas, crops = batch.pop("jpeg"), batch.pop("crop").tolist()
+    sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
+    datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
     if device.type == "cuda":  # torchvision's nvJPEG decoder runs on its own stream: without these fences it races
         torch.cuda.synchronize(device)  # the training step's kernels (seen on an H100: a device-side assert, error 710)
     try:
@@ -564,7 +566,8 @@ def collate_skipping_bad(samples: list) -> dict:
     deferred = [isinstance(s["pixel_values"], DeferredCrop) for s in good]
     if all(deferred):  # decode_deferred (called by move_to_device) makes the views on the device
         batch = {key: torch.stack([torch.as_tensor(s[key]) for s in good]) for key in good[0] if key != "pixel_values"}
-        batch["jpeg"] = [s["pixel_values"].data for s in good]
+        batch["jpeg"] = torch.cat([s["pixel_values"].data for s in good])  # one tensor, not one per image
+        batch["jpeg_sizes"] = torch.tensor([len(s["pixel_values"].data) for s in good])
         batch["crop"] = torch.stack([s["pixel_values"].crop for s in good])
         return {**batch, "num_skipped": len(samples) - len(good)}
     if any(deferred):  # a folder mixing JPEGs and other files: every view is made here
@@ -577,7 +580,8 @@ def view_made_here(sample: dict) -> dict | None:
     """A sample whose view was deferred, made on the CPU (``None`` if its JPEG does not decode)."""
     if not isinstance(sample["pixel_values"], DeferredCrop):
         return sample
-    batch = decode_deferred({"jpeg": [sample["pixel_values"].data], "crop": sample["pixel_values"].crop[None]},
+    data, crop = sample["pixel_values"].data, sample["pixel_values"].crop
+    batch = decode_deferred({"jpeg": data, "jpeg_sizes": torch.tensor([len(data)]), "crop": crop[None]},
                             torch.device("cpu"))
     return {**sample, "pixel_values": batch["pixel_values"][0]} if "pixel_values" in batch else None
 
