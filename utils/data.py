@@ -586,30 +586,20 @@ def view_made_here(sample: dict) -> dict | None:
     return {**sample, "pixel_values": batch["pixel_values"][0]} if "pixel_values" in batch else None
 
 
-class StepBatchSampler(Sampler):
-    """Yields this process's micro-batches of ``(index, epoch)`` keys, in optimizer-step order.
+class StepSampler(Sampler):
+    """What the step samplers share: this process's ``per_process_batch`` images per optimizer step in
+    ``accumulation_steps`` micro-batches, ``set_epoch(epoch, start_step)`` to resume mid-epoch, and the
+    ``steps_per_epoch`` a subclass sets."""
 
-    Each epoch is a permutation seeded by ``(seed, epoch)``, cut into global optimizer steps of
-    ``per_process_batch * num_processes`` samples (an incomplete last step is dropped). Process ``rank``
-    takes its slice of each step, split into ``accumulation_steps`` micro-batches. The samples of a step
-    are thus the same for 1 process x 8 and 2 processes x 4, and ``start_step`` resumes mid-epoch
-    without reading the skipped samples.
-    """
-
-    def __init__(self, num_samples: int, per_process_batch: int, accumulation_steps: int, num_processes: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(self, per_process_batch: int, accumulation_steps: int, num_processes: int, rank: int, seed: int):
         if per_process_batch % accumulation_steps:
             raise DataError(f"--per_gpu_batch_size {per_process_batch} is not divisible by --gradient_accumulation_steps "
                             f"{accumulation_steps}: choose a batch size that is a multiple of it")
-        self.num_samples, self.per_process_batch = num_samples, per_process_batch
-        self.accumulation_steps, self.num_processes, self.rank = accumulation_steps, num_processes, rank
-        self.seed, self.shuffle = seed, shuffle
+        self.per_process_batch, self.accumulation_steps = per_process_batch, accumulation_steps
+        self.num_processes, self.rank, self.seed = num_processes, rank, seed
         self.micro_batch = per_process_batch // accumulation_steps
         self.global_batch = per_process_batch * num_processes
-        self.steps_per_epoch = num_samples // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise DataError(f"the data set has {num_samples} samples, fewer than one global batch of {self.global_batch} "
-                            "(per_gpu_batch_size x processes): lower --per_gpu_batch_size or add data")
+        self.steps_per_epoch = 0
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -619,8 +609,28 @@ class StepBatchSampler(Sampler):
         return (self.steps_per_epoch - self.start_step) * self.accumulation_steps
 
     def state_dict(self) -> dict:
-        """Nothing: the order is a function of (seed, epoch), the same for any number of processes."""
+        """What a checkpoint must hold besides the step: nothing, unless a subclass says otherwise."""
         return {}
+
+
+class StepBatchSampler(StepSampler):
+    """Yields this process's micro-batches of ``(index, epoch)`` keys, in optimizer-step order.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``, cut into global optimizer steps of
+    ``per_process_batch * num_processes`` samples (an incomplete last step is dropped). Process ``rank``
+    takes its slice of each step, split into ``accumulation_steps`` micro-batches. The samples of a step
+    are thus the same for 1 process x 8 and 2 processes x 4, and ``start_step`` resumes mid-epoch
+    without reading the skipped samples. Its state is nothing: the order is the same for any number of processes.
+    """
+
+    def __init__(self, num_samples: int, per_process_batch: int, accumulation_steps: int, num_processes: int = 1,
+                 rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(per_process_batch, accumulation_steps, num_processes, rank, seed)
+        self.num_samples, self.shuffle = num_samples, shuffle
+        self.steps_per_epoch = num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the data set has {num_samples} samples, fewer than one global batch of {self.global_batch} "
+                            "(per_gpu_batch_size x processes): lower --per_gpu_batch_size or add data")
 
     def __iter__(self) -> Iterator[list]:
         if self.shuffle:

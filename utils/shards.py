@@ -19,9 +19,9 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from .data import DataError, image_from_bytes
+from .data import DataError, StepSampler, image_from_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +160,8 @@ def assign_shards(shard_ranges: list[tuple[int, int]], num_processes: int) -> li
     return [sorted(shards) for shards in assigned]
 
 
-class ShardStepSampler(Sampler):
-    """StepBatchSampler's interface (``set_epoch(epoch, start_step)``, ``steps_per_epoch``, ``global_batch``,
-    ``micro_batch``) for tar shards: this process reads only its own shards.
+class ShardStepSampler(StepSampler):
+    """A StepSampler for tar shards: this process reads only its own shards.
 
     Every epoch, its shards come in a new order, ``SHARDS_MIXED`` at a time, with the samples of those shards
     shuffled together; every process takes the same number of steps (the smallest share; the few samples beyond
@@ -176,16 +175,11 @@ class ShardStepSampler(Sampler):
 
     def __init__(self, shard_ranges: list[tuple[int, int]], per_process_batch: int, accumulation_steps: int,
                  num_processes: int = 1, rank: int = 0, seed: int = 0, resume: dict | None = None):
-        if per_process_batch % accumulation_steps:
-            raise DataError(f"--per_gpu_batch_size {per_process_batch} is not divisible by --gradient_accumulation_steps "
-                            f"{accumulation_steps}: choose a batch size that is a multiple of it")
+        super().__init__(per_process_batch, accumulation_steps, num_processes, rank, seed)
         if len(shard_ranges) < num_processes:
             raise DataError(f"{len(shard_ranges)} shards for {num_processes} processes: each process reads its own "
                             "shards, so write at least as many shards as processes (make_shards.py --samples_per_shard)")
-        self.shard_ranges, self.rank, self.seed = shard_ranges, rank, seed
-        self.per_process_batch, self.accumulation_steps, self.num_processes = per_process_batch, accumulation_steps, num_processes
-        self.micro_batch = per_process_batch // accumulation_steps
-        self.global_batch = per_process_batch * num_processes
+        self.shard_ranges = shard_ranges
         self.assignment = assign_shards(shard_ranges, num_processes)
         shares = [sum(shard_ranges[n][1] for n in shards) for shards in self.assignment]
         natural_steps = min(shares) // per_process_batch
@@ -205,13 +199,6 @@ class ShardStepSampler(Sampler):
                            "processes (%d to %d images each); write shards of equal size, a multiple of %d of them",
                            uneven, sum(shares), 100 * uneven / sum(shares), len(shard_ranges), num_processes,
                            min(shares), max(shares), num_processes)
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accumulation_steps
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume this sampler on any number of processes."""
@@ -257,7 +244,7 @@ class ShardStepSampler(Sampler):
 
 
 def build_step_sampler(dataset, per_process_batch: int, accumulation_steps: int, num_processes: int, rank: int,
-                       seed: int, resume: dict | None = None) -> Sampler:
+                       seed: int, resume: dict | None = None) -> StepSampler:
     """The training sampler for ``dataset``: ShardStepSampler for tar shards (each process reads its own; ``resume``:
     the checkpoint's trainer state, see keep_global_batch), StepBatchSampler (a global permutation) otherwise."""
     from .data import StepBatchSampler
