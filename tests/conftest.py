@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,14 @@ def read_metrics(run_dir: Path, reconstruction_rows: bool = False) -> list[dict]
 def without_timing(rows) -> list[dict]:
     """metrics rows less their images_per_sec (wall-clock dependent), for comparing two runs row by row."""
     return [{k: v for k, v in row.items() if k != "images_per_sec"} for row in rows]
+
+
+def copy_stopped_after(run: Path, copy: Path, step: int) -> Path:
+    """A copy of a finished run as if it had died right after its checkpoint of ``step``: the later checkpoints
+    and final/ are gone."""
+    shutil.copytree(run, copy)
+    for checkpoint in (copy / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.split("_")[1]) > step:
+            shutil.rmtree(checkpoint)
+    shutil.rmtree(copy / "final")
+    return copy

@@ -1,13 +1,12 @@
 """End-to-end runs of pretrain_mae.py on real Fashion-MNIST images (each in a fresh process)."""
 import importlib.util
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script, sigterm_script, without_timing
+from conftest import copy_stopped_after, read_metrics, run_script, sigterm_script, without_timing
 from models import MaskedAutoencoder
 
 # A small model so that every run takes seconds on two cores.
@@ -48,11 +47,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
               "--checkpointing_steps", 3, "--keep_checkpoints", 0, "--vis_every", 0, "--max_grad_norm", 1.0, *SMALL]
     run_script("pretrain_mae.py", "--experiment_name", "full", *common)
     full = tmp_path / "full"
-    shutil.copytree(full, tmp_path / "resumed")
-    resumed = tmp_path / "resumed"
-    for later in ("step_00000008", "step_00000009", "step_00000010"):  # as if it had died after step 6
-        shutil.rmtree(resumed / "checkpoints" / later)
-    shutil.rmtree(resumed / "final")
+    resumed = copy_stopped_after(full, tmp_path / "resumed", 6)
     result = run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "latest", *common)
     assert "step_00000006 at step 6" in result.stderr  # resumed mid-epoch (a fresh start would give the same rows)
     full_rows, resumed_rows = read_metrics(full), read_metrics(resumed)

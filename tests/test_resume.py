@@ -1,6 +1,5 @@
 """Runs that die or move: a kill during a checkpoint write, and resuming on 2 processes or on another count."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics, run_script, without_timing
+from conftest import ROOT, copy_stopped_after, read_metrics, run_script, without_timing
 
 SMALL = ["--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
          "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--seed", 1, "--vis_every", 0]
@@ -77,9 +76,7 @@ def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fas
     run_script("pretrain_mae.py", "--experiment_name", "whole", *common, processes=2)
     whole = tmp_path / "whole"
     for name in ("two", "one"):
-        shutil.copytree(whole, tmp_path / name)
-        for later in ("step_00000004", "step_00000006", "final"):
-            shutil.rmtree(tmp_path / name / ("checkpoints" if later != "final" else "") / later)
+        copy_stopped_after(whole, tmp_path / name, 2)
 
     result = run_script("pretrain_mae.py", "--experiment_name", "two", "--resume_from_checkpoint", "auto", *common,
                         processes=2)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script, without_timing
+from conftest import copy_stopped_after, read_metrics, run_script, without_timing
 from make_shards import main as make_shards
 from utils.data import DataError, build_image_dataset
 from utils.shards import ShardStepSampler, TarShardDataset, assign_shards
@@ -166,11 +166,7 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
     full = tmp_path / "full"
     assert json.loads((full / "args.json").read_text())["dataset"] == "shards"  # found by its shards.json
     assert read_metrics(full)[0]["epoch"] == round(1 / 6, 4)  # 6 steps per epoch
-    shutil.copytree(full, tmp_path / "resumed")
-    resumed = tmp_path / "resumed"
-    for later in ("step_00000006", "step_00000008", "step_00000009"):  # as if it had died after step 4
-        shutil.rmtree(resumed / "checkpoints" / later)
-    shutil.rmtree(resumed / "final")
+    resumed = copy_stopped_after(full, tmp_path / "resumed", 4)
     result = run_script("pretrain_mae.py", "--experiment_name", "resumed", "--resume_from_checkpoint", "auto", *common)
     assert "step_00000004 at step 4" in result.stderr  # it did resume mid-epoch (a fresh start would match too)
     assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(full))  # bit-identical from step 5 on
@@ -259,10 +255,7 @@ def test_pretraining_from_shards_resumed_on_one_process_continues_the_epoch(tmp_
               "--log_every", 1, "--vis_every", 0, "--log_with", "none"]
     run_script("pretrain_mae.py", "--experiment_name", "two", *common, processes=2)
     two = tmp_path / "two"
-    shutil.copytree(two, tmp_path / "one")
-    for later in ("step_00000002", "step_00000003", "step_00000004", "step_00000005"):
-        shutil.rmtree(tmp_path / "one" / "checkpoints" / later)
-    shutil.rmtree(tmp_path / "one" / "final")
+    copy_stopped_after(two, tmp_path / "one", 1)
     result = run_script("pretrain_mae.py", "--experiment_name", "one", "--resume_from_checkpoint", "auto", *common)
     assert "step_00000001 at step 1" in result.stderr and "split anew from the next epoch" in result.stderr
     rows, reference = read_metrics(tmp_path / "one"), read_metrics(two)
