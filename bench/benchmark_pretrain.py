@@ -289,7 +289,8 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     elapsed = time.perf_counter() - start
     row = {"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
            "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
-           "decode": "device" if decodes_on_device(args.decode, device) and args.dataset in ("folder", "shards") else "cpu",
+           "decode": "none (pixel cache)" if args.dataset == "cache" else
+           "device" if decodes_on_device(args.decode, device) and args.dataset in ("folder", "shards") else "cpu",
            "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
            "compile": args.compile, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2)}
@@ -396,8 +397,10 @@ def parse_args(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="Device peak for the MFU (default: the datasheet value for H100/H200/A100; none on a CPU).")
     parser.add_argument("--dataset", default=None, help="--mode data/both: as pretrain_mae.py's --dataset "
-                                                        "(default: folder with --path_to_data, else fashion_mnist).")
-    parser.add_argument("--path_to_data", default=None, help="--mode data/both: an image folder (train/ inside).")
+                                                        "(default: shards, cache or folder with --path_to_data, "
+                                                        "else fashion_mnist).")
+    parser.add_argument("--path_to_data", default=None, help="--mode data/both: an image folder (train/ inside), tar "
+                                                             "shards or a pixel cache (make_pixel_cache.py).")
     parser.add_argument("--max_samples", type=int, default=None, help="--mode data/both: first N training images.")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="--mode data/both: loader workers (default: pretrain_mae.py's, cores - 1 on a GPU).")
@@ -414,8 +417,9 @@ def parse_args(argv=None):
                              "(torch.profiler, three steps per model; 0: no profile).")
     parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")
     args = parser.parse_args(argv)
-    if args.dataset is None:
-        args.dataset = "folder" if args.path_to_data else "fashion_mnist"
+    from utils.run import default_dataset
+
+    args.dataset = default_dataset(args)
     return args
 
 

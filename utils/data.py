@@ -485,7 +485,8 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
     """The uint8 image dataset (items ``(C, H, W) uint8, label`` or ``None``) for one split.
 
     ``dataset``: ``folder`` (``--path_to_data``), ``shards`` (tar shards under ``--path_to_data``, a folder or fsspec
-    URL; see utils/shards.py), ``fashion_mnist``, ``synthetic`` or ``hf:<name or path>``.
+    URL; see utils/shards.py), ``cache`` (decoded pixels; see utils/pixel_cache.py), ``fashion_mnist``, ``synthetic``
+    or ``hf:<name or path>``.
     ``encoded_jpeg``: a folder's (or shards') RGB JPEGs come back as :class:`EncodedJpeg`, to be decoded on the device.
     """
     if dataset == "fashion_mnist":
@@ -505,10 +506,18 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
             raise DataError(f"no shards.json under --path_to_data {path_to_data}: pass a folder or URL of tar shards "
                             "written by make_shards.py (or index yours with make_shards.py --index_only URL)")
         return TarShardDataset(found, num_channels, encoded_jpeg, max_samples)
+    elif dataset == "cache":
+        from .pixel_cache import PixelCacheDataset, find_cache
+
+        found = find_cache(path_to_data, split, require_split)
+        if found is None:
+            raise DataError(f"no cache.json under --path_to_data {path_to_data}: pass a local folder written by "
+                            "make_pixel_cache.py")
+        return PixelCacheDataset(found, num_channels, max_samples)
     elif dataset.startswith("hf:"):
         data = HubImageDataset(load_hub_split(dataset[3:], split, require_split=require_split), num_channels, image_column)
     else:
-        raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist, synthetic, folder, shards or hf:<name>")
+        raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist, synthetic, folder, shards, cache or hf:<name>")
     if max_samples is not None and max_samples < len(data):
         data = torch.utils.data.Subset(data, range(max_samples))
     return data

@@ -74,23 +74,27 @@ def add_data_args(parser: argparse.ArgumentParser, folder_help: str, built_in: s
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default=None,
                       help=f"{built_in}, folder (--path_to_data), shards (tar shards with a shards.json under --path_to_data, "
-                           "a folder or fsspec URL: make_shards.py) or hf:<hub name or path>. Default: shards or folder "
-                           f"if --path_to_data is given, else {built_in.split()[0]}.")
+                           "a folder or fsspec URL: make_shards.py), cache (decoded pixels with a cache.json under "
+                           "--path_to_data: make_pixel_cache.py) or hf:<hub name or path>. Default: shards, cache or "
+                           f"folder if --path_to_data is given, else {built_in.split()[0]}.")
     data.add_argument("--path_to_data", type=str, default=None, help=folder_help)
     data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
     return data
 
 
 def default_dataset(args, built_in: str = "fashion_mnist", shards: bool = True) -> str:
-    """--dataset, else: shards for a folder or URL holding tar shards (shards.json; scripts that read them),
-    folder for another --path_to_data, the built-in data set without one."""
+    """--dataset, else: shards for a folder or URL holding tar shards (shards.json), cache for a pixel cache
+    (cache.json) in the scripts that read them, folder for another --path_to_data, the built-in data set without one."""
     if args.dataset:
         return args.dataset
     if not args.path_to_data or not shards:
         return built_in if not args.path_to_data else "folder"
+    from .pixel_cache import is_pixel_cache
     from .shards import is_sharded
 
-    return "shards" if "://" in args.path_to_data or is_sharded(args.path_to_data) else "folder"
+    if "://" in args.path_to_data or is_sharded(args.path_to_data):
+        return "shards"
+    return "cache" if is_pixel_cache(args.path_to_data) else "folder"
 
 
 def refuse_to_overwrite(run_dir: "RunDir") -> None:

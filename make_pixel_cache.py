@@ -1,0 +1,126 @@
+"""Decode a data set once into a pixel cache (uint8, memory-mapped) that the training scripts read with
+``--path_to_data CACHE``: for repeated epochs when the loader workers cannot decode JPEGs as fast as the GPU trains.
+
+    python make_pixel_cache.py --path_to_data /data/imagenet --output_dir /nvme/imagenet-pixels     # train/ and val/
+    python make_pixel_cache.py --path_to_data s3://bucket/imagenet-shards --output_dir /nvme/imagenet-pixels
+    python make_pixel_cache.py --output_dir /tmp/fmnist-pixels                                       # Fashion-MNIST
+
+It reads any source the scripts read (folder, tar shards, 🤗 dataset) and keeps its images, pixel for pixel and at
+the same indices, so a run on the cache sees exactly the views, labels and order it would see on the source. The
+cache is big (every pixel of every image: ~700 GB for ImageNet-1k train at full size) and must be on a local disk,
+ideally one whose pages stay in RAM. ``--max_size`` shrinks images whose longer side exceeds it (then they are no
+longer the source's). See utils/pixel_cache.py for the format.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+
+from utils.data import DataError, build_image_dataset, dataset_classes
+from utils.errors import run_cli
+from utils.pixel_cache import CacheWriter
+from utils.run import available_cores, default_dataset
+
+logger = logging.getLogger("make_pixel_cache")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=None,
+                        help="fashion_mnist (built in), folder, shards or hf:<hub name or path>, as in the training "
+                             "scripts. Default: shards or folder if --path_to_data is given, else fashion_mnist.")
+    parser.add_argument("--path_to_data", default=None, help="The source: an image folder (train/ and val/ kept "
+                        "apart), a folder or fsspec URL of tar shards, or a 🤗 dataset's folder.")
+    parser.add_argument("--image_column", default=None, help="Image column of a 🤗 dataset (default: guessed).")
+    parser.add_argument("--output_dir", required=True, help="Local folder for the cache (train/ and val/ inside).")
+    parser.add_argument("--input_channels", type=int, default=None,
+                        help="Channels to store (default: 1 for fashion_mnist, else 3). A run asking for other channels "
+                             "converts as it reads.")
+    parser.add_argument("--max_size", type=int, default=0,
+                        help="Shrink images whose longer side exceeds this (bicubic, antialiased) to save disk; "
+                             "0 (default) keeps them as the source gives them.")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"],
+                        help="Splits to cache; a split the source does not have is left out.")
+    parser.add_argument("--num_workers", type=int, default=max(1, min(16, available_cores() - 1)),
+                        help="Processes decoding the source (default: the cores less one, at most 16).")
+    args = parser.parse_args(argv)
+    args.dataset = default_dataset(args)
+    if args.dataset == "cache":
+        parser.error(f"--path_to_data {args.path_to_data} is already a pixel cache")
+    if args.input_channels is None:
+        args.input_channels = 1 if args.dataset == "fashion_mnist" else 3
+    if args.max_size < 0 or args.num_workers < 0:
+        parser.error("--max_size and --num_workers must not be negative")
+    return args
+
+
+class Shrunk(Dataset):
+    """The source's items with images whose longer side exceeds ``max_size`` resized (0: unchanged)."""
+
+    def __init__(self, source: Dataset, max_size: int):
+        self.source, self.max_size = source, max_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        item = self.source[index]
+        if item is None or not self.max_size or max(item[0].shape[-2:]) <= self.max_size:
+            return item
+        image, label = item
+        height, width = image.shape[-2:]
+        scale = self.max_size / max(height, width)
+        size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        return TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True), label
+
+
+def as_list(items: list) -> list:
+    return items
+
+
+def write_split(args, split: str) -> bool:
+    """Cache one split; False when the source has no such split."""
+    try:
+        source = build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, img_size=224,
+                                     image_column=args.image_column, require_split=split != "train")
+    except DataError as error:
+        if split == "train":
+            raise
+        logger.info("no %s split to cache (%s)", split, error)
+        return False
+    folder = Path(args.output_dir).expanduser() / split
+    writer = CacheWriter(folder, args.input_channels)
+    loader = DataLoader(Shrunk(source, args.max_size), batch_size=64, num_workers=args.num_workers,
+                        collate_fn=as_list)  # in index order: the cache keeps the source's indices
+    start = time.perf_counter()
+    for number, items in enumerate(loader):
+        for item in items:
+            writer.add(*(item if item is not None else (None, -1)))
+        if number % 200 == 199:
+            logger.info("%s: %d / %d images, %.1f GB, %.0f images/s", split, len(writer.records), len(source),
+                        writer.offset / 1e9, len(writer.records) / (time.perf_counter() - start))
+    source_info = {"dataset": args.dataset, "path_to_data": args.path_to_data, "max_size": args.max_size}
+    writer.close(dataset_classes(source), source_info)
+    gaps = sum(1 for record in writer.records if not record[1])
+    logger.info("%s: %d images (%d that did not decode kept as gaps), %.2f GB in %s, %.0f s", split,
+                len(writer.records) - gaps, gaps, writer.offset / 1e9, folder, time.perf_counter() - start)
+    return True
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)  # the workers decode; the main process only writes
+    for split in args.splits:
+        write_split(args, split)
+
+
+if __name__ == "__main__":
+    run_cli(main)
