@@ -254,6 +254,21 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> None:
                                                                     quality=90)
 
 
+def worker_ms_per_image(samples, count: int = 64) -> float:
+    """What a loader worker spends on one image (read, decode, crop, flip, mask noise), timed in this process with
+    one thread: the loader's images/s per worker, before collating and hand-over."""
+    keys = [(index % len(samples), 0) for index in range(count)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker
+    samples[keys[0]]  # first-call costs (file handles, memory maps)
+    start = time.perf_counter()
+    for key in keys:
+        samples[key]
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return round(elapsed / count * 1000, 3)
+
+
 def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool) -> list[dict]:
     from utils.data import Normalize, channel_stats
     from utils.run import move_to_device
@@ -294,6 +309,8 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
            "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
            "compile": args.compile, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2)}
+    if not with_model:
+        row["worker_ms_per_image"] = worker_ms_per_image(loader.dataset)
     if row["decode"] == "device" and not with_model:
         row.update(decode_paths_difference(args, config, device))
     return [row]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
-# after that run (capped at 6.5 minutes). Every step has its own time limit, so one failure leaves the others' rows;
+# after that run (capped at 6.5 minutes), 9 in the session after (capped at 4.5 minutes). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all), e.g. to fit one 10-minute call:
 #   OUT=bench/gpu_out STEPS="1 7 8" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
@@ -13,7 +13,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -47,3 +47,15 @@ step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --co
     --batch_size 256 --steps 40 --warmup_steps 5
 step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs --batch_size 256 \
     --decode cpu --steps 40 --warmup_steps 5
+# 9. the same JPEGs decoded once into a pixel cache (make_pixel_cache.py): the loader alone, then feeding the
+# compiled step (the cache rows need step 8's JPEGs: --make_jpegs writes them if step 8 did not run)
+if step 9 && [ ! -d /tmp/jpegs/train ]; then
+    python bench/benchmark_pretrain.py --mode data --path_to_data /tmp/jpegs --make_jpegs 3000 --steps 1 --warmup_steps 0 \
+        > /dev/null 2>&1
+fi
+step 9 && echo "== make_pixel_cache" && timeout 60 python make_pixel_cache.py --path_to_data /tmp/jpegs \
+    --output_dir /tmp/jpegs_cache 2>&1 | tail -2
+step 9 && run 60 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs_cache --batch_size 256 --steps 40 \
+    --warmup_steps 5
+step 9 && run 150 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs_cache \
+    --batch_size 256 --steps 40 --warmup_steps 5

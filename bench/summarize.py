@@ -45,8 +45,10 @@ def pipeline_table(rows: list[dict], commands: list[str]) -> list[str]:
         commands.append(row["command"])
         what = "loader only" if row["mode"] == "data" else f"loader + our step ({row['model']}, {row['precision']})"
         data = row.get("path_to_data") or row.get("dataset")
-        decode = row.get("decode", "cpu") if row.get("dataset") == "folder" else "—"
+        decode = {"folder": row.get("decode", "cpu"), "cache": "none: pixel cache"}.get(row.get("dataset"), "—")
         notes = [row["note"]] if row.get("note") else []
+        if "worker_ms_per_image" in row:
+            notes.append(f"a worker spends {row['worker_ms_per_image']} ms per image")
         if "max_abs_diff_vs_cpu_decode" in row:
             notes.append(f"views differ from the CPU path's by {row['mean_abs_diff_vs_cpu_decode']} levels on average "
                          f"(max {row['max_abs_diff_vs_cpu_decode']})")

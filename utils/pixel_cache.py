@@ -1,8 +1,8 @@
 """A decoded pixel cache: every image of a data set decoded once, stored as uint8 end to end in one file per split
 and read through a memory map (``make_pixel_cache.py`` writes it; ``--path_to_data CACHE`` reads it).
 
-Decoding a JPEG is most of what a loader worker does (about 80% of a 500x375 image's 2.5 ms here); a cached image
-costs a slice of the page cache and the crop. The images are those the source gives, pixel for pixel, at the same
+Decoding a JPEG is most of what a loader worker does (about three quarters of a 500x375 image's 2-3 ms on a 2-core
+CPU); a cached image costs a slice of the page cache and the crop. The images are those the source gives, pixel for pixel, at the same
 indices (an image that did not decode stays a gap, skipped as it would be), so a run on the cache sees exactly the
 views it would see on the source. The price is disk: full-size ImageNet-1k train is about 700 GB
 (``--max_size`` shrinks it, and then the images are no longer the source's).
