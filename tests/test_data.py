@@ -198,6 +198,29 @@ def views(folder, encoded: bool, count: int):
     return move_to_device(next(iter(loader)), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "444", "422", "gray", "q40", "cmyk", "odd_size"])
+def test_jpegs_decode_to_pils_pixels(variant):
+    """RGB and gray JPEGs are decoded by torchvision's libjpeg-turbo straight into a tensor (faster); the pixels must
+    be exactly PIL's, whose decode the rest (CMYK, ...) keeps."""
+    import io
+
+    from utils.data import image_from_bytes
+
+    rng = np.random.default_rng(5)
+    size = (37, 53) if variant == "odd_size" else (96, 128)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size[::-1], Image.BICUBIC)
+    image = Image.fromarray(np.clip(np.asarray(coarse, np.int16) + rng.integers(-25, 26, (*size, 3)), 0, 255)
+                            .astype(np.uint8))
+    options = {"progressive": dict(progressive=True), "444": dict(subsampling=0), "422": dict(subsampling=1),
+               "q40": dict(quality=40)}.get(variant, {})
+    image = image.convert({"gray": "L", "cmyk": "CMYK"}.get(variant, "RGB"))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+        expected = torch.from_numpy(np.asarray(decoded.convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(image_from_bytes(buffer.getvalue(), ".jpg", 3), expected)
+
+
 def test_jpegs_decoded_on_the_device_give_the_workers_views(tmp_path):
     photo_like_jpegs(tmp_path, 12, np.random.default_rng(0))
     plain, deferred = views(tmp_path, False, 12), views(tmp_path, True, 12)
