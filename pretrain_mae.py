@@ -36,7 +36,7 @@ from utils.hub import push_run
 from utils.metrics import reconstruction_metrics
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import (
-    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
+    DeviceBatches, MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, save_args,
     save_final_weights, start_run,
 )
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
@@ -63,11 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     data = add_data_args(parser, "Folder of images (ImageNet layout with train/ and val/, class subfolders, or loose "
                                  "images); for fashion_mnist, a folder with its IDX files.")
     data.add_argument("--decode", type=str, default="auto", choices=["auto", "cpu", "device"],
-                      help="Where a folder's JPEGs are decoded: cpu (loader workers, PIL), device (the workers only "
+                      help="Where a folder's JPEGs are decoded: cpu (loader workers, libjpeg-turbo), device (the workers only "
                            "read the bytes and draw the crop; the batch is decoded on the training device with "
                            "torchvision's decode_jpeg, nvJPEG on a GPU, then cropped and resized there). auto: device "
                            "when training on a GPU. Both cut the same crops of the same samples (nvJPEG's pixels "
                            "differ from PIL's by about one level).")
+    data.add_argument("--decode_ahead", action="store_true",
+                      help="With JPEGs decoded on a GPU: decode the next batch in a thread, on a CUDA stream of its "
+                           "own, while the current step trains (by default the decode runs between steps, behind "
+                           "device-wide fences). Same batches; not yet measured on a GPU (bench/gpu_checks.sh step 8).")
     model = parser.add_argument_group("model (a preset, overridable flag by flag)")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
                        help="Preset. Default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, mae_vit_base_patch16 otherwise.")
@@ -385,9 +389,10 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     plain_mae, term_sums, last_vis_step = accelerator.unwrap_model(model), {}, None
     model.train()
     stop, stopping = StopSignal(), False
+    device_batches = DeviceBatches(loader, accelerator.device, ahead=args.decode_ahead)
     while step < total_steps and not stopping:
         sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
-        micro_batches = iter(loader)
+        micro_batches = iter(device_batches)
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
             set_learning_rate(optimizer, lr)
@@ -395,7 +400,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
                                           args.mask_curriculum_epochs)
             step_loss, step_terms = torch.zeros((), device=accelerator.device), {}
             for micro in range(accumulation):
-                batch = move_to_device(next(micro_batches), accelerator.device)
+                batch = next(micro_batches)  # on the device
                 skipped_pending += batch["num_skipped"]
                 batch, weight = readable_batch(batch, last_batch)
                 last_batch = batch
@@ -452,6 +457,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
                 checkpoint_now()
                 last_saved_step = step
     progress.close()
+    device_batches.close()
 
     if last_saved_step != step:
         checkpoint_now()

@@ -271,7 +271,7 @@ def worker_ms_per_image(samples, count: int = 64) -> float:
 
 def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool) -> list[dict]:
     from utils.data import Normalize, channel_stats
-    from utils.run import move_to_device
+    from utils.run import DeviceBatches
 
     if args.make_jpegs:
         if not args.path_to_data:
@@ -284,13 +284,14 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
                        lambda model, images, noise: model(images, noise=noise).loss) if with_model else None)
     seen, start, steps = 0, None, 0
     epoch = 0
+    batches = DeviceBatches(loader, device, ahead=args.decode_ahead)  # as pretrain_mae.py: uint8 until on the device
     while steps < args.warmup_steps + args.steps:
         sampler.set_epoch(epoch)
-        for batch in loader:
-            batch = move_to_device(batch, device)  # uint8 until on the device (JPEGs decoded there with --decode device)
+        for batch in batches:
             images, noise = normalize(batch["pixel_values"]), batch["noise"]
             if trainer is not None:
                 trainer.step(images, noise)
+                bool(torch.isfinite(trainer.loss_sum))  # the scripts' one host sync per step (the finite-loss check)
             steps += 1
             if steps == args.warmup_steps:
                 sync(device)
@@ -300,6 +301,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
             if steps == args.warmup_steps + args.steps:
                 break
         epoch += 1
+    batches.close()
     sync(device)
     elapsed = time.perf_counter() - start
     row = {"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
@@ -307,7 +309,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
            "decode": "none (pixel cache)" if args.dataset == "cache" else
            "device" if decodes_on_device(args.decode, device) and args.dataset in ("folder", "shards") else "cpu",
            "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
-           "compile": args.compile, "images_per_sec": round(seen / elapsed, 1),
+           "compile": args.compile, "decode_ahead": args.decode_ahead, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2)}
     if not with_model:
         row["worker_ms_per_image"] = worker_ms_per_image(loader.dataset)
@@ -424,6 +426,9 @@ def parse_args(argv=None):
     parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
                         help="--mode data/both: where a folder's JPEGs are decoded, as pretrain_mae.py's --decode "
                              "(auto: on the device when it is a GPU).")
+    parser.add_argument("--decode_ahead", action="store_true",
+                        help="--mode data/both: as pretrain_mae.py's --decode_ahead (decode the next batch in a thread, "
+                             "on a CUDA stream of its own, while the step trains).")
     parser.add_argument("--make_jpegs", type=int, default=0,
                         help="--mode data/both: first write this many synthetic 500x375 JPEGs (ImageNet's typical size, "
                              "quality 90) under --path_to_data/train/ (where no real image folder is at hand).")

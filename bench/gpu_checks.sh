@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
-# after that run (capped at 6.5 minutes), 9 in the session after (capped at 4.5 minutes). Every step has its own time limit, so one failure leaves the others' rows;
+# after that run, 9 and step 8's --decode_ahead run in the session after (7-9: capped at 13 minutes, so two calls,
+# e.g. STEPS="8 9" then STEPS="1 7"). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all), e.g. to fit one 10-minute call:
-#   OUT=bench/gpu_out STEPS="1 7 8" bash bench/gpu_checks.sh      # then, back here:
+#   OUT=bench/gpu_out STEPS="8 9" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,11 @@ step 6 && tail -3 "$OUT/fsdp/metrics.jsonl" 2>/dev/null
 step 6 && rm -rf "$OUT/fsdp"  # weights stay on the device machine; the log above is what comes back
 # 7. for the next session (not run yet): the MFU at a larger micro-batch, and where the compiled step's time goes
 step 7 && run 150 --model mae_vit_base_patch16 --batch_size 512 --precision bf16 --steps 10 --rounds 3 --compile --profile 15
-# 8. the pipeline feeding the compiled step on more data (3,000 JPEGs, 40 steps), decoded on the GPU and by PIL
+# 8. the pipeline feeding the compiled step on more data (3,000 JPEGs, 40 steps), decoded on the GPU (ahead of the
+# step in a thread on its own stream, then between steps behind fences) and in the workers
 step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs --make_jpegs 3000 \
+    --batch_size 256 --steps 40 --warmup_steps 5 --decode_ahead
+step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs \
     --batch_size 256 --steps 40 --warmup_steps 5
 step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs --batch_size 256 \
     --decode cpu --steps 40 --warmup_steps 5

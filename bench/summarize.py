@@ -45,7 +45,8 @@ def pipeline_table(rows: list[dict], commands: list[str]) -> list[str]:
         commands.append(row["command"])
         what = "loader only" if row["mode"] == "data" else f"loader + our step ({row['model']}, {row['precision']})"
         data = row.get("path_to_data") or row.get("dataset")
-        decode = {"folder": row.get("decode", "cpu"), "cache": "none: pixel cache"}.get(row.get("dataset"), "—")
+        decode = {"folder": row.get("decode", "cpu") + (", ahead" if row.get("decode_ahead") else ""),
+                  "cache": "none: pixel cache"}.get(row.get("dataset"), "—")
         notes = [row["note"]] if row.get("note") else []
         if "worker_ms_per_image" in row:
             notes.append(f"a worker spends {row['worker_ms_per_image']} ms per image")

@@ -244,3 +244,46 @@ def test_deferred_decode_drops_a_broken_jpeg_with_its_label_and_handles_mixed_fo
     plain, deferred = views(tmp_path, False, 8), views(tmp_path, True, 8)
     assert deferred["pixel_values"].shape[0] == 7  # views made in the collate when a batch mixes formats
     assert torch.equal(deferred["pixel_values"], plain["pixel_values"])
+
+
+def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
+    """DeviceBatches(ahead=True) (--decode_ahead): the same batches in the same order, across epochs, an epoch left
+    half read (a stop, a run's last partial epoch) and persistent workers; errors in the thread reach the caller."""
+    from utils.run import DeviceBatches
+    from utils.training import build_loader
+
+    photo_like_jpegs(tmp_path, 24, np.random.default_rng(2))
+    (tmp_path / "class1" / "broken.jpg").write_bytes((tmp_path / "class0" / "000.jpg").read_bytes()[:300])
+    base = build_image_dataset("folder", str(tmp_path), "train", 3, 32, encoded_jpeg=True)
+    sampler = StepBatchSampler(len(base), 8, 2, seed=4)
+    loader = build_loader(SeededSamples(base, RandomResizedCropFlip(32), 7, 16), sampler, 2, torch.device("cpu"))
+
+    def epochs(ahead: bool) -> list:
+        batches, taken = DeviceBatches(loader, torch.device("cpu"), ahead=ahead), []
+        for epoch, limit in ((0, 3), (1, None), (2, None)):  # epoch 0 is left after 3 of its 6 micro-batches
+            sampler.set_epoch(epoch)
+            for number, batch in enumerate(batches):
+                if number == limit:
+                    break
+                taken.append(batch)
+        batches.close()
+        return taken
+
+    inline, ahead = epochs(False), epochs(True)
+    assert len(inline) == len(ahead) == 3 + 6 + 6
+    assert sum(batch["num_skipped"] for batch in ahead) >= 1  # the broken JPEG was met (and dropped) on the way
+    for expected, batch in zip(inline, ahead):
+        assert batch.keys() == expected.keys() and "jpeg" not in batch
+        assert all(torch.equal(batch[key], expected[key]) if isinstance(expected[key], torch.Tensor)
+                   else batch[key] == expected[key] for key in expected)
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, key):
+            raise DataError("shard-000003.tar cannot be read: check the URL")
+
+    broken = build_loader(Unreadable(), StepBatchSampler(16, 8, 1), 1, torch.device("cpu"))
+    with pytest.raises(Exception, match="shard-000003.tar cannot be read"):
+        next(iter(DeviceBatches(broken, torch.device("cpu"), ahead=True)))

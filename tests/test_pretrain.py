@@ -140,7 +140,7 @@ def test_bf16_norm_pix_loss_run_with_accumulation(tmp_path, fashion_mnist_dir):
     assert list((tmp_path / "bf16" / "reconstructions").glob("*.png"))
 
 
-@pytest.mark.parametrize("suffix, decode", [("png", "cpu"), ("jpg", "device")])
+@pytest.mark.parametrize("suffix, decode", [("png", "cpu"), ("jpg", "device"), ("jpg", "ahead")])
 def test_a_corrupt_image_is_skipped_during_a_run(tmp_path, suffix, decode):
     import numpy as np
     from PIL import Image
@@ -154,7 +154,8 @@ def test_a_corrupt_image_is_skipped_during_a_run(tmp_path, suffix, decode):
     result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "corrupt",
                         "--path_to_data", images, "--model", "mae_vit_tiny_patch4", "--img_size", 32,
                         "--input_channels", 3, "--per_gpu_batch_size", 8, "--epochs", 1, "--log_every", 1,
-                        "--vis_every", 0, "--decode", decode, *SMALL)
+                        "--vis_every", 0, *(["--decode", "device", "--decode_ahead", "--num_workers", 2]
+                                            if decode == "ahead" else ["--decode", decode]), *SMALL)
     rows = read_metrics(tmp_path / "corrupt")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["skipped_images"] == 1
     assert "skipping unreadable image" in result.stderr and "1 unreadable images were skipped" in result.stderr

@@ -135,15 +135,24 @@ def decodes_on_device(decode: str, device: torch.device) -> bool:
     return decode == "device" or (decode == "auto" and device.type == "cuda")
 
 
-def decode_deferred(batch: dict, device: torch.device) -> dict:
+def decode_deferred(batch: dict, device: torch.device, fence: str = "device") -> dict:
     """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU) and make their views there:
     ``batch["jpeg"]`` (the JPEGs' bytes end to end, cut by ``batch["jpeg_sizes"]``) + ``batch["crop"]`` become
     ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
-    that does not decode is dropped with its label and noise and counted in ``num_skipped``."""
+    that does not decode is dropped with its label and noise and counted in ``num_skipped``.
+
+    ``fence`` (a GPU): torchvision's nvJPEG decoder writes its outputs from its own stream without waiting for the
+    caller's, into blocks the caching allocator may hand out while queued kernels still read them (pytorch/vision
+    PR 9606; seen here on an H100 as a device-side assert, CUDA error 710). ``device`` synchronises the whole device
+    before and after the decode (no overlap with the training step); ``stream`` only the current stream, for
+    :class:`utils.run.DeviceBatches`, which decodes on a stream of its own while the step runs on another."""
     sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
     datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
-    if device.type == "cuda":  # torchvision's nvJPEG decoder runs on its own stream: without these fences it races
-        torch.cuda.synchronize(device)  # the training step's kernels (seen on an H100: a device-side assert, error 710)
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device) if fence == "device" else torch.cuda.current_stream(device).synchronize()
+
+    sync()
     try:
         images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # one bad file fails the batched call: decode them one by one to find it
@@ -154,8 +163,7 @@ def decode_deferred(batch: dict, device: torch.device) -> dict:
             except RuntimeError as error:
                 logger.warning("skipping a JPEG that does not decode (%s)", str(error).splitlines()[0])
                 images.append(None)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
     keep = [image is not None for image in images]
     views = [crop_view(image, crop) for image, crop in zip(images, crops) if image is not None]
     if not all(keep):

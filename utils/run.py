@@ -254,11 +254,97 @@ def save_final_weights(accelerator: Accelerator, model, directory: Path) -> None
     accelerator.wait_for_everyone()
 
 
-def move_to_device(batch: dict, device: torch.device) -> dict:
+def move_to_device(batch: dict, device: torch.device, fence: str = "device") -> dict:
     """A loader batch on the device; JPEGs left encoded (``--decode device``) are decoded and cropped there."""
     if "jpeg" in batch:
-        batch = decode_deferred(batch, device)
+        batch = decode_deferred(batch, device, fence)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class DeviceBatches:
+    """A loader's batches, each on the device (:func:`move_to_device`).
+
+    With ``ahead``, a thread makes the next batch while the current one trains: on a GPU it copies and decodes on a
+    CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``: the
+    nvJPEG decode overlaps the step instead of running between steps behind device-wide fences). One batch is made
+    ahead; an error in the thread is raised where the batch is taken. Iterating again (the next epoch) first stops
+    the thread of the previous iteration, so two threads never share the loader's (persistent) iterator.
+    """
+
+    _END = object()
+
+    def __init__(self, loader, device: torch.device, ahead: bool = False):
+        self.loader, self.device, self.ahead = loader, device, ahead
+        self._thread, self._stop = None, None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.close()
+        if not self.ahead:
+            return (move_to_device(batch, self.device) for batch in self.loader)
+        import queue
+        import threading
+
+        batches, self._stop = queue.Queue(maxsize=1), threading.Event()
+        self._thread = threading.Thread(target=self._make, args=(iter(self.loader), batches, self._stop), daemon=True,
+                                        name="DeviceBatches")  # (the loader's iterator is made here, in this thread)
+        self._thread.start()
+        return self._take(batches)
+
+    def close(self) -> None:
+        """Stop the thread of the last iteration (it finishes the batch it is reading, then exits)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _make(self, loader_iter, batches, stop) -> None:
+        import contextlib
+        import queue
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for batch in loader_iter:
+                    if stop.is_set():
+                        return
+                    batch = move_to_device(batch, self.device, fence="stream")
+                    event = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        event.record(stream)
+                    if not put((batch, event)):
+                        return
+            put(self._END)
+        except BaseException as error:  # raised again in the training thread, where the batch is taken
+            put(error)
+
+    def _take(self, batches):
+        while True:
+            item = batches.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch, event = item
+            if event is not None:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(event)
+                for value in batch.values():  # freed blocks wait for this stream before the thread's stream reuses them
+                    if isinstance(value, torch.Tensor) and value.is_cuda:
+                        value.record_stream(stream)
+            yield batch
 
 
 def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
