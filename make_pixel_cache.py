@@ -3,11 +3,12 @@
 
     python make_pixel_cache.py --path_to_data /data/imagenet --output_dir /nvme/imagenet-pixels     # train/ and val/
     python make_pixel_cache.py --path_to_data s3://bucket/imagenet-shards --output_dir /nvme/imagenet-pixels
-    python make_pixel_cache.py --output_dir /tmp/fmnist-pixels                                       # Fashion-MNIST
+    python make_pixel_cache.py --dataset hf:user/photos --output_dir /nvme/photos-pixels
 
-It reads any source the scripts read (folder, tar shards, 🤗 dataset) and keeps its images, pixel for pixel and at
-the same indices, so a run on the cache sees exactly the views, labels and order it would see on the source. The
-cache is big (every pixel of every image: ~700 GB for ImageNet-1k train at full size) and must be on a local disk,
+It reads the sources the scripts read from files (folder, tar shards, 🤗 dataset) and keeps their images, pixel for
+pixel and at the same indices, so a run on the cache of a folder or 🤗 dataset sees exactly the views, labels and
+order it would see on the source with ``--decode cpu``. A cache of tar shards holds the same images but is read as
+one data set, in a global shuffle, not shard by shard. The cache is big (every pixel of every image: ~700 GB for ImageNet-1k train at full size) and must be on a local disk,
 ideally one whose pages stay in RAM. ``--max_size`` shrinks images whose longer side exceeds it (then they are no
 longer the source's). See utils/pixel_cache.py for the format.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 
 from utils.data import DataError, build_image_dataset, dataset_classes
 from utils.errors import run_cli
-from utils.pixel_cache import CacheWriter
+from utils.pixel_cache import INDEX_NAME, CacheWriter
 from utils.run import available_cores, default_dataset
 
 logger = logging.getLogger("make_pixel_cache")
@@ -34,28 +36,33 @@ logger = logging.getLogger("make_pixel_cache")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=None,
-                        help="fashion_mnist (built in), folder, shards or hf:<hub name or path>, as in the training "
-                             "scripts. Default: shards or folder if --path_to_data is given, else fashion_mnist.")
+                        help="folder, shards or hf:<hub name or path>, as in the training scripts. Default: shards or "
+                             "folder as --path_to_data holds.")
     parser.add_argument("--path_to_data", default=None, help="The source: an image folder (train/ and val/ kept "
                         "apart), a folder or fsspec URL of tar shards, or a 🤗 dataset's folder.")
     parser.add_argument("--image_column", default=None, help="Image column of a 🤗 dataset (default: guessed).")
     parser.add_argument("--output_dir", required=True, help="Local folder for the cache (train/ and val/ inside).")
-    parser.add_argument("--input_channels", type=int, default=None,
-                        help="Channels to store (default: 1 for fashion_mnist, else 3). A run asking for other channels "
-                             "converts as it reads.")
+    parser.add_argument("--input_channels", type=int, default=3,
+                        help="Channels to store; a run on the cache must ask for the same --input_channels.")
     parser.add_argument("--max_size", type=int, default=0,
                         help="Shrink images whose longer side exceeds this (bicubic, antialiased) to save disk; "
                              "0 (default) keeps them as the source gives them.")
-    parser.add_argument("--splits", nargs="+", default=["train", "val"],
-                        help="Splits to cache; a split the source does not have is left out.")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"],
+                        help="Splits to cache (val: the source's val/ or validation/); a split the source does not have "
+                             "is left out, and an older cache's copy of it removed.")
     parser.add_argument("--num_workers", type=int, default=max(1, min(16, available_cores() - 1)),
                         help="Processes decoding the source (default: the cores less one, at most 16).")
     args = parser.parse_args(argv)
+    if not args.path_to_data and not (args.dataset or "").startswith("hf:"):
+        parser.error("give --path_to_data (an image folder or tar shards) or --dataset hf:<name>: the built-in "
+                     "data sets are held in memory already")
     args.dataset = default_dataset(args)
+    if "://" in args.output_dir:
+        parser.error(f"--output_dir {args.output_dir} is a URL: the cache is memory-mapped, so it must be a local folder")
     if args.dataset == "cache":
         parser.error(f"--path_to_data {args.path_to_data} is already a pixel cache")
-    if args.input_channels is None:
-        args.input_channels = 1 if args.dataset == "fashion_mnist" else 3
+    if args.dataset in ("fashion_mnist", "synthetic"):
+        parser.error(f"--dataset {args.dataset} is held in memory already: a pixel cache would not make it faster")
     if args.max_size < 0 or args.num_workers < 0:
         parser.error("--max_size and --num_workers must not be negative")
     return args
@@ -69,6 +76,11 @@ class Shrunk(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def __getitems__(self, indices: list) -> list:
+        if hasattr(self.source, "prefetch"):  # tar shards on an object store: a batch's reads go out together
+            self.source.prefetch(list(indices))
+        return [self[index] for index in indices]
 
     def __getitem__(self, index: int):
         item = self.source[index]
@@ -94,7 +106,13 @@ def write_split(args, split: str) -> bool:
         if split == "train":
             raise
         logger.info("no %s split to cache (%s)", split, error)
+        stale = Path(args.output_dir).expanduser() / split
+        if (stale / INDEX_NAME).exists():
+            shutil.rmtree(stale)
+            logger.warning("removed %s: an older cache's %s split, which the source no longer has", stale, split)
         return False
+    if args.dataset == "shards" and split == "train":
+        logger.info("the cache will be read as one data set (a global shuffle), not shard by shard as the shards are")
     folder = Path(args.output_dir).expanduser() / split
     writer = CacheWriter(folder, args.input_channels)
     loader = DataLoader(Shrunk(source, args.max_size), batch_size=64, num_workers=args.num_workers,

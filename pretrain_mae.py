@@ -391,6 +391,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     stop, stopping = StopSignal(), False
     device_batches = DeviceBatches(loader, accelerator.device, ahead=args.decode_ahead)
     while step < total_steps and not stopping:
+        device_batches.close()  # (a thread making batches ahead must not read the sampler while its epoch changes)
         sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
         micro_batches = iter(device_batches)
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):

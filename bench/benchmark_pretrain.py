@@ -286,6 +286,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     epoch = 0
     batches = DeviceBatches(loader, device, ahead=args.decode_ahead)  # as pretrain_mae.py: uint8 until on the device
     while steps < args.warmup_steps + args.steps:
+        batches.close()
         sampler.set_epoch(epoch)
         for batch in batches:
             images, noise = normalize(batch["pixel_values"]), batch["noise"]
@@ -442,6 +443,8 @@ def parse_args(argv=None):
     from utils.run import default_dataset
 
     args.dataset = default_dataset(args)
+    if args.mode in ("data", "both") and args.warmup_steps < 1:
+        parser.error("--mode data/both times from the end of the warm-up: --warmup_steps must be at least 1")
     return args
 
 

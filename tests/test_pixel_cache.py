@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import read_metrics, run_script, without_timing
@@ -108,10 +109,25 @@ def test_bad_caches_get_one_line_errors(tmp_path):
     assert result.returncode == 2 and "no cache.json under" in result.stderr.strip().splitlines()[-1]
 
 
-def test_fashion_mnist_caches_at_one_channel(tmp_path, fashion_mnist_dir):
-    make_pixel_cache(["--output_dir", str(tmp_path / "cache"), "--splits", "val", "--num_workers", "0"])
-    cached = build_image_dataset("cache", str(tmp_path / "cache"), "val", 1, 28, require_split=True)
-    plain = build_image_dataset("fashion_mnist", None, "val", 1, 28)
-    assert len(cached) == len(plain) == 10000 and cached.classes == list(plain.classes)
-    for index in (0, 1234, 9999):
-        assert torch.equal(cached[index][0], plain[index][0]) and cached[index][1] == plain[index][1]
+def test_a_hub_dataset_with_unnamed_labels_caches_with_the_label_numbers_as_classes(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 255, (18 + i, 20, 3), dtype=np.uint8)) for i in range(8)]
+    split = datasets.Dataset.from_dict({"image": images, "label": [0, 2, 1, 2, 0, 1, 2, 0]},
+                                       features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    datasets.DatasetDict({"train": split}).save_to_disk(str(tmp_path / "hub"))
+    old_val = tmp_path / "cache" / "val"
+    old_val.mkdir(parents=True)
+    (old_val / "cache.json").write_text("{}")  # an older cache's split that the source no longer has
+    make_pixel_cache(["--dataset", f"hf:{tmp_path / 'hub'}", "--output_dir", str(tmp_path / "cache"), "--num_workers", "0"])
+    assert not old_val.exists()  # removed: evaluation must not read a stale split
+    plain = build_image_dataset(f"hf:{tmp_path / 'hub'}", None, "train", 3, 16)
+    cached = build_image_dataset("cache", str(tmp_path / "cache"), "train", 3, 16)
+    assert cached.classes == ["0", "1", "2"]  # fine-tuning needs classes: the label numbers found, as make_shards.py
+    assert all(torch.equal(cached[i][0], plain[i][0]) and cached[i][1] == plain[i][1] for i in range(8))
+
+
+def test_in_memory_data_sets_are_not_cached(tmp_path):
+    for args in ([], ["--dataset", "synthetic", "--path_to_data", str(tmp_path)]):
+        result = run_script("make_pixel_cache.py", "--output_dir", tmp_path / "cache", *args, check=False)
+        assert result.returncode == 2 and ("held in memory already" in result.stderr)

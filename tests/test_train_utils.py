@@ -2,6 +2,7 @@
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import ROOT
 
 from models import MaskedAutoencoder
 from utils.checkpoint import (
@@ -109,3 +110,27 @@ def test_stop_signal_once_asks_to_stop_twice_exits_at_once():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["requested"], result.stderr[-2000:]
     assert result.returncode == 128 + 15
+
+
+def test_a_process_exits_with_a_loader_whose_workers_are_still_alive(tmp_path):
+    """Loader workers ignore SIGTERM (the main process checkpoints first); a loader still alive at exit (held by an
+    error's traceback, a global) must not make the exit wait for them forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "alive.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from utils.data import DataError, StepBatchSampler\n"
+        "from utils.training import build_loader\n"
+        "class Unreadable(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 16\n"
+        "    def __getitem__(self, key): raise DataError('cannot be read')\n"
+        "loader = build_loader(Unreadable(), StepBatchSampler(16, 8, 1), 1, torch.device('cpu'))\n"
+        "try:\n"
+        "    next(iter(loader))\n"
+        "except DataError:\n"
+        "    print('raised')\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "raised"

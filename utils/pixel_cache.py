@@ -53,18 +53,19 @@ class PixelCacheDataset(Dataset):
         try:
             meta = json.loads((self.folder / INDEX_NAME).read_text())
             self.index = np.load(self.folder / "index.npy", allow_pickle=False)
+            size = (self.folder / "pixels.u8").stat().st_size
         except (OSError, ValueError) as error:
             raise DataError(f"cannot read the pixel cache in {self.folder} ({error}): write it again with "
                             "make_pixel_cache.py") from None
-        if meta.get("format") != FORMAT or self.index.ndim != 2 or self.index.shape[1] != 4:
+        if meta.get("format") != FORMAT or "num_channels" not in meta or self.index.ndim != 2 or self.index.shape[1] != 4:
             raise DataError(f"{self.folder} is not a pixel cache written by make_pixel_cache.py: write it again")
         self.stored_channels, self.classes = meta["num_channels"], meta.get("classes", [])
         if self.stored_channels != num_channels:  # converting here would not give the source's own conversion
             raise DataError(f"the pixel cache in {self.folder} holds {self.stored_channels}-channel images, the run asks "
                             f"for {num_channels}: set --input_channels {self.stored_channels} or write a cache with "
                             f"make_pixel_cache.py --input_channels {num_channels}")
-        size = (self.folder / "pixels.u8").stat().st_size
-        if len(self.index) and self.index[-1, 0] + self.index[-1, 1] * self.index[-1, 2] * self.stored_channels > size:
+        ends = self.index[:, 0] + self.index[:, 1] * self.index[:, 2] * self.stored_channels
+        if size != meta.get("bytes") or (len(ends) and ends.max() > size):
             raise DataError(f"{self.folder / 'pixels.u8'} is shorter than its index says (a copy cut short?): "
                             "copy it again or write it again with make_pixel_cache.py")
         if max_samples is not None:
@@ -102,8 +103,8 @@ class CacheWriter:
     def __init__(self, folder: Path, num_channels: int):
         self.folder, self.num_channels = Path(folder), num_channels
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / INDEX_NAME).unlink(missing_ok=True)
-        self.handle = open(self.folder / "pixels.u8", "wb")
+        # a new file, put in place at close(): a job still reading the old cache keeps its pages (no SIGBUS)
+        self.handle = open(self.folder / "pixels.u8.partial", "wb")
         self.records, self.offset = [], 0
 
     def add(self, image: torch.Tensor | None, label: int) -> None:
@@ -117,8 +118,13 @@ class CacheWriter:
         self.offset += data.nbytes
 
     def close(self, classes: list[str], source: dict) -> None:
+        """``classes``: the source's class names; without names, the label numbers found ("0", "1", ...)."""
         self.handle.close()
+        (self.folder / INDEX_NAME).unlink(missing_ok=True)
+        os.replace(self.folder / "pixels.u8.partial", self.folder / "pixels.u8")
         np.save(self.folder / "index.npy", np.array(self.records, dtype=np.int64).reshape(-1, 4))
+        if not classes:
+            classes = [str(label) for label in range(max((record[3] for record in self.records), default=-1) + 1)]
         meta = {"format": FORMAT, "num_channels": self.num_channels, "classes": list(classes),
                 "images": sum(1 for record in self.records if record[1]), "gaps": sum(1 for r in self.records if not r[1]),
                 "bytes": self.offset, "source": source}

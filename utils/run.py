@@ -268,14 +268,15 @@ class DeviceBatches:
     CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``: the
     nvJPEG decode overlaps the step instead of running between steps behind device-wide fences). One batch is made
     ahead; an error in the thread is raised where the batch is taken. Iterating again (the next epoch) first stops
-    the thread of the previous iteration, so two threads never share the loader's (persistent) iterator.
+    the thread of the previous iteration, so two threads never share the loader's (persistent) iterator: call
+    :meth:`close` before changing the sampler's epoch.
     """
 
     _END = object()
 
     def __init__(self, loader, device: torch.device, ahead: bool = False):
         self.loader, self.device, self.ahead = loader, device, ahead
-        self._thread, self._stop = None, None
+        self._thread, self._stop, self._stream = None, None, None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -287,11 +288,13 @@ class DeviceBatches:
         import queue
         import threading
 
+        if self.device.type == "cuda" and self._stream is None:  # one stream for the run: the caching allocator
+            self._stream = torch.cuda.Stream(self.device)  # keeps freed blocks for the stream that freed them
         batches, self._stop = queue.Queue(maxsize=1), threading.Event()
         self._thread = threading.Thread(target=self._make, args=(iter(self.loader), batches, self._stop), daemon=True,
                                         name="DeviceBatches")  # (the loader's iterator is made here, in this thread)
         self._thread.start()
-        return self._take(batches)
+        return self._take(batches, self._thread, self._stop)
 
     def close(self) -> None:
         """Stop the thread of the last iteration (it finishes the batch it is reading, then exits)."""
@@ -313,38 +316,48 @@ class DeviceBatches:
                     continue
             return False
 
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.Stream(self.device) if cuda else None
         try:
-            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                 for batch in loader_iter:
                     if stop.is_set():
                         return
                     batch = move_to_device(batch, self.device, fence="stream")
-                    event = torch.cuda.Event() if cuda else None
-                    if cuda:
-                        event.record(stream)
+                    event = None
+                    if self._stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(self._stream)
                     if not put((batch, event)):
                         return
             put(self._END)
         except BaseException as error:  # raised again in the training thread, where the batch is taken
             put(error)
 
-    def _take(self, batches):
-        while True:
-            item = batches.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            batch, event = item
-            if event is not None:
-                stream = torch.cuda.current_stream(self.device)
-                stream.wait_event(event)
-                for value in batch.values():  # freed blocks wait for this stream before the thread's stream reuses them
-                    if isinstance(value, torch.Tensor) and value.is_cuda:
-                        value.record_stream(stream)
-            yield batch
+    def _take(self, batches, thread, stop):
+        import queue
+
+        try:
+            while True:
+                try:
+                    item = batches.get(timeout=1.0)
+                except queue.Empty:
+                    if not thread.is_alive() and batches.empty():
+                        raise RuntimeError("the thread making batches ahead (--decode_ahead) died without a word: "
+                                           "run without --decode_ahead to see the error") from None
+                    continue
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, event = item
+                if event is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(event)
+                    for value in batch.values():  # freed blocks wait for this stream before the thread's reuses them
+                        if isinstance(value, torch.Tensor) and value.is_cuda:
+                            value.record_stream(stream)
+                yield batch
+        finally:  # left early (a stop, an error in the loop): the thread stops at its next batch
+            stop.set()
 
 
 def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:

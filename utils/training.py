@@ -1,10 +1,12 @@
 """The pieces of a training step that every script shares: loader, accumulation, the guarded optimizer step."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import time
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,9 +22,22 @@ logger = logging.getLogger(__name__)
 def build_loader(samples, batch_sampler, num_workers: int, device: torch.device) -> DataLoader:
     """A loader over ``(index, epoch)`` keys. Its private generator keeps the global RNG untouched, so a run
     resumed from a checkpoint (which restores the global RNG) draws the same mixup/erasing as one never stopped."""
-    return DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+    if num_workers > 0:
+        atexit.register(shut_down_workers, weakref.ref(loader))
+    return loader
+
+
+def shut_down_workers(loader_ref) -> None:
+    """At exit, stop the persistent workers of a loader still alive (one an exception's traceback holds, say): they
+    ignore SIGTERM (see ignore_stop_signals), so multiprocessing's own clean-up, SIGTERM then join, would wait for
+    them forever. (Registered after multiprocessing's, so it runs first.)"""
+    loader = loader_ref()
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
