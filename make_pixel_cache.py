@@ -120,15 +120,14 @@ def write_split(args, split: str) -> bool:
     start = time.perf_counter()
     for number, items in enumerate(loader):
         for item in items:
-            writer.add(*(item if item is not None else (None, -1)))
+            writer.add(item)
         if number % 200 == 199:
             logger.info("%s: %d / %d images, %.1f GB, %.0f images/s", split, len(writer.records), len(source),
                         writer.offset / 1e9, len(writer.records) / (time.perf_counter() - start))
-    source_info = {"dataset": args.dataset, "path_to_data": args.path_to_data, "max_size": args.max_size}
-    writer.close(dataset_classes(source), source_info)
-    gaps = sum(1 for record in writer.records if not record[1])
-    logger.info("%s: %d images (%d that did not decode kept as gaps), %.2f GB in %s, %.0f s", split,
-                len(writer.records) - gaps, gaps, writer.offset / 1e9, folder, time.perf_counter() - start)
+    meta = writer.close(dataset_classes(source),
+                        {"dataset": args.dataset, "path_to_data": args.path_to_data, "max_size": args.max_size})
+    logger.info("%s: %d images (%d that did not decode kept as gaps), %.2f GB in %s, %.0f s", split, meta["images"],
+                meta["gaps"], meta["bytes"] / 1e9, folder, time.perf_counter() - start)
     return True
 
 

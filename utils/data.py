@@ -148,9 +148,14 @@ def decode_deferred(batch: dict, device: torch.device, fence: str = "device") ->
     :class:`utils.run.DeviceBatches`, which decodes on a stream of its own while the step runs on another."""
     sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
     datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device) if fence == "device" else torch.cuda.current_stream(device).synchronize()
+
+    def sync() -> None:
+        if device.type != "cuda":
+            return
+        if fence == "device":
+            torch.cuda.synchronize(device)
+        else:
+            torch.cuda.current_stream(device).synchronize()
 
     sync()
     try:

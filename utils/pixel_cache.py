@@ -107,25 +107,29 @@ class CacheWriter:
         self.handle = open(self.folder / "pixels.u8.partial", "wb")
         self.records, self.offset = [], 0
 
-    def add(self, image: torch.Tensor | None, label: int) -> None:
-        """``image``: uint8 (C, H, W), or None for one that did not decode (kept as a gap, so indices stay)."""
-        if image is None:
+    def add(self, item: tuple[torch.Tensor, int] | None) -> None:
+        """``item``: a source's ``(uint8 (C, H, W), label)``, or None for an image that did not decode (kept as a gap,
+        so indices stay)."""
+        if item is None:
             self.records.append((self.offset, 0, 0, -1))
             return
+        image, label = item
         data = np.ascontiguousarray(image.permute(1, 2, 0).numpy())  # (H, W, C)
         self.handle.write(data.tobytes())
         self.records.append((self.offset, data.shape[0], data.shape[1], label))
         self.offset += data.nbytes
 
-    def close(self, classes: list[str], source: dict) -> None:
-        """``classes``: the source's class names; without names, the label numbers found ("0", "1", ...)."""
+    def close(self, classes: list[str], source: dict) -> dict:
+        """Put the split in place and return its ``cache.json``. ``classes``: the source's class names; without
+        names, the label numbers found ("0", "1", ...)."""
         self.handle.close()
         (self.folder / INDEX_NAME).unlink(missing_ok=True)
         os.replace(self.folder / "pixels.u8.partial", self.folder / "pixels.u8")
         np.save(self.folder / "index.npy", np.array(self.records, dtype=np.int64).reshape(-1, 4))
         if not classes:
             classes = [str(label) for label in range(max((record[3] for record in self.records), default=-1) + 1)]
+        gaps = sum(1 for record in self.records if not record[1])
         meta = {"format": FORMAT, "num_channels": self.num_channels, "classes": list(classes),
-                "images": sum(1 for record in self.records if record[1]), "gaps": sum(1 for r in self.records if not r[1]),
-                "bytes": self.offset, "source": source}
+                "images": len(self.records) - gaps, "gaps": gaps, "bytes": self.offset, "source": source}
         (self.folder / INDEX_NAME).write_text(json.dumps(meta, indent=1))
+        return meta
