@@ -113,8 +113,8 @@ def test_stop_signal_once_asks_to_stop_twice_exits_at_once():
 
 
 def test_a_process_exits_with_a_loader_whose_workers_are_still_alive(tmp_path):
-    """Loader workers ignore SIGTERM (the main process checkpoints first); a loader still alive at exit (held by an
-    error's traceback, a global) must not make the exit wait for them forever."""
+    """Loader workers ignore SIGTERM (the main process checkpoints first); a loader's iterator still alive at exit
+    (held by an error's traceback, a global), even without its loader, must not make the exit wait for them forever."""
     import subprocess
     import sys
 
@@ -128,8 +128,10 @@ def test_a_process_exits_with_a_loader_whose_workers_are_still_alive(tmp_path):
         "    def __len__(self): return 16\n"
         "    def __getitem__(self, key): raise DataError('cannot be read')\n"
         "loader = build_loader(Unreadable(), StepBatchSampler(16, 8, 1), 1, torch.device('cpu'))\n"
+        "batches = iter(loader)\n"
+        "del loader  # the iterator outlives its loader\n"
         "try:\n"
-        "    next(iter(loader))\n"
+        "    next(batches)\n"
         "except DataError:\n"
         "    print('raised')\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import time
-import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,22 +21,30 @@ logger = logging.getLogger(__name__)
 def build_loader(samples, batch_sampler, num_workers: int, device: torch.device) -> DataLoader:
     """A loader over ``(index, epoch)`` keys. Its private generator keeps the global RNG untouched, so a run
     resumed from a checkpoint (which restores the global RNG) draws the same mixup/erasing as one never stopped."""
-    loader = DataLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
+    return WorkerLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
                         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
-    if num_workers > 0:
-        atexit.register(shut_down_workers, weakref.ref(loader))
-    return loader
 
 
-def shut_down_workers(loader_ref) -> None:
-    """At exit, stop the persistent workers of a loader still alive (one an exception's traceback holds, say): they
-    ignore SIGTERM (see ignore_stop_signals), so multiprocessing's own clean-up, SIGTERM then join, would wait for
-    them forever. (Registered after multiprocessing's, so it runs first.)"""
-    loader = loader_ref()
-    iterator = getattr(loader, "_iterator", None) if loader is not None else None
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes are killed at exit if they are still running (their iterator is held by an
+    exception's traceback, or was dropped while a worker was busy): they ignore SIGTERM (see ignore_stop_signals), so
+    multiprocessing's own clean-up, SIGTERM then join, would wait for them forever."""
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        workers = list(getattr(iterator, "_workers", []))
+        if workers:  # (registered after multiprocessing's clean-up, so it runs first)
+            atexit.register(kill_workers_left, workers, os.getpid())
+        return iterator
+
+
+def kill_workers_left(workers: list, parent_pid: int) -> None:
+    left = [worker for worker in workers if os.getpid() == parent_pid and worker.is_alive()]
+    if left and hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report each kill as a worker failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in left:
+        worker.kill()
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
