@@ -5,6 +5,8 @@
 # STEPS picks some (default: all), e.g. to fit one 10-minute call:
 #   OUT=bench/gpu_out STEPS="8 9" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
+# The pipeline rows (steps 2, 5, 8, 9) chain the sampler's epochs in one iterator since the session after step 9 was
+# written: the earlier rows ran epoch by epoch on sets with fewer batches per epoch than workers, and understated.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}

@@ -48,6 +48,9 @@ def pipeline_table(rows: list[dict], commands: list[str]) -> list[str]:
         decode = {"folder": row.get("decode", "cpu") + (", ahead" if row.get("decode_ahead") else ""),
                   "cache": "none: pixel cache"}.get(row.get("dataset"), "—")
         notes = [row["note"]] if row.get("note") else []
+        if "batches_per_epoch" in row:
+            notes.append(f"{row['batches_per_epoch']} batch{'es' if row['batches_per_epoch'] != 1 else ''} per epoch, "
+                         "epochs chained")
         if "worker_ms_per_image" in row:
             notes.append(f"a worker spends {row['worker_ms_per_image']} ms per image")
         if "max_abs_diff_vs_cpu_decode" in row:
@@ -93,6 +96,11 @@ def main(argv=None) -> None:
             "during the steps above what was resident before, plus weights and AdamW moments.", "",
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",
             "## Input pipeline", "",
+            "pretrain_mae.py's training loader (same samples, transform, sampler and loader settings) without the model "
+            "(`--mode data`) and feeding our step (`--mode both`). Rows noted \"epochs chained\" run the sampler's "
+            "epochs in one iterator, so the workers stay busy across an epoch's end as through almost all of an ImageNet "
+            "epoch; earlier rows ran epoch by epoch, which on a set with fewer batches per epoch than workers keeps "
+            "workers idle (the two x86_64 rows with 1 batch per epoch show the size of it).", "",
             *pipeline_table([r for r in rows if r.get("mode") in ("data", "both")], commands), "",
             "## Memory against micro-batch", "",
             *memory_table([r for r in rows if r.get("mode") == "memory"], commands), "",
