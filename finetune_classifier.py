@@ -28,7 +28,7 @@ from utils.data import (
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import topk_accuracy
-from utils.optim import param_groups_layer_decay
+from utils.optim import build_adamw, param_groups_layer_decay
 from utils.run import (
     MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
     save_final_weights, start_run,
@@ -233,7 +233,7 @@ def build_optimizer(mode: str, trained: torch.nn.Module, model: VisionTransforme
                     lr=lr, momentum=0.9, trust_coeff=1e-3, weight_decay=0.0)
     groups = (param_groups_layer_decay(model, args.weight_decay, args.layer_decay) if mode == "finetune"
               else [{"params": params, "weight_decay": args.weight_decay}])
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    return build_adamw(groups, lr, betas=(0.9, 0.999), device=device)
 
 
 @torch.no_grad()

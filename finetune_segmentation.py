@@ -29,7 +29,7 @@ from utils.data import Normalize, StepBatchSampler, channel_stats, collate_skipp
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import SegmentationMetric
-from utils.optim import param_groups_layer_decay
+from utils.optim import build_adamw, param_groups_layer_decay
 from utils.run import (
     MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
     save_final_weights, start_run,
@@ -302,8 +302,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
     eval_every = args.eval_every or steps_per_epoch
     schedule = warmup_poly if args.lr_schedule == "poly" else warmup_cosine
     groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay, vit_prefix="backbone.")
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999),
-                                  fused=accelerator.device.type == "cuda")
+    optimizer = build_adamw(groups, args.learning_rate, betas=(0.9, 0.999), device=accelerator.device)
     apply_speed_options(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     plain_model = accelerator.unwrap_model(model)
