@@ -22,7 +22,7 @@ from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
-    ClassifierTrainTransform, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples,
+    ClassifierTrainTransform, EpochChain, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples,
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
 )
 from utils.errors import UserError, run_cli
@@ -314,7 +314,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     sampler = build_step_sampler(train_samples if cached else train_base, args.per_gpu_batch_size,
                                  args.gradient_accumulation_steps, accelerator.num_processes,
                                  accelerator.process_index, args.seed, getattr(args, "shard_resume", None))
-    loader = build_loader(train_samples, sampler, args.num_workers, accelerator.device)
+    loader = build_loader(train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
     val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
     val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,
                                                               accelerator.device), device_placement=False)
@@ -393,17 +393,18 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
     accumulation = args.gradient_accumulation_steps
 
     def checkpoint_now() -> None:
-        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps, **sampler.state_dict())
+        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps,
+                     **sampler.state_dict(sampler.epoch_of_step(step)))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False
+    loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
+    micro_batches = iter(loader)  # (its workers make the next epoch's batches during the epoch-end evaluation)
     while step < total_steps and not stopping:
-        sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
         trained.train()
         if mode in FROZEN_MODES and not cached:
             accelerator.unwrap_model(model).eval()
             accelerator.unwrap_model(model).head.train()
-        micro_batches = iter(loader)
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
             set_learning_rate(optimizer, lr)

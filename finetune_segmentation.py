@@ -25,7 +25,7 @@ from models import MAE_PRESETS, encoder_config, mae_config
 from models.upernet import ViTUperNet
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
-from utils.data import Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
+from utils.data import EpochChain, Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import SegmentationMetric
@@ -295,7 +295,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
 
     sampler = StepBatchSampler(len(train_samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
                                accelerator.num_processes, accelerator.process_index, args.seed)
-    loader = build_loader(train_samples, sampler, args.num_workers, accelerator.device)
+    loader = build_loader(train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.max_train_steps or args.epochs * steps_per_epoch
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.1 * total_steps)
@@ -345,9 +345,9 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
     stop, stopping = StopSignal(), False
     with progress:  # closed before an error is printed, so the error stays the last line
         model.train()
+        loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
+        micro_batches = iter(loader)  # (its workers make the next batches during an evaluation)
         while step < total_steps and not stopping:
-            sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
-            micro_batches = iter(loader)
             for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
                 lr = schedule(step, total_steps, warmup_steps, args.learning_rate, args.min_learning_rate)
                 set_learning_rate(optimizer, lr)

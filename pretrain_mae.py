@@ -26,7 +26,7 @@ from models.weights import read_weights
 from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, build_image_dataset,
-    channel_stats, collate_skipping_bad, decodes_on_device,
+    EpochChain, channel_stats, collate_skipping_bad, decodes_on_device,
 )
 from utils.training import (
     BadStepGuard, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch, sync_context,
@@ -264,7 +264,7 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
     sampler = build_step_sampler(base, args.per_gpu_batch_size, args.gradient_accumulation_steps,
                                  accelerator.num_processes, accelerator.process_index, args.seed,
                                  getattr(args, "shard_resume", None))
-    loader = build_loader(samples, sampler, args.num_workers, accelerator.device)
+    loader = build_loader(samples, EpochChain(sampler), args.num_workers, accelerator.device)
     return loader, sampler
 
 
@@ -373,7 +373,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     def checkpoint_now() -> None:
         count_skipped()
         state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=float(loss_sum), log_steps=logged_steps,
-                     skipped_images=skipped_images, **sampler.state_dict())
+                     skipped_images=skipped_images, **sampler.state_dict(sampler.epoch_of_step(step)))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
 
     accumulation = args.gradient_accumulation_steps
@@ -389,11 +389,10 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     plain_mae, term_sums, last_vis_step = accelerator.unwrap_model(model), {}, None
     model.train()
     stop, stopping = StopSignal(), False
+    loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
     device_batches = DeviceBatches(loader, accelerator.device, ahead=args.decode_ahead)
+    micro_batches = iter(device_batches)
     while step < total_steps and not stopping:
-        device_batches.close()  # (a thread making batches ahead must not read the sampler while its epoch changes)
-        sampler.set_epoch(step // steps_per_epoch, start_step=step % steps_per_epoch)
-        micro_batches = iter(device_batches)
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
             set_learning_rate(optimizer, lr)

@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import statistics
@@ -212,24 +211,9 @@ def training_samples(args, config: dict, decode_on_device: bool):
                          (config["img_size"] // config["patch_size"]) ** 2)
 
 
-class ChainedEpochs:
-    """A step sampler's epochs one after another, in one iterator. The workers of a loader stay busy across an epoch's
-    end, as they are through almost all of an ImageNet epoch (5,000 batches). Epoch by epoch, a benchmark set with
-    fewer batches per epoch than workers (2,000 JPEGs are 7 batches of 256, for 15 workers) never fills the pipeline:
-    each epoch waits for one worker to make a whole batch, which understated the loader by up to the workers per
-    batch (see bench/results.md)."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        for epoch in itertools.count():
-            self.sampler.set_epoch(epoch)
-            yield from iter(self.sampler)
-
-
 def build_pipeline(args, config: dict, device: torch.device):
-    """pretrain_mae.py's training loader (same samples, sampler and loader settings), its epochs chained."""
+    """pretrain_mae.py's training loader (same samples, sampler, epochs chained in one iterator, loader settings)."""
+    from utils.data import EpochChain
     from utils.run import default_num_workers
     from utils.shards import build_step_sampler
     from utils.training import build_loader
@@ -237,7 +221,7 @@ def build_pipeline(args, config: dict, device: torch.device):
     samples = training_samples(args, config, decodes_on_device(args.decode, device))
     sampler = build_step_sampler(samples.base, args.batch_size, 1, 1, 0, 0)
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
-    return build_loader(samples, ChainedEpochs(sampler), workers, device)
+    return build_loader(samples, EpochChain(sampler), workers, device)
 
 
 def decode_paths_difference(args, config: dict, device: torch.device, count: int = 64) -> dict:

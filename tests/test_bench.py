@@ -47,20 +47,6 @@ def test_both_models_learn_the_same_task_from_the_same_config():
     assert ours == theirs
 
 
-def test_chained_epochs_are_the_samplers_epochs_in_one_iterator():
-    from utils.data import StepBatchSampler
-
-    sampler = StepBatchSampler(10, 4, 1)
-    chained = bench.ChainedEpochs(sampler)
-    batches = [batch for _, batch in zip(range(5), chained)]  # 2 batches per epoch: epochs 0, 1 and half of 2
-    expected = []
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        expected += list(sampler)
-    assert batches == expected[:5]
-    assert [key[1] for key in batches[2]] == [1] * 4 and batches[0] != [(i, 1) for i, _ in batches[2]]
-
-
 def test_data_and_memory_modes(fashion_mnist_dir):
     data = bench.main(["--mode", "both", "--batch_size", "16", "--steps", "6", "--warmup_steps", "1",
                        "--max_samples", "64"])  # 4 batches per epoch: the timed steps run into the second epoch

@@ -246,6 +246,40 @@ def test_deferred_decode_drops_a_broken_jpeg_with_its_label_and_handles_mixed_fo
     assert torch.equal(deferred["pixel_values"], plain["pixel_values"])
 
 
+def test_epoch_chain_is_the_samplers_epochs_from_a_step_in_one_iterator(tmp_path):
+    """EpochChain (the scripts' training loaders): the sampler's epochs in order, the first from the resumed step,
+    and through a loader with 2 workers the same batches as the loader read epoch by epoch."""
+    from utils.data import EpochChain
+    from utils.training import build_loader
+
+    sampler = StepBatchSampler(10, 4, 2, seed=3)  # 2 steps of 2 micro-batches per epoch
+    expected = []
+    for epoch, start_step in ((0, 1), (1, 0), (2, 0)):
+        sampler.set_epoch(epoch, start_step)
+        expected += list(sampler)
+    chain = EpochChain(sampler, first_step=1)
+    assert [batch for _, batch in zip(range(10), chain)] == expected  # 2 (epoch 0 from step 1) + 4 + 4
+    assert [key[1] for batch in expected for key in batch] == [0] * 4 + [1] * 8 + [2] * 8
+    assert sampler.epoch_of_step(2) == 0 and sampler.epoch_of_step(3) == 1 and sampler.epoch_of_step(0) == 0
+
+    photo_like_jpegs(tmp_path, 24, np.random.default_rng(5))
+    samples = SeededSamples(build_image_dataset("folder", str(tmp_path), "train", 3, 32), RandomResizedCropFlip(32), 7,
+                            16)
+    by_epoch = StepBatchSampler(len(samples), 8, 2, seed=4)
+    loader = build_loader(samples, by_epoch, 2, torch.device("cpu"))
+    plain = []
+    for epoch in range(2):
+        by_epoch.set_epoch(epoch, start_step=1 if epoch == 0 else 0)
+        plain += list(loader)
+    chained = build_loader(samples, EpochChain(StepBatchSampler(len(samples), 8, 2, seed=4), first_step=1), 2,
+                           torch.device("cpu"))
+    taken = [batch for _, batch in zip(range(len(plain)), chained)]
+    assert len(taken) == len(plain) == 4 + 6
+    for expected_batch, batch in zip(plain, taken):
+        assert torch.equal(batch["pixel_values"], expected_batch["pixel_values"])
+        assert torch.equal(batch["noise"], expected_batch["noise"])
+
+
 def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
     """DeviceBatches(ahead=True) (--decode_ahead): the same batches in the same order, across epochs, an epoch left
     half read (a stop, a run's last partial epoch) and persistent workers; errors in the thread reach the caller."""

@@ -239,6 +239,9 @@ def test_a_resume_on_another_process_count_keeps_the_epoch_in_progress():
         for sampler in new:
             sampler.set_epoch(4)  # the next epoch: the shards split over the new processes, the same step count
         assert new[0].state_dict() == {"shard_layout": [4, processes]}
+        # a loader over an EpochChain has set the next epoch ahead of the training: a checkpoint names its step's epoch
+        assert new[0].state_dict(new[0].epoch_of_step(3 * new[0].steps_per_epoch + 2)) == {"shard_layout": [3, 2]}
+        assert new[0].state_dict(new[0].epoch_of_step(4 * new[0].steps_per_epoch)) == {"shard_layout": [3, 2]}
         assert all(len(list(sampler)) == old[0].steps_per_epoch for sampler in new)
         seen = Counter(i for sampler in new for batch in sampler for i, _ in batch)
         assert set(seen) <= set(range(80)) and sum(seen.values()) == old[0].steps_per_epoch * 8

@@ -267,9 +267,9 @@ class DeviceBatches:
     With ``ahead``, a thread makes the next batch while the current one trains: on a GPU it copies and decodes on a
     CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``: the
     nvJPEG decode overlaps the step instead of running between steps behind device-wide fences). One batch is made
-    ahead; an error in the thread is raised where the batch is taken. Iterating again (the next epoch) first stops
-    the thread of the previous iteration, so two threads never share the loader's (persistent) iterator: call
-    :meth:`close` before changing the sampler's epoch.
+    ahead; an error in the thread is raised where the batch is taken. Iterating again first stops the thread of the
+    previous iteration, so two threads never share the loader's (persistent) iterator. The scripts iterate once per
+    run, over an :class:`~utils.data.EpochChain`; :meth:`close` stops the thread at the end.
     """
 
     _END = object()
@@ -277,9 +277,6 @@ class DeviceBatches:
     def __init__(self, loader, device: torch.device, ahead: bool = False):
         self.loader, self.device, self.ahead = loader, device, ahead
         self._thread, self._stop, self._stream = None, None, None
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self):
         self.close()

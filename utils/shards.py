@@ -200,10 +200,12 @@ class ShardStepSampler(StepSampler):
                            uneven, sum(shares), 100 * uneven / sum(shares), len(shard_ranges), num_processes,
                            min(shares), max(shares), num_processes)
 
-    def state_dict(self) -> dict:
-        """What a checkpoint must hold to resume this sampler on any number of processes."""
-        processes = self.carried[1] if self.epoch == self.carried[0] else self.num_processes
-        return {"shard_layout": [self.epoch, processes]}
+    def state_dict(self, epoch: int | None = None) -> dict:
+        """What a checkpoint must hold to resume this sampler on any number of processes, in ``epoch`` (default:
+        the one set last)."""
+        epoch = self.epoch if epoch is None else epoch
+        processes = self.carried[1] if epoch == self.carried[0] else self.num_processes
+        return {"shard_layout": [epoch, processes]}
 
     def epoch_order(self, rank: int | None = None, num_processes: int | None = None) -> list[int]:
         """The sample indices one process reads in this epoch, in order (for another process count: what that
