@@ -399,7 +399,8 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
 
     stop, stopping = StopSignal(), False
     loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
-    micro_batches = iter(loader)  # (its workers make the next epoch's batches during the epoch-end evaluation)
+    # (its workers make the next epoch's batches during the epoch-end evaluation; none for a finished run)
+    micro_batches = iter(loader) if step < total_steps else None
     while step < total_steps and not stopping:
         trained.train()
         if mode in FROZEN_MODES and not cached:

@@ -346,7 +346,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
     with progress:  # closed before an error is printed, so the error stays the last line
         model.train()
         loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
-        micro_batches = iter(loader)  # (its workers make the next batches during an evaluation)
+        micro_batches = iter(loader) if step < total_steps else None  # (its workers work on during an evaluation)
         while step < total_steps and not stopping:
             for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
                 lr = schedule(step, total_steps, warmup_steps, args.learning_rate, args.min_learning_rate)

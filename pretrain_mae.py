@@ -391,7 +391,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     stop, stopping = StopSignal(), False
     loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
     device_batches = DeviceBatches(loader, accelerator.device, ahead=args.decode_ahead)
-    micro_batches = iter(device_batches)
+    micro_batches = iter(device_batches) if step < total_steps else None  # (no workers for a finished run)
     while step < total_steps and not stopping:
         for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)

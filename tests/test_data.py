@@ -283,6 +283,7 @@ def test_epoch_chain_is_the_samplers_epochs_from_a_step_in_one_iterator(tmp_path
 def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
     """DeviceBatches(ahead=True) (--decode_ahead): the same batches in the same order, across epochs, an epoch left
     half read (a stop, a run's last partial epoch) and persistent workers; errors in the thread reach the caller."""
+    from utils.data import EpochChain
     from utils.run import DeviceBatches
     from utils.training import build_loader
 
@@ -295,7 +296,7 @@ def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
     def epochs(ahead: bool) -> list:
         batches, taken = DeviceBatches(loader, torch.device("cpu"), ahead=ahead), []
         for epoch, limit in ((0, 3), (1, None), (2, None)):  # epoch 0 is left after 3 of its 6 micro-batches
-            batches.close()  # as pretrain_mae.py: the thread of the last epoch stops before the sampler changes
+            batches.close()  # the thread of the last epoch stops before the sampler changes
             sampler.set_epoch(epoch)
             for number, batch in enumerate(batches):
                 if number == limit:
@@ -311,6 +312,23 @@ def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
         assert batch.keys() == expected.keys() and "jpeg" not in batch
         assert all(torch.equal(batch[key], expected[key]) if isinstance(expected[key], torch.Tensor)
                    else batch[key] == expected[key] for key in expected)
+
+    # as pretrain_mae.py: one iteration over an EpochChain, from a resumed step, across epochs
+    chained_loader = build_loader(SeededSamples(base, RandomResizedCropFlip(32), 7, 16),
+                                  EpochChain(StepBatchSampler(len(base), 8, 2, seed=4), first_step=1), 2,
+                                  torch.device("cpu"))
+
+    def chained(ahead: bool) -> list:
+        batches = DeviceBatches(chained_loader, torch.device("cpu"), ahead=ahead)
+        taken = [batch for _, batch in zip(range(4 + 6 + 2), batches)]  # the rest of epoch 0, epoch 1, 2 of epoch 2
+        batches.close()
+        return taken
+
+    chained_inline, chained_ahead = chained(False), chained(True)
+    assert len(chained_ahead) == 12
+    for expected, batch in zip(chained_inline, chained_ahead):
+        assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(chained_inline[4:10], inline[3:9]))
 
     class Unreadable(torch.utils.data.Dataset):
         def __len__(self):

@@ -255,7 +255,8 @@ def test_pretraining_from_shards_resumed_on_one_process_continues_the_epoch(tmp_
               "--img_size", 16, "--patch_size", 4, "--input_channels", 3, "--encoder_embed_dim", 32, "--encoder_depth", 1,
               "--encoder_num_heads", 2, "--decoder_embed_dim", 32, "--decoder_depth", 1, "--decoder_num_heads", 2,
               "--per_gpu_batch_size", 8, "--max_train_steps", 5, "--checkpointing_steps", 1, "--keep_checkpoints", 0,
-              "--log_every", 1, "--vis_every", 0, "--log_with", "none"]
+              "--log_every", 1, "--vis_every", 0, "--log_with", "none",
+              "--num_workers", 2]  # (the loader's prefetch takes the sampler into epoch 1 before step 1's checkpoint)
     run_script("pretrain_mae.py", "--experiment_name", "two", *common, processes=2)
     two = tmp_path / "two"
     copy_stopped_after(two, tmp_path / "one", 1)

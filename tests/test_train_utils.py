@@ -70,6 +70,40 @@ def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000001"]
 
 
+def test_a_checkpoint_of_an_unfused_adamw_resumes_fused_with_the_same_update(tmp_path):
+    """A loaded optimizer state brings its writer's implementation flag (torch); load_checkpoint keeps this run's:
+    a CPU checkpoint from before AdamW was fused there resumes fused, and takes the step the unfused one takes."""
+    from utils.optim import build_adamw
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    writer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=False)
+    model, writer = accelerator.prepare(model, writer)
+    for _ in range(2):
+        model(torch.randn(4, 3)).square().sum().backward()
+        writer.step()
+        writer.zero_grad()
+    save_checkpoint(accelerator, tmp_path, 2, {"step": 2}, keep=0)
+    reader = build_adamw([{"params": list(model.parameters())}], 0.1, betas=(0.9, 0.999), device=accelerator.device)
+    accelerator._optimizers = []
+    reader = accelerator.prepare(reader)
+    assert reader.param_groups[0]["fused"]
+    load_checkpoint(accelerator, tmp_path / "step_00000002")
+    assert all(group["fused"] for group in reader.param_groups)  # (torch alone would leave fused=False here)
+    inputs = torch.randn(4, 3)
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    reference = torch.optim.AdamW([torch.nn.Parameter(value.clone()) for value in expected.values()], lr=0.1)
+    model(inputs).square().sum().backward()
+    for param, ref in zip(model.parameters(), reference.param_groups[0]["params"]):
+        ref.grad = param.grad.clone()
+        reference.state[ref] = {k: v.clone() for k, v in reader.state[param].items()}
+    reader.step()
+    reference.step()
+    for param, ref in zip(model.parameters(), reference.param_groups[0]["params"]):
+        assert torch.allclose(param, ref, atol=1e-6)
+
+
 def test_gradients_are_synchronised_on_the_last_micro_batch_only():
     class RecordingAccelerator:
         def __init__(self):

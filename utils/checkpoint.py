@@ -8,6 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -96,14 +98,32 @@ def keep_global_batch(args, num_processes: int, checkpoint_root: Path) -> None:
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore model, optimizer, scaler and RNG states; return the trainer state (``step`` etc.)."""
+    """Restore model, optimizer, scaler and RNG states; return the trainer state (``step`` etc.). The optimizers
+    keep this run's implementation (fused or not): a loaded state would otherwise bring the writer's."""
+    optimizers = [getattr(optimizer, "optimizer", optimizer) for optimizer in accelerator._optimizers]
+    implementations = [[{key: group[key] for key in ("fused", "foreach") if key in group}
+                        for group in optimizer.param_groups] for optimizer in optimizers]
     try:
         accelerator.load_state(str(path))
     except RuntimeError as error:  # e.g. size mismatches: another architecture
         detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error).splitlines()[0])
         raise UserError(f"checkpoint {path} does not fit this model ({detail}): resume with the model flags "
                         "of the run that wrote it") from None
+    for optimizer, groups in zip(optimizers, implementations):
+        keep_implementation(optimizer, groups)
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def keep_implementation(optimizer, groups: list[dict]) -> None:
+    """Put back the ``fused``/``foreach`` flags a loaded state replaced (e.g. a CPU checkpoint written before AdamW
+    was fused there). A fused optimizer keeps its step counts as float32 on the parameters' device."""
+    for group, flags in zip(optimizer.param_groups, groups):
+        group.update(flags)
+        if group.get("fused"):
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(param.device, torch.float32)
 
 
 def resume_from(accelerator, checkpoint: Path, checkpoint_root: Path, steps_per_epoch: int, global_batch: int,

@@ -640,7 +640,8 @@ class StepSampler(Sampler):
         return {}
 
     def epoch_of_step(self, step: int) -> int:
-        """The epoch that optimizer step ``step`` (counted from 1) belongs to: the one in progress after it."""
+        """The epoch optimizer step ``step`` (counted from 1, so the last of epoch e is (e + 1) x steps_per_epoch)
+        was taken in; 0 before any step."""
         return max(step - 1, 0) // self.steps_per_epoch
 
 

@@ -20,8 +20,10 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel for all parameters: on this 2-core CPU, ViT-B's AdamW step
-# takes 47 ms fused against 316-351 ms with the default (foreach) implementation, torch 2.14.1
+# One kernel for all parameters. On the project's 2-core CPU (torch 2.14.1), optimizer.step() over the 112M
+# parameters of mae_vit_base_patch16 with random gradients took 46-49 ms fused against 316-351 ms with the default
+# implementation (a loop over the tensors: torch has no foreach kernels for the CPU).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 def build_adamw(param_groups: list[dict], lr: float, betas=(0.9, 0.95), device: torch.device | None = None):
