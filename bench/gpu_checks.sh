@@ -16,7 +16,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -63,5 +63,20 @@ if step 9; then
         --warmup_steps 5
     run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs_cache \
         --batch_size 256 --steps 40 --warmup_steps 5
+fi
+# 10. pretrain_mae.py itself, end to end (the images/s its metrics.jsonl reports: loader, step, logging, the per-step
+# finite-loss check and stop poll), compiled ViT-B, bf16, micro-batch 256, from the JPEGs (default --decode auto) and
+# from the pixel cache (needs step 9's cache); the first 10 steps' row includes compilation
+if step 10; then
+    for data in /tmp/jpegs /tmp/jpegs_cache; do
+        [ -d "$data" ] || continue
+        echo "== pretrain_mae.py on $data"
+        timeout 150 python pretrain_mae.py --path_to_data "$data" --model mae_vit_base_patch16 --mixed_precision bf16 \
+            --compile --per_gpu_batch_size 256 --max_train_steps 60 --log_every 10 --vis_every 0 --log_with none \
+            --save_checkpoint_interval 1000 --working_directory "$OUT/e2e" --experiment_name "$(basename "$data")" \
+            2>&1 | tr "\r" "\n" | grep -v Warning | tail -2
+        grep -o '"step": [0-9]*\|"images_per_sec": [0-9.]*' "$OUT/e2e/$(basename "$data")/metrics.jsonl" | paste - - | tail -6
+        rm -rf "$OUT/e2e/$(basename "$data")/final" "$OUT/e2e/$(basename "$data")/checkpoints"
+    done
 fi
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

@@ -170,3 +170,22 @@ def test_a_process_exits_with_a_loader_whose_workers_are_still_alive(tmp_path):
         "    print('raised')\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "raised"
+
+
+def test_emulated_mixed_precision_on_a_cpu_is_named_with_the_fix(monkeypatch, caplog):
+    """A GPU command's --mixed_precision bf16 on a CPU without native bf16 (about 15x slower than fp32 here)."""
+    import types
+
+    import utils.run as run
+
+    assert isinstance(run.cpu_has_native("bf16"), bool)
+    cpu_bf16 = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(run, "cpu_has_native", lambda precision, native=native: native)
+        caplog.clear()
+        run.warn_if_precision_is_emulated(cpu_bf16)
+        assert ("leave --mixed_precision out on this machine" in caplog.text) is warned
+    caplog.clear()
+    monkeypatch.setattr(run, "cpu_has_native", lambda precision: False)
+    run.warn_if_precision_is_emulated(types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no"))
+    assert caplog.text == ""
