@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
 # after that run, 9 and step 8's --decode_ahead run in the session after (steps 8 and 9 are capped at 9.75 minutes
-# together and should take about 6; step 7 another 2.5). Every step has its own time limit, so one failure leaves the others' rows;
+# together and should take about 6; step 7 another 2.5; step 10, the script end to end, is capped at 5 and should take
+# about 3). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all), e.g. to fit one 10-minute call:
 #   OUT=bench/gpu_out STEPS="8 9" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
