@@ -395,9 +395,38 @@ def block_token_dims(config: dict) -> list[tuple[int, int]]:
     return encoder + [(1 + patches, config["decoder_embed_dim"])] * config["decoder_depth"]
 
 
+def run_optimizer_mode(args, device: torch.device, config: dict) -> list[dict]:
+    """AdamW's step over the model's parameters (random gradients, the scripts' two weight-decay groups): the fused
+    kernel that build_adamw picks and the default implementation, in alternating rounds; the median round."""
+    model = MaskedAutoencoder(**config).to(device)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizers = {"fused": build_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device=device),
+                  "default": torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95))}
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for optimizer in optimizers.values():
+        for _ in range(args.warmup_steps):
+            optimizer.step()
+    for _ in range(args.rounds):
+        for name, optimizer in optimizers.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                optimizer.step()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / args.steps * 1000)
+    parameters = sum(param.numel() for param in model.parameters())
+    return [{"mode": "optimizer", "impl": name, "model": args.model, "parameters": parameters,
+             "fused": bool(optimizer.param_groups[0].get("fused")),
+             "step_time_ms": round(statistics.median(times[name]), 2),
+             "step_time_spread_ms": round(max(times[name]) - min(times[name]), 2)}
+            for name, optimizer in optimizers.items()]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="model", choices=["model", "data", "both", "memory"], help="What to time.")
+    parser.add_argument("--mode", default="model", choices=["model", "data", "both", "memory", "optimizer"],
+                        help="What to time (optimizer: AdamW's step alone, fused against the default).")
     parser.add_argument("--model", default="mae_vit_tiny_patch4", choices=sorted(MAE_PRESETS), help="Preset to time.")
     parser.add_argument("--impl", default="both", choices=["ours", "hf", "both"],
                         help="--mode model: this project's MAE, 🤗 ViTMAEForPreTraining, or both in alternating rounds.")
@@ -455,6 +484,8 @@ def main(argv=None):
         rows = run_model_mode(args, device, config)
     elif args.mode == "memory":
         rows = run_memory_mode(args, device, config)
+    elif args.mode == "optimizer":
+        rows = run_optimizer_mode(args, device, config)
     else:
         rows = run_pipeline_mode(args, device, config, with_model=args.mode == "both")
     import transformers

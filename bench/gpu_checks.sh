@@ -46,6 +46,7 @@ step 6 && tail -3 "$OUT/fsdp/metrics.jsonl" 2>/dev/null
 step 6 && rm -rf "$OUT/fsdp"  # weights stay on the device machine; the log above is what comes back
 # 7. for the next session (not run yet): the MFU at a larger micro-batch, and where the compiled step's time goes
 step 7 && run 150 --model mae_vit_base_patch16 --batch_size 512 --precision bf16 --steps 10 --rounds 3 --compile --profile 15
+step 7 && run 60 --mode optimizer --model mae_vit_base_patch16 --steps 10 --rounds 3  # fused vs foreach AdamW on CUDA
 # 8. the pipeline feeding the compiled step on more data (3,000 JPEGs, 40 steps), decoded on the GPU (ahead of the
 # step in a thread on its own stream, then between steps behind fences) and in the workers
 step 8 && run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs --make_jpegs 3000 \

@@ -78,6 +78,16 @@ def memory_table(rows: list[dict], commands: list[str]) -> list[str]:
     return lines
 
 
+def optimizer_table(rows: list[dict], commands: list[str]) -> list[str]:
+    lines = ["| machine | model | parameters | AdamW | step ms | cmd |", "|" + "---|" * 6]
+    for row in rows:
+        if row["command"] not in commands:
+            commands.append(row["command"])
+        lines.append(f"| {machine(row)} | {row['model']} | {row['parameters'] / 1e6:.0f}M | {row['impl']} | "
+                     f"{row['step_time_ms']} | [{commands.index(row['command']) + 1}] |")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", default=["bench/results.jsonl"], help="JSON-lines files of result rows.")
@@ -104,6 +114,10 @@ def main(argv=None) -> None:
             *pipeline_table([r for r in rows if r.get("mode") in ("data", "both")], commands), "",
             "## Memory against micro-batch", "",
             *memory_table([r for r in rows if r.get("mode") == "memory"], commands), "",
+            "## AdamW's step alone", "",
+            "`--mode optimizer`: the fused kernel the scripts use (`utils.optim.build_adamw`) against torch's default "
+            "implementation, random gradients, median of alternating rounds.", "",
+            *optimizer_table([r for r in rows if r.get("mode") == "optimizer"], commands), "",
             "## Commands", "", *[f"{i}. `{command}`" for i, command in enumerate(commands, 1)], ""]
     Path(args.output).write_text("\n".join(text))
     print(f"wrote {args.output} ({len(rows)} rows)")

@@ -54,6 +54,10 @@ def test_data_and_memory_modes(fashion_mnist_dir):
     loader_only = bench.main(["--mode", "data", "--batch_size", "16", "--steps", "2", "--warmup_steps", "1",
                               "--max_samples", "64"])
     assert loader_only[0]["mode"] == "data" and 0 < loader_only[0]["worker_ms_per_image"] < 1000
+    optimizer = {row["impl"]: row for row in bench.main(["--mode", "optimizer", "--steps", "2", "--rounds", "1",
+                                                         "--warmup_steps", "1"])}
+    assert optimizer["fused"]["fused"] and not optimizer["default"]["fused"]  # (the CPU has the fused kernel)
+    assert all(row["step_time_ms"] > 0 and row["parameters"] > 1e6 for row in optimizer.values())
     memory = bench.main(["--mode", "memory", "--memory_batches", "8", "16"])
     by_key = {(row["micro_batch"], row["gradient_checkpointing"]): row["memory_gib"] for row in memory}
     assert by_key[(16, False)] > by_key[(8, False)] > by_key[(8, True)] > 0 and all(map(math.isfinite, by_key.values()))
