@@ -179,7 +179,7 @@ def test_emulated_mixed_precision_on_a_cpu_is_named_with_the_fix(monkeypatch, ca
     import utils.run as run
 
     assert isinstance(run.cpu_has_native("bf16"), bool)
-    cpu_bf16 = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    cpu_bf16 = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16", is_main_process=True)
     for native, warned in ((False, True), (True, False)):
         monkeypatch.setattr(run, "cpu_has_native", lambda precision, native=native: native)
         caplog.clear()
@@ -187,5 +187,6 @@ def test_emulated_mixed_precision_on_a_cpu_is_named_with_the_fix(monkeypatch, ca
         assert ("leave --mixed_precision out on this machine" in caplog.text) is warned
     caplog.clear()
     monkeypatch.setattr(run, "cpu_has_native", lambda precision: False)
-    run.warn_if_precision_is_emulated(types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no"))
+    run.warn_if_precision_is_emulated(types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no",
+                                                            is_main_process=True))
     assert caplog.text == ""

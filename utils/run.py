@@ -372,7 +372,8 @@ def warn_if_precision_is_emulated(accelerator) -> None:
     """A GPU command's --mixed_precision bf16 copied to a CPU without native bf16 runs much slower than fp32 (the
     tiny MAE on this project's AVX2 machine: 13 against 195 images/s): say so, with the fix."""
     precision = accelerator.mixed_precision
-    if accelerator.device.type == "cpu" and precision in ("bf16", "fp16") and not cpu_has_native(precision):
+    if (accelerator.is_main_process and accelerator.device.type == "cpu" and precision in ("bf16", "fp16")
+            and not cpu_has_native(precision)):
         logging.getLogger(__name__).warning(
             "--mixed_precision %s on a CPU without native %s is emulated and much slower than fp32 (about 15x for the "
             "tiny MAE on an AVX2 CPU): leave --mixed_precision out on this machine", precision, precision)
