@@ -394,7 +394,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
 
     def checkpoint_now() -> None:
         state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps,
-                     **sampler.state_dict(sampler.epoch_of_step(step)))
+                     **sampler.state_dict(step))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False

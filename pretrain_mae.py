@@ -373,7 +373,7 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
     def checkpoint_now() -> None:
         count_skipped()
         state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=float(loss_sum), log_steps=logged_steps,
-                     skipped_images=skipped_images, **sampler.state_dict(sampler.epoch_of_step(step)))
+                     skipped_images=skipped_images, **sampler.state_dict(step))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
 
     accumulation = args.gradient_accumulation_steps

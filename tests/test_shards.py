@@ -226,7 +226,7 @@ def test_a_resume_on_another_process_count_keeps_the_epoch_in_progress():
     for sampler in old:
         sampler.set_epoch(3)
     per_step = [[i for s in old for i, _ in list(s)[step]] for step in range(old[0].steps_per_epoch)]
-    assert old[0].state_dict() == {"shard_layout": [3, 2]}
+    assert old[0].state_dict(3 * old[0].steps_per_epoch + 1) == {"shard_layout": [3, 2]}
     resume = {"steps_per_epoch": old[0].steps_per_epoch, "shard_layout": [3, 2]}
     for processes in (1, 4):  # stopped after step 2 of epoch 3, resumed on 1 and on 4 processes (global batch 8)
         new = [ShardStepSampler(ranges, 8 // processes, 1, num_processes=processes, rank=rank, seed=1, resume=resume)
@@ -235,13 +235,14 @@ def test_a_resume_on_another_process_count_keeps_the_epoch_in_progress():
             sampler.set_epoch(3, start_step=2)
         batches = [list(sampler) for sampler in new]
         assert [[i for b in batches for i, _ in b[step]] for step in range(len(batches[0]))] == per_step[2:]
-        assert new[0].state_dict() == {"shard_layout": [3, 2]}  # still the epoch the 2 processes laid out
+        # after step 2 of epoch 3: still the epoch the 2 processes laid out
+        assert new[0].state_dict(3 * new[0].steps_per_epoch + 2) == {"shard_layout": [3, 2]}
         for sampler in new:
             sampler.set_epoch(4)  # the next epoch: the shards split over the new processes, the same step count
-        assert new[0].state_dict() == {"shard_layout": [4, processes]}
-        # a loader over an EpochChain has set the next epoch ahead of the training: a checkpoint names its step's epoch
-        assert new[0].state_dict(new[0].epoch_of_step(3 * new[0].steps_per_epoch + 2)) == {"shard_layout": [3, 2]}
-        assert new[0].state_dict(new[0].epoch_of_step(4 * new[0].steps_per_epoch)) == {"shard_layout": [3, 2]}
+        assert new[0].state_dict(4 * new[0].steps_per_epoch + 1) == {"shard_layout": [4, processes]}
+        # the sampler is in epoch 4 now (as a loader over an EpochChain runs ahead): the state is still its step's
+        assert new[0].state_dict(3 * new[0].steps_per_epoch + 2) == {"shard_layout": [3, 2]}
+        assert new[0].state_dict(4 * new[0].steps_per_epoch) == {"shard_layout": [3, 2]}  # the last step of epoch 3
         assert all(len(list(sampler)) == old[0].steps_per_epoch for sampler in new)
         seen = Counter(i for sampler in new for batch in sampler for i, _ in batch)
         assert set(seen) <= set(range(80)) and sum(seen.values()) == old[0].steps_per_epoch * 8

@@ -634,9 +634,9 @@ class StepSampler(Sampler):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accumulation_steps
 
-    def state_dict(self, epoch: int | None = None) -> dict:
-        """What a checkpoint must hold besides the step, for ``epoch`` (default: the one set last): nothing, unless
-        a subclass says otherwise."""
+    def state_dict(self, step: int) -> dict:
+        """What a checkpoint written after optimizer step ``step`` must hold besides the step: nothing, unless a
+        subclass says otherwise. (Not the sampler's own epoch: a loader over an EpochChain sets it ahead.)"""
         return {}
 
     def epoch_of_step(self, step: int) -> int:
@@ -654,7 +654,7 @@ class EpochChain(Sampler):
     estimated 40 s ImageNet epoch on 8 H100s). The batches are the same, in the same order (each key carries its
     epoch).
     Infinite: the training loop takes the micro-batches it needs. The sampler's ``epoch`` runs ahead of the training
-    (the loader prefetches), so a checkpoint asks for the state of the step's own epoch (:meth:`epoch_of_step`).
+    (the loader prefetches), so a checkpoint asks for the state at its step (:meth:`StepSampler.state_dict`).
     """
 
     def __init__(self, sampler: StepSampler, first_step: int = 0):

@@ -200,10 +200,10 @@ class ShardStepSampler(StepSampler):
                            uneven, sum(shares), 100 * uneven / sum(shares), len(shard_ranges), num_processes,
                            min(shares), max(shares), num_processes)
 
-    def state_dict(self, epoch: int | None = None) -> dict:
-        """What a checkpoint must hold to resume this sampler on any number of processes, in ``epoch`` (default:
-        the one set last)."""
-        epoch = self.epoch if epoch is None else epoch
+    def state_dict(self, step: int) -> dict:
+        """What a checkpoint written after optimizer step ``step`` must hold to resume this sampler on any number of
+        processes: the layout of the epoch that step was taken in."""
+        epoch = self.epoch_of_step(step)
         processes = self.carried[1] if epoch == self.carried[0] else self.num_processes
         return {"shard_layout": [epoch, processes]}
 
