@@ -36,8 +36,8 @@ from utils.run import (
 from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 from utils.shards import build_step_sampler
 from utils.training import (
-    BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step,
-    readable_batch, sync_context,
+    BadStepGuard, ModelEma, StepAverages, StopSignal, apply_speed_options, broadcast_buffers, build_loader,
+    guarded_optimizer_step, readable_batch, sync_context,
 )
 
 logger = logging.getLogger("finetune_classifier")
@@ -343,13 +343,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
         erasing = RandomErasing(probability=args.random_erasing, mode="pixel", device=str(accelerator.device))
     ema = None
     if args.model_ema:
-        decay = args.model_ema_decay
-
-        def ema_update(averaged, current, num_averaged):  # decay warms up: (1 + n) / (10 + n), capped at --model_ema_decay
-            rate = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-            return averaged + (current - averaged) * (1.0 - rate)
-
-        ema = torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=ema_update, use_buffers=True)
+        ema = ModelEma(accelerator.unwrap_model(model), args.model_ema_decay)
         accelerator.register_for_checkpointing(ema)
     label_smoothing = (args.label_smoothing or 0.0) if mode == "finetune" else 0.0
 
@@ -385,16 +379,16 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                 mode, len(train_samples), num_classes, steps_per_epoch, total_steps, sampler.global_batch, peak_lr,
                 " (cached features)" if cached else "")
 
-    guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints)
+    guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints, accelerator.device)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=mode)
     throughput = Throughput()
-    loss_sum, loss_steps = torch.tensor(state["loss_sum"], device=accelerator.device), state["loss_steps"]
+    averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"])
     result, last_batch = {}, None
     accumulation = args.gradient_accumulation_steps
 
     def checkpoint_now() -> None:
-        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps,
-                     **sampler.state_dict(step))
+        guard.check(step)
+        state.update(step=step, **averages.state(), **sampler.state_dict(step))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False
@@ -429,21 +423,21 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
                 throughput.add(inputs.shape[0] * accelerator.num_processes)
+            # (nothing read back to the host until the next log: skipped steps are counted on the device)
             skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, trained, optimizer, step_loss,
                                                                    args.max_grad_norm)
             step += 1
             progress.update(1)
-            guard.update(skipped, step)
-            if skipped:  # (the epoch-end evaluation and checkpoint below still happen)
-                continue
+            guard.update(skipped)
+            averages.add({"loss": step_loss}, skipped)
             if ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(model))
-            loss_sum += step_loss
-            loss_steps += 1
-            if step % args.log_every == 0:
-                progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch:
-                checkpoint_now()  # (at an epoch end the checkpoint waits for the evaluation, below)
+            if step % args.log_every == 0 and not guard.check(step):
+                progress.set_postfix(loss=f"{averages.read()[1]['loss']:.4f}", lr=f"{lr:.2e}")
+            # (a skipped step gets no scheduled checkpoint; at an epoch end the checkpoint waits for the evaluation)
+            if (args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch
+                    and not guard.check(step)):
+                checkpoint_now()
             if stop.requested(accelerator):  # (an epoch-end evaluation below still runs)
                 stopping = True
                 break
@@ -454,13 +448,11 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
             state["best_top1"] = max(state["best_top1"], result["top1"])
             state["best_top5"] = max(state.get("best_top5", 0.0), result["top5"])
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                   "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr,
-                   "images_per_sec": images_per_sec, **result}
+                   "train_loss": averages.read()[1]["loss"], "lr": lr, "images_per_sec": images_per_sec, **result}
             metrics.log(row)
             logger.info("epoch %.2f: train loss %.4f, top-1 %.2f%%, top-5 %.2f%%", row["epoch"], row["train_loss"],
                         result["top1"], result["top5"])
-            loss_sum.zero_()
-            loss_steps = 0
+            averages.reset()
             throughput = Throughput()  # the next epoch's rate starts after this evaluation
             if (step == total_steps or (epoch_done and (step // steps_per_epoch) % args.save_checkpoint_interval == 0)
                     or (args.checkpointing_steps and step % args.checkpointing_steps == 0)):

@@ -40,8 +40,8 @@ from utils.segmentation_data import (
     SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
 )
 from utils.training import (
-    BadStepGuard, StopSignal, apply_speed_options, broadcast_buffers, build_loader, guarded_optimizer_step, readable_batch,
-    sync_context,
+    BadStepGuard, StepAverages, StopSignal, apply_speed_options, broadcast_buffers, build_loader,
+    guarded_optimizer_step, readable_batch, sync_context,
 )
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 
@@ -331,15 +331,16 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         model.train()
         return result
 
-    guard = BadStepGuard(args.max_bad_steps, "finetune_segmentation.py", run_dir.checkpoints)
+    guard = BadStepGuard(args.max_bad_steps, "finetune_segmentation.py", run_dir.checkpoints, accelerator.device)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="segmentation")
     throughput = Throughput()
-    loss_sum, loss_steps = torch.tensor(state["loss_sum"], device=accelerator.device), state["loss_steps"]
+    averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"])
     result, last_batch, lr = {}, None, 0.0
     accumulation = args.gradient_accumulation_steps
 
     def checkpoint_now() -> None:
-        state.update(step=step, loss_sum=float(loss_sum), loss_steps=loss_steps)
+        guard.check(step)
+        state.update(step=step, **averages.state())
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False
@@ -365,32 +366,30 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
                         accelerator.backward(loss * weight / accumulation)
                     step_loss += loss.detach() * weight / accumulation
                     throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
+                # (nothing read back to the host until the next log: skipped steps are counted on the device)
                 skipped, _, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss, args.max_grad_norm)
                 step += 1
                 progress.update(1)
-                guard.update(skipped, step)
-                if not skipped:  # (a skipped step still evaluates on schedule below)
-                    loss_sum += step_loss
-                    loss_steps += 1
-                if step % args.log_every == 0:
-                    progress.set_postfix(loss=f"{(loss_sum / loss_steps).item():.4f}", lr=f"{lr:.2e}")
+                guard.update(skipped)
+                averages.add({"loss": step_loss}, skipped)  # (a skipped step still evaluates on schedule below)
+                if step % args.log_every == 0 and not guard.check(step):
+                    progress.set_postfix(loss=f"{averages.read()[1]['loss']:.4f}", lr=f"{lr:.2e}")
                 evaluate_now = step % eval_every == 0 or step == total_steps
                 if evaluate_now:
                     images_per_sec = round(throughput.rate(), 2)
                     result = run_eval()
                     state["best_mIoU"] = max(state["best_mIoU"], result["mIoU"])
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                           "train_loss": (loss_sum / max(1, loss_steps)).item(), "lr": lr, "images_per_sec": images_per_sec,
+                           "train_loss": averages.read()[1]["loss"], "lr": lr, "images_per_sec": images_per_sec,
                            "mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"]}
                     metrics.log(row)
                     logger.info("step %d (epoch %.2f): train loss %.4f, mIoU %.2f%%, pixel accuracy %.2f%%", step,
                                 row["epoch"], row["train_loss"], result["mIoU"], result["pixel_acc"])
-                    loss_sum.zero_()
-                    loss_steps = 0
+                    averages.reset()
                     throughput = Throughput()
                 epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
                 scheduled = epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0)
-                if step == total_steps or (scheduled and not skipped):  # the last step always checkpoints
+                if step == total_steps or (scheduled and not guard.check(step)):  # the last step always checkpoints
                     checkpoint_now()
                 if stop.requested(accelerator):
                     stopping = True

@@ -29,7 +29,8 @@ from utils.data import (
     EpochChain, channel_stats, collate_skipping_bad, decodes_on_device,
 )
 from utils.training import (
-    BadStepGuard, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch, sync_context,
+    BadStepGuard, StepAverages, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch,
+    sync_context,
 )
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
@@ -131,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="lr = base lr x per_gpu_batch_size x processes / 256 (default: 1.5e-4, 1.5e-3 for the demo sets).")
     optim.add_argument("--min_learning_rate", type=float, default=0.0, help="Floor of the cosine decay.")
     optim.add_argument("--max_bad_steps", type=int, default=20,
-                       help="Stop after this many consecutive steps with a non-finite loss (each is skipped).")
+                       help="Stop after this many consecutive steps with a non-finite loss (each is skipped); "
+                            "counted on the device and checked at --log_every and at checkpoints.")
     add_run_args(parser)
     vis = parser.add_argument_group("pictures")
     vis.add_argument("--vis_every", type=int, default=1, help="Save a reconstruction grid every N epochs (0: only at the end).")
@@ -371,22 +373,24 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         return skipped_images
 
     def checkpoint_now() -> None:
+        guard.check(step)
         count_skipped()
-        state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=float(loss_sum), log_steps=logged_steps,
-                     skipped_images=skipped_images, **sampler.state_dict(step))
+        interval = averages.state()
+        state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=interval["loss_sum"],
+                     log_steps=interval["loss_steps"], skipped_images=skipped_images, **sampler.state_dict(step))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
 
     accumulation = args.gradient_accumulation_steps
-    guard = BadStepGuard(args.max_bad_steps, "pretrain_mae.py", run_dir.checkpoints)
+    guard = BadStepGuard(args.max_bad_steps, "pretrain_mae.py", run_dir.checkpoints, accelerator.device)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     throughput = Throughput()
-    loss_sum = torch.tensor(state["log_loss_sum"], device=accelerator.device)
-    logged_steps, skipped_images = state["log_steps"], state["skipped_images"]
+    averages = StepAverages(accelerator.device, state["log_loss_sum"], state["log_steps"])  # loss (and terms) to log
+    skipped_images = state["skipped_images"]
     last_saved_step, last_batch = step, None
     skipped_pending = torch.zeros((), device=accelerator.device)
     loss_weights = {"hf": args.hf_loss_weight, "uniformity": args.uniformity_weight}
     extra_losses = any(weight > 0 for weight in loss_weights.values())
-    plain_mae, term_sums, last_vis_step = accelerator.unwrap_model(model), {}, None
+    plain_mae, last_vis_step = accelerator.unwrap_model(model), None
     model.train()
     stop, stopping = StopSignal(), False
     loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
@@ -419,29 +423,24 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation
                 throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
+            # (nothing read back to the host until the next log: skipped steps are counted on the device)
             skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss,
                                                                    args.max_grad_norm)
             step += 1
             progress.update(1)
-            guard.update(skipped, step)
-            if skipped:  # no metrics row and no checkpoint for a step whose update was not applied
-                continue
-            loss_sum += step_loss
-            for name, value in step_terms.items():  # (this process's terms; the total is averaged over processes)
-                term_sums[name] = term_sums.get(name, 0.0) + value
-            logged_steps += 1
-            if step % args.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": (loss_sum / logged_steps).item(),
-                       **{name: (value / logged_steps).item() for name, value in term_sums.items()},
+            guard.update(skipped)
+            averages.add({"loss": step_loss, **step_terms}, skipped)  # (terms: this process's; the loss: the mean)
+            # A skipped step (its update not applied) gets no row (the next applied one logs its interval) and no
+            # scheduled checkpoint.
+            if (step % args.log_every == 0 or step == total_steps) and not guard.check(step):
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **averages.read()[1],
                        "lr": lr, "mask_ratio": mask_ratio, "grad_norm": float(grad_norm),
                        "images_per_sec": round(throughput.rate(), 2),
                        "skipped_images": count_skipped()}
                 metrics.log(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
-                loss_sum.zero_()
-                term_sums.clear()
-                logged_steps = 0
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                averages.reset()
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and not guard.check(step):
                 checkpoint_now()
                 last_saved_step = step
             if stop.requested(accelerator):  # (the epoch-end work below still runs if this step ended an epoch)

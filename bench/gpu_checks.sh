@@ -2,7 +2,7 @@
 # Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
 # after that run, 9 and step 8's --decode_ahead run in the session after (steps 8 and 9 are capped at 9.75 minutes
 # together and should take about 6; step 7 another 2.5; step 10, the script end to end, is capped at 5 and should take
-# about 3). Every step has its own time limit, so one failure leaves the others' rows;
+# about 3; step 11, where the script's loop waits for the GPU, about 1.5). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all), e.g. to fit one 10-minute call:
 #   OUT=bench/gpu_out STEPS="8 9" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
@@ -17,7 +17,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -66,8 +66,8 @@ if step 9; then
     run 120 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs_cache \
         --batch_size 256 --steps 40 --warmup_steps 5
 fi
-# 10. pretrain_mae.py itself, end to end (the images/s its metrics.jsonl reports: loader, step, logging, the per-step
-# finite-loss check and stop poll), compiled ViT-B, bf16, micro-batch 256, from the JPEGs (default --decode auto) and
+# 10. pretrain_mae.py itself, end to end (the images/s its metrics.jsonl reports: loader, step, logging, the
+# device-side finite-loss check), compiled ViT-B, bf16, micro-batch 256, from the JPEGs (default --decode auto) and
 # from the pixel cache (needs step 9's cache); the first 10 steps' row includes compilation
 if step 10; then
     for data in /tmp/jpegs /tmp/jpegs_cache; do
@@ -80,5 +80,15 @@ if step 10; then
         grep -o '"step": [0-9]*\|"images_per_sec": [0-9.]*' "$OUT/e2e/$(basename "$data")/metrics.jsonl" | paste - - | tail -6
         rm -rf "$OUT/e2e/$(basename "$data")/final" "$OUT/e2e/$(basename "$data")/checkpoints"
     done
+fi
+# 11. where pretrain_mae.py's loop waits for the GPU (bench/count_syncs.py: CUDA's sync debug mode): with the fused
+# AdamW skipping non-finite steps on the device, a line counted 60 times or more is a per-step synchronisation left
+if step 11; then
+    echo "== synchronisations in 60 steps of pretrain_mae.py (eager, synthetic images, log every 20)"
+    timeout 120 python bench/count_syncs.py pretrain_mae.py --dataset synthetic --model mae_vit_base_patch16 \
+        --mixed_precision bf16 --per_gpu_batch_size 128 --max_train_steps 60 --log_every 20 --vis_every 0 \
+        --log_with none --save_checkpoint_interval 1000 --working_directory "$OUT/syncs" 2>&1 | tr "\r" "\n" \
+        | grep -v Warning | tail -18
+    rm -rf "$OUT/syncs"
 fi
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

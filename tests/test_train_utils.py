@@ -1,4 +1,9 @@
 
+import copy
+import json
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -190,3 +195,135 @@ def test_emulated_mixed_precision_on_a_cpu_is_named_with_the_fix(monkeypatch, ca
     run.warn_if_precision_is_emulated(types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no",
                                                             is_main_process=True))
     assert caplog.text == ""
+
+
+
+@contextmanager
+def host_reads_forbidden(allowed: tuple = ()):
+    """Inside it, reading a tensor's value on the host (what waits for a GPU) raises, except for the ``allowed``
+    tensors (ones kept on the CPU on purpose). On the CPU this checks the code path: the per-step functions must
+    leave every decision on the device."""
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not any(self is tensor for tensor in allowed):
+                raise AssertionError(f"a tensor's value was read on the host ({name})")
+            return original(self, *args, **kwargs)
+        return read
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+            patch.setattr(torch.Tensor, name, guard(name))
+        yield
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_by_the_fused_adamw():
+    """guarded_optimizer_step gives the fused AdamW the non-finite flag as found_inf: a NaN step leaves the weights
+    and the optimizer state as they were, a finite one takes the same update as a plain AdamW, and neither reads a
+    value back to the host; the guard and the running averages count on the device, and are read at check/read."""
+    from utils.optim import build_adamw
+    from utils.training import BadStepGuard, StepAverages, guarded_optimizer_step
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    reference_model = copy.deepcopy(model)
+    optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 0.1, device=accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reference = torch.optim.AdamW(param_groups_weight_decay(reference_model, 0.05), lr=0.1, betas=(0.9, 0.95))
+    guard = BadStepGuard(2, "test.py", "checkpoints/", accelerator.device)
+    averages = StepAverages(accelerator.device)
+    inputs = torch.randn(8, 3)
+
+    def step(poison: bool) -> torch.Tensor:
+        with host_reads_forbidden():
+            loss = model(inputs).square().mean() * (float("nan") if poison else 1.0)
+            loss.backward()
+            skipped, _, mean_loss = guarded_optimizer_step(accelerator, model, optimizer, loss.detach(), 0.0)
+            guard.update(skipped)
+            averages.add({"loss": mean_loss}, skipped)
+        return skipped
+
+    assert not step(poison=False)
+    first_loss = reference_model(inputs).square().mean()
+    first_loss.backward()
+    reference.step()
+    for param, expected in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
+    assert not guard.check(step=1)
+    weights = [param.detach().clone() for param in model.parameters()]
+    states = [{k: v.clone() for k, v in optimizer.state[param].items()} for param in model.parameters()]
+    assert step(poison=True)
+    for param, weight, state in zip(model.parameters(), weights, states):
+        assert torch.equal(param, weight)
+        assert all(torch.equal(value, state[key]) for key, value in optimizer.state[param].items())  # step count too
+    assert "fused" in optimizer.param_groups[0] and optimizer.param_groups[0]["fused"]
+    assert not hasattr(optimizer.optimizer, "found_inf")  # (left as GradScaler leaves it: removed after the step)
+    applied, means = averages.read()
+    assert applied == 1 and means["loss"] == pytest.approx(first_loss.item(), rel=1e-6)  # the NaN step not summed
+    assert guard.check(step=2)  # the latest step was skipped; 1 in a row is under the limit of 2
+    assert not step(poison=False)
+    assert not guard.check(step=3)
+    step(poison=True)
+    step(poison=True)
+    with pytest.raises(SystemExit, match="2 consecutive steps had a non-finite loss"):
+        guard.check(step=5)
+
+
+def test_the_model_ema_matches_its_formula_without_reading_the_device():
+    """ModelEma: the first update copies, later ones move each float weight and buffer towards the model's by
+    1 - min(decay, (1 + n) / (10 + n)) (timm/MAE's warm-up), in one foreach call that reads nothing back."""
+    from utils.training import ModelEma
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = ModelEma(model, decay=0.5)
+    expected = {name: value.clone().float() for name, value in model.state_dict().items()}
+    for n in range(4):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+        model(torch.randn(5, 3))  # moves BatchNorm's running statistics and num_batches_tracked
+        with host_reads_forbidden(allowed=(ema.n_averaged,)):  # (a CPU counter: reading it does not wait for a GPU)
+            ema.update_parameters(model)
+        rate = 0.0 if n == 0 else 1.0 - min(0.5, (1.0 + n) / (10.0 + n))
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                expected[name] = expected[name] + (value - expected[name]) * (rate if n else 1.0)
+            else:
+                expected[name] = value.clone()
+    averaged = ema.module.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value.to(averaged[name].dtype), rtol=1e-6, atol=1e-6)
+    assert int(ema.n_averaged) == 4 and set(ema.state_dict()) == {"n_averaged", *(f"module.{k}" for k in averaged)}
+
+
+def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_path):
+    """With several processes, StopSignal.requested answers for the previous call (its all-reduce is read without
+    waiting for the step just queued): a signal that reaches rank 1 before call 2 stops both ranks at call 3."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from accelerate import Accelerator\n"
+        "from utils.training import StopSignal\n"
+        "accelerator = Accelerator(cpu=True)\n"
+        "stop, answers = StopSignal(), []\n"
+        "for call in range(5):\n"
+        "    if call == 2 and accelerator.process_index == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    answers.append(stop.requested(accelerator))\n"
+        f"open({str(tmp_path)!r} + f'/rank{{accelerator.process_index}}.json', 'w').write(json.dumps(answers))\n"
+    )
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2",
+               "--main_process_port", "29534", str(script)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, False, False, True, True]

@@ -67,6 +67,7 @@ class StopSignal:
     def __init__(self):
         self.received: int | None = None
         self.received_at = 0.0
+        self._flag = self._sum = self._sum_ready = None  # (several processes: see requested)
         for stop in STOP_SIGNALS:
             signal.signal(stop, self._handle)
 
@@ -80,11 +81,26 @@ class StopSignal:
                        "at once)", signal.Signals(signum).name)
 
     def requested(self, accelerator) -> bool:
-        """Whether any process got a stop signal. Every process must call it at the same step (a collective)."""
+        """Whether any process got a stop signal. Every process must call it at the same steps (a collective).
+
+        With several processes it answers for the previous call: each call all-reduces this step's flag and copies
+        the sum to the host without waiting, and the next call waits for that copy only (on a GPU, the end of the
+        previous step), not for the step just queued; so the stop comes one step later, and no step waits for the
+        device to drain."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum") > 0)
+        if self._flag is None:
+            self._flag = torch.zeros((), device=accelerator.device)
+            self._sum = torch.zeros((), pin_memory=accelerator.device.type == "cuda")
+        requested = False
+        if self._sum_ready is not None:  # the previous call's sum
+            self._sum_ready.synchronize()
+            requested = bool(self._sum > 0)  # (a host tensor)
+        self._flag.fill_(float(self.received is not None))
+        self._sum.copy_(accelerator.reduce(self._flag, reduction="sum"), non_blocking=True)
+        self._sum_ready = torch.cuda.Event() if accelerator.device.type == "cuda" else _NoEvent()
+        self._sum_ready.record()
+        return requested
 
     def exit_preempted(self, step: int, total_steps: int, checkpoint_dir) -> None:
         """After the stop's checkpoint is written: leave the PREEMPTED marker, say how to continue and exit with
@@ -96,6 +112,16 @@ class StopSignal:
         logger.warning("stopped by %s at step %d of %d; checkpoint in %s: run the same command with "
                        "--resume_from_checkpoint auto to continue", cause, step, total_steps, checkpoint_dir)
         raise SystemExit(EXIT_PREEMPTED)
+
+
+class _NoEvent:
+    """A CPU tensor's copy is done when it returns: nothing to record or wait for."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 def readable_batch(batch: dict, last_batch: dict | None) -> tuple[dict, float]:
@@ -127,42 +153,123 @@ def apply_speed_options(model: torch.nn.Module, args) -> None:
 
 
 def guarded_optimizer_step(accelerator, model, optimizer, step_loss: torch.Tensor, max_grad_norm: float):
-    """Clip, then step unless the loss or the gradients are non-finite; returns (skipped, grad_norm, mean loss).
+    """Clip, then step unless the loss or the gradients are non-finite; returns (skipped, grad_norm, mean loss),
+    tensors on the device.
 
-    ``step_loss`` is this process's loss of the step; it is averaged over processes so that every process
-    takes the same decision. Under fp16 the GradScaler skips overflowing steps (and lowers its scale) itself.
-    One host-device synchronisation per optimizer step.
+    ``step_loss`` is this process's loss of the step; it is averaged over processes so that every process takes the
+    same decision. A fused AdamW (what ``build_adamw`` makes on CUDA and the CPU) takes it on the device: it is given
+    the flag as ``found_inf``, GradScaler's way of skipping a step, so the step reads nothing back to the host. Other
+    optimizers read the flag (one host-device synchronisation). Under fp16 the GradScaler skips the steps whose
+    unscaled gradients are non-finite (and lowers its scale) itself, handing a fused AdamW its own ``found_inf``;
+    those are the steps this flag marks, since the norm is taken after unscaling. (accelerate's
+    ``optimizer_step_was_skipped`` can't tell: the scaler calls a fused optimizer's step either way.)
     """
     grad_norm = accelerator.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm if max_grad_norm > 0 else float("inf"))
     mean_loss = accelerator.reduce(step_loss.detach(), reduction="mean")
+    skipped = ~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # (accelerate wraps it)
     if accelerator.scaler is not None:
         optimizer.step()
-        skipped = accelerator.optimizer_step_was_skipped
-    else:
-        skipped = not bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
-        if not skipped:
+    elif torch_optimizer.defaults.get("fused"):
+        torch_optimizer.found_inf = skipped.float()
+        try:
             optimizer.step()
+        finally:
+            del torch_optimizer.found_inf
+    elif not skipped.item():
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return skipped, grad_norm, mean_loss
 
 
+class StepAverages:
+    """Sums of per-step values (the loss, loss terms) over the applied optimizer steps since the last reset, kept on
+    the device: adding a step reads nothing back to the host; ``read`` (one synchronisation) runs at --log_every."""
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0):
+        self.device = device
+        self.sums = {"loss": torch.full((), float(loss_sum), device=device)}
+        self.steps = torch.full((), steps, dtype=torch.long, device=device)
+
+    def add(self, values: dict[str, torch.Tensor], skipped: torch.Tensor) -> None:
+        """Add one optimizer step's values unless it was skipped (its values may be NaN)."""
+        for name, value in values.items():
+            total = self.sums.setdefault(name, torch.zeros((), device=self.device))
+            total += torch.where(skipped, 0.0, value)
+        self.steps += ~skipped
+
+    def read(self) -> tuple[int, dict[str, float]]:
+        """(applied steps, {name: mean over them}) since the last reset."""
+        names = list(self.sums)
+        means = torch.stack([self.sums[name] for name in names]) / self.steps.clamp(min=1)
+        steps, *values = torch.cat([self.steps.reshape(1).to(means.dtype), means]).tolist()
+        return int(steps), dict(zip(names, values))
+
+    def state(self) -> dict:
+        """The loss's running sum and step count, for a checkpoint (resuming mid-interval logs the same row)."""
+        return {"loss_sum": float(self.sums["loss"]), "loss_steps": int(self.steps)}
+
+    def reset(self) -> None:
+        for total in self.sums.values():
+            total.zero_()
+        self.steps.zero_()
+
+
 class BadStepGuard:
-    """Counts consecutive skipped steps and stops the run once there are ``limit`` in a row."""
+    """Stops the run once ``limit`` optimizer steps in a row were skipped. It counts on the device, so a step reads
+    nothing back to the host; ``check`` reads the counts, and the scripts call it at --log_every and before a
+    checkpoint, so a run stops there (its weights are those of the last applied step)."""
 
-    def __init__(self, limit: int, script: str, checkpoint_dir):
-        self.limit, self.script, self.checkpoint_dir, self.in_a_row = limit, script, checkpoint_dir, 0
+    def __init__(self, limit: int, script: str, checkpoint_dir, device: torch.device):
+        self.limit, self.script, self.checkpoint_dir = limit, script, checkpoint_dir
+        self.counts = torch.zeros(3, dtype=torch.long, device=device)  # skipped since the last check, in a row, longest
+        self.checked_step = None
 
-    def update(self, skipped: bool, step: int) -> None:
-        if not skipped:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        logger.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, self.in_a_row)
-        if self.in_a_row >= self.limit:
-            raise SystemExit(f"{self.script}: stopping: {self.in_a_row} consecutive steps had a non-finite loss; the "
+    def update(self, skipped: torch.Tensor) -> None:
+        skipped, in_a_row = skipped.long(), self.counts[1]
+        self.counts[0].add_(skipped)
+        in_a_row.add_(1).mul_(skipped)  # 0 again after an applied step
+        torch.maximum(self.counts[2], in_a_row, out=self.counts[2])
+
+    def check(self, step: int) -> bool:
+        """Warn of the steps skipped since the last check, stop the run if ``limit`` were in a row, and return
+        whether the latest step was skipped."""
+        skipped, in_a_row, longest = self.counts.tolist()
+        if skipped:
+            logger.warning("%d of the steps up to step %d skipped: non-finite loss or gradients (%d in a row at most)",
+                           skipped, step, longest)
+        if longest >= self.limit:
+            raise SystemExit(f"{self.script}: stopping: {longest} consecutive steps had a non-finite loss; the "
                              f"last good checkpoint is under {self.checkpoint_dir}. Lower the learning rate, set "
                              "--max_grad_norm, or use bf16 instead of fp16.")
+        self.counts[0].zero_()
+        self.counts[2].copy_(self.counts[1])
+        return in_a_row > 0
+
+
+class ModelEma(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of the weights and buffers (``--model_ema``) whose update reads nothing back
+    from the device: one ``_foreach_lerp_`` with a decay computed on the host, warming up as (1 + n) / (10 + n) and
+    capped at ``decay`` (n: the updates so far, a CPU counter). Updated at every optimizer step, a skipped one
+    included (its weights are those of the last applied step), as timm's EMA is. Its state dict is AveragedModel's."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        updates = int(self.n_averaged)  # (a CPU buffer)
+        averaged = [a for a, _ in pairs if updates and a.is_floating_point()]
+        if averaged:
+            rate = min(self.decay, (1.0 + updates) / (10.0 + updates))
+            torch._foreach_lerp_(averaged, [c for a, c in pairs if a.is_floating_point()], 1.0 - rate)
+        for average, current in pairs:
+            if not (updates and average.is_floating_point()):  # the first update; BatchNorm's num_batches_tracked
+                average.copy_(current)
+        self.n_averaged += 1
 
 
 def broadcast_buffers(accelerator, module: torch.nn.Module) -> None:
