@@ -139,7 +139,7 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
         args.weight_decay = 0.0 if mode == "linear_probe" else (args.weight_decay or 0.0)
         args.drop_path = 0.0
     for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every", "save_checkpoint_interval",
-                 "max_train_steps", "num_classes", "img_size", "max_samples", "max_val_samples"):
+                 "max_train_steps", "num_classes", "img_size", "max_samples", "max_val_samples", "max_bad_steps"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
@@ -379,7 +379,8 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
                 mode, len(train_samples), num_classes, steps_per_epoch, total_steps, sampler.global_batch, peak_lr,
                 " (cached features)" if cached else "")
 
-    guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints, accelerator.device)
+    guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints, accelerator.device,
+                         state.get("bad_steps_in_a_row", 0))
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=mode)
     throughput = Throughput()
     averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"])
@@ -388,7 +389,7 @@ def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir:
 
     def checkpoint_now() -> None:
         guard.check(step)
-        state.update(step=step, **averages.state(), **sampler.state_dict(step))
+        state.update(step=step, **averages.state(), bad_steps_in_a_row=guard.in_a_row, **sampler.state_dict(step))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False

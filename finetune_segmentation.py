@@ -132,7 +132,8 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
             # Layer decay is a transfer-learning device: random weights train every layer at the full rate.
             setattr(args, key, 1.0 if key == "layer_decay" and args.from_scratch else value)
     for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_classes",
-                 "img_size", "max_samples", "max_val_samples", "eval_every", "eval_batch_size", "slide_stride"):
+                 "img_size", "max_samples", "max_val_samples", "eval_every", "eval_batch_size", "slide_stride",
+                 "max_bad_steps", "log_every"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
@@ -331,7 +332,8 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
         model.train()
         return result
 
-    guard = BadStepGuard(args.max_bad_steps, "finetune_segmentation.py", run_dir.checkpoints, accelerator.device)
+    guard = BadStepGuard(args.max_bad_steps, "finetune_segmentation.py", run_dir.checkpoints, accelerator.device,
+                         state.get("bad_steps_in_a_row", 0))
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="segmentation")
     throughput = Throughput()
     averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"])
@@ -340,7 +342,7 @@ def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, ac
 
     def checkpoint_now() -> None:
         guard.check(step)
-        state.update(step=step, **averages.state())
+        state.update(step=step, **averages.state(), bad_steps_in_a_row=guard.in_a_row)
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
 
     stop, stopping = StopSignal(), False

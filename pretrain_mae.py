@@ -377,14 +377,16 @@ def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
         count_skipped()
         interval = averages.state()
         state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=interval["loss_sum"],
-                     log_steps=interval["loss_steps"], skipped_images=skipped_images, **sampler.state_dict(step))
+                     log_steps=interval["loss_steps"], log_term_sums=interval["term_sums"],
+                     bad_steps_in_a_row=guard.in_a_row, skipped_images=skipped_images, **sampler.state_dict(step))
         save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
 
     accumulation = args.gradient_accumulation_steps
-    guard = BadStepGuard(args.max_bad_steps, "pretrain_mae.py", run_dir.checkpoints, accelerator.device)
+    guard = BadStepGuard(args.max_bad_steps, "pretrain_mae.py", run_dir.checkpoints, accelerator.device,
+                         state.get("bad_steps_in_a_row", 0))
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
     throughput = Throughput()
-    averages = StepAverages(accelerator.device, state["log_loss_sum"], state["log_steps"])  # loss (and terms) to log
+    averages = StepAverages(accelerator.device, state["log_loss_sum"], state["log_steps"], state.get("log_term_sums"))
     skipped_images = state["skipped_images"]
     last_saved_step, last_batch = step, None
     skipped_pending = torch.zeros((), device=accelerator.device)

@@ -1,7 +1,8 @@
 """FSDP2 on the CPU: accelerate runs FSDP only on GPUs (launched on a CPU, accelerate_configs/fsdp.yaml trains with
 DDP over gloo), but torch's ``fully_shard`` runs on the CPU. Two gloo processes shard the MAE the way fsdp.yaml does
 (FSDP2, each transformer Block a unit, resharded after forward) and train it with the scripts' fused AdamW and
-device-side skip of a non-finite step; one unsharded model trains on the whole batch beside them."""
+device-side skip of a non-finite step (guarded_optimizer_step, BadStepGuard and StepAverages, given an
+Accelerator's stand-in); one unsharded model trains on the whole batch beside them."""
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from models import MaskedAutoencoder, mae_config
 from utils.optim import build_adamw, param_groups_weight_decay
+from utils.training import BadStepGuard, StepAverages, guarded_optimizer_step
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -37,37 +39,55 @@ for block in [*sharded.encoder.blocks, *sharded.decoder_blocks]:
 fully_shard(sharded, mesh=mesh)
 optimizers = [build_adamw(param_groups_weight_decay(model, 0.05), 1e-3, device=torch.device("cpu"))
               for model in (sharded, whole)]
+
+
+class AcceleratorStandIn:  # what guarded_optimizer_step uses of an Accelerator (accelerate runs FSDP on GPUs only)
+    scaler = None
+
+    def __init__(self, processes):
+        self.processes = processes
+
+    def reduce(self, tensor, reduction="mean"):
+        tensor = tensor.clone()
+        if self.processes > 1:
+            dist.all_reduce(tensor)
+        return tensor / self.processes
+
+    def clip_grad_norm_(self, parameters, max_norm):  # (accelerate's, under FSDP2: torch's, DTensor-aware)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+cpu = torch.device("cpu")
+mine = slice(rank * (8 // world), (rank + 1) * (8 // world))
+runs = {"sharded": (sharded, optimizers[0], AcceleratorStandIn(world), mine),
+        "whole": (whole, optimizers[1], AcceleratorStandIn(1), slice(None))}
+guards = {name: BadStepGuard(3, "test", "checkpoints/", cpu) for name in runs}
+averages = {name: StepAverages(cpu) for name in runs}
 generator = torch.Generator().manual_seed(1)
-steps, batch, per_rank = 4, 8, 8 // world
-images = torch.randn(steps, batch, 1, 28, 28, generator=generator)
-noise = torch.rand(steps, batch, 49, generator=generator)
-losses = {"sharded": [], "whole": []}
+steps = 4
+images = torch.randn(steps, 8, 1, 28, 28, generator=generator)
+noise = torch.rand(steps, 8, 49, generator=generator)
+losses, skips = {name: [] for name in runs}, {name: [] for name in runs}
 for step in range(steps):
     poison = float("nan") if step == 2 else 1.0  # step 2: a non-finite loss, skipped on the device
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    for name, model, optimizer, rows in (("sharded", sharded, optimizers[0], mine), ("whole", whole, optimizers[1], slice(None))):
+    for name, (model, optimizer, accelerator, rows) in runs.items():
         loss = model(images[step, rows], noise=noise[step, rows]).loss * poison
         loss.backward()
-        mean = loss.detach().clone()
-        if name == "sharded":
-            dist.all_reduce(mean)
-            mean /= world
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        optimizer.found_inf = (~(torch.isfinite(mean) & torch.isfinite(norm))).float()
-        optimizer.step()
-        del optimizer.found_inf
-        optimizer.zero_grad(set_to_none=True)
-        losses[name].append(mean.item())
+        skipped, _, mean_loss = guarded_optimizer_step(accelerator, model, optimizer, loss.detach(), 1.0)
+        guards[name].update(skipped)
+        averages[name].add({"loss": mean_loss}, skipped)
+        losses[name].append(mean_loss.item())
+        skips[name].append(guards[name].check(step + 1))
+means = {name: averages[name].read() for name in runs}
 full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
     reference = whole.state_dict()
     difference = max((full[key] - reference[key]).abs().max().item() for key in reference)
     moved = max((reference[key] - initial[key]).abs().max().item() for key in reference)
     shapes = all(full[key].shape == reference[key].shape for key in reference)
-    open(sys.argv[2], "w").write(json.dumps({"losses": losses, "difference": difference, "shapes": shapes,
-                                             "keys": sorted(full) == sorted(reference), "moved": moved}))
+    open(sys.argv[2], "w").write(json.dumps({"losses": losses, "skips": skips, "means": means, "difference": difference,
+                                             "shapes": shapes, "keys": sorted(full) == sorted(reference),
+                                             "moved": moved}))
 dist.barrier()  # (a process that leaves the group while the other still works aborts it)
 dist.destroy_process_group()
 '''
@@ -83,10 +103,13 @@ def test_fsdp2_on_two_cpu_processes_trains_like_one_unsharded_model(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     out = json.loads(result.read_text())
     sharded, whole = out["losses"]["sharded"], out["losses"]["whole"]
-    assert sharded[2] != sharded[2] and whole[2] != whole[2]  # the NaN step, skipped by both
-    for step in (0, 1, 3):
+    assert out["skips"]["sharded"] == out["skips"]["whole"] == [False, False, True, False]
+    for step in (0, 1, 3):  # (step 3 after the skipped one: its weights are step 2's, unharmed by the NaN)
         assert sharded[step] == pytest.approx(whole[step], rel=1e-5)
     assert sharded[3] != pytest.approx(sharded[0], rel=1e-3)  # the weights moved between steps 0 and 3
+    for name in ("sharded", "whole"):  # 3 applied steps logged, their mean loss
+        applied, means = out["means"][name]
+        assert applied == 3 and means["loss"] == pytest.approx(sum(whole[s] for s in (0, 1, 3)) / 3, rel=1e-5)
     assert out["keys"] and out["shapes"]  # the gathered state dict is the plain model's: final weights save as usual
     # Adam's first steps move each weight by about the learning rate whatever the gradient's size, so the last bits of
     # an all-reduced gradient show at 1e-4 here: small against what the three updates moved the weights

@@ -327,3 +327,31 @@ def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, False, False, True, True]
+
+
+def test_running_sums_and_the_bad_step_run_resume_from_a_checkpoint_state():
+    """What a checkpoint keeps of StepAverages (every sum, loss terms included, and the applied steps) and of
+    BadStepGuard (the skipped steps in a row): rebuilt from it, both go on as the uninterrupted ones."""
+    from utils.training import BadStepGuard, StepAverages
+
+    cpu = torch.device("cpu")
+    values = [{"loss": torch.tensor(v), "loss_hf": torch.tensor(v / 10)} for v in (1.0, float("nan"), 3.0, 5.0)]
+    skips = [torch.tensor(s) for s in (False, True, False, False)]
+    whole, guard = StepAverages(cpu), BadStepGuard(3, "test.py", "checkpoints/", cpu)
+    for value, skipped in zip(values[:2], skips[:2]):
+        whole.add(value, skipped)
+        guard.update(skipped)
+    assert guard.check(step=2)  # (what a checkpoint runs first)
+    saved = whole.state()
+    assert saved == {"loss_sum": 1.0, "loss_steps": 1, "term_sums": {"loss_hf": pytest.approx(0.1)}}
+    resumed = StepAverages(cpu, saved["loss_sum"], saved["loss_steps"], saved["term_sums"])
+    for value, skipped in zip(values[2:], skips[2:]):
+        whole.add(value, skipped)
+        resumed.add(value, skipped)
+    assert resumed.read() == whole.read() == (3, {"loss": 3.0, "loss_hf": pytest.approx(0.3)})
+
+    resumed_guard = BadStepGuard(3, "test.py", "checkpoints/", cpu, in_a_row=guard.in_a_row)
+    for _ in range(2):  # 1 skipped before the checkpoint + 2 after = the limit of 3
+        resumed_guard.update(torch.tensor(True))
+    with pytest.raises(SystemExit, match="3 consecutive steps"):
+        resumed_guard.check(step=4)

@@ -97,8 +97,9 @@ class StopSignal:
             self._sum_ready.synchronize()
             requested = bool(self._sum > 0)  # (a host tensor)
         self._flag.fill_(float(self.received is not None))
-        self._sum.copy_(accelerator.reduce(self._flag, reduction="sum"), non_blocking=True)
-        self._sum_ready = torch.cuda.Event() if accelerator.device.type == "cuda" else _NoEvent()
+        cuda = accelerator.device.type == "cuda"  # (elsewhere the copy is done when it returns)
+        self._sum.copy_(accelerator.reduce(self._flag, reduction="sum"), non_blocking=cuda)
+        self._sum_ready = torch.cuda.Event() if cuda else _NoEvent()
         self._sum_ready.record()
         return requested
 
@@ -115,7 +116,7 @@ class StopSignal:
 
 
 class _NoEvent:
-    """A CPU tensor's copy is done when it returns: nothing to record or wait for."""
+    """A blocking copy is done when it returns: nothing to record or wait for."""
 
     def record(self) -> None:
         pass
@@ -166,6 +167,8 @@ def guarded_optimizer_step(accelerator, model, optimizer, step_loss: torch.Tenso
     """
     grad_norm = accelerator.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor; as a plain tensor it adds to the counters
+        grad_norm = grad_norm.full_tensor()
     mean_loss = accelerator.reduce(step_loss.detach(), reduction="mean")
     skipped = ~(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # (accelerate wraps it)
@@ -187,9 +190,10 @@ class StepAverages:
     """Sums of per-step values (the loss, loss terms) over the applied optimizer steps since the last reset, kept on
     the device: adding a step reads nothing back to the host; ``read`` (one synchronisation) runs at --log_every."""
 
-    def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0):
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0, term_sums: dict | None = None):
         self.device = device
-        self.sums = {"loss": torch.full((), float(loss_sum), device=device)}
+        sums = {"loss": loss_sum, **(term_sums or {})}
+        self.sums = {name: torch.full((), float(value), device=device) for name, value in sums.items()}
         self.steps = torch.full((), steps, dtype=torch.long, device=device)
 
     def add(self, values: dict[str, torch.Tensor], skipped: torch.Tensor) -> None:
@@ -207,8 +211,9 @@ class StepAverages:
         return int(steps), dict(zip(names, values))
 
     def state(self) -> dict:
-        """The loss's running sum and step count, for a checkpoint (resuming mid-interval logs the same row)."""
-        return {"loss_sum": float(self.sums["loss"]), "loss_steps": int(self.steps)}
+        """The running sums and step count, for a checkpoint (resuming mid-interval logs the same row)."""
+        sums = {name: float(total) for name, total in self.sums.items()}
+        return {"loss_sum": sums.pop("loss"), "loss_steps": int(self.steps), "term_sums": sums}
 
     def reset(self) -> None:
         for total in self.sums.values():
@@ -221,10 +226,11 @@ class BadStepGuard:
     nothing back to the host; ``check`` reads the counts, and the scripts call it at --log_every and before a
     checkpoint, so a run stops there (its weights are those of the last applied step)."""
 
-    def __init__(self, limit: int, script: str, checkpoint_dir, device: torch.device):
+    def __init__(self, limit: int, script: str, checkpoint_dir, device: torch.device, in_a_row: int = 0):
         self.limit, self.script, self.checkpoint_dir = limit, script, checkpoint_dir
-        self.counts = torch.zeros(3, dtype=torch.long, device=device)  # skipped since the last check, in a row, longest
-        self.checked_step = None
+        # skipped since the last check, in a row now (a checkpoint's, on resume), longest since the last check
+        self.counts = torch.tensor([0, in_a_row, in_a_row], dtype=torch.long).to(device)
+        self.in_a_row = in_a_row
 
     def update(self, skipped: torch.Tensor) -> None:
         skipped, in_a_row = skipped.long(), self.counts[1]
@@ -239,12 +245,13 @@ class BadStepGuard:
         if skipped:
             logger.warning("%d of the steps up to step %d skipped: non-finite loss or gradients (%d in a row at most)",
                            skipped, step, longest)
-        if longest >= self.limit:
+        if longest and longest >= self.limit:
             raise SystemExit(f"{self.script}: stopping: {longest} consecutive steps had a non-finite loss; the "
                              f"last good checkpoint is under {self.checkpoint_dir}. Lower the learning rate, set "
                              "--max_grad_norm, or use bf16 instead of fp16.")
         self.counts[0].zero_()
         self.counts[2].copy_(self.counts[1])
+        self.in_a_row = in_a_row  # (what a checkpoint saves: check() runs first)
         return in_a_row > 0
 
 
