@@ -14,7 +14,7 @@ from conftest import ROOT
 from test_cluster import free_port
 
 WORKER = r'''
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
@@ -85,11 +85,13 @@ if rank == 0:
     difference = max((full[key] - reference[key]).abs().max().item() for key in reference)
     moved = max((reference[key] - initial[key]).abs().max().item() for key in reference)
     shapes = all(full[key].shape == reference[key].shape for key in reference)
-    open(sys.argv[2], "w").write(json.dumps({"losses": losses, "skips": skips, "means": means, "difference": difference,
-                                             "shapes": shapes, "keys": sorted(full) == sorted(reference),
-                                             "moved": moved}))
+    with open(sys.argv[2], "w") as result:
+        result.write(json.dumps({"losses": losses, "skips": skips, "means": means, "difference": difference,
+                                 "shapes": shapes, "keys": sorted(full) == sorted(reference), "moved": moved}))
 dist.barrier()  # (a process that leaves the group while the other still works aborts it)
-dist.destroy_process_group()
+# Leave without torch's teardown: now and then a gloo process aborts in it ("terminate called without an active
+# exception", after all the work above; seen in 2 of about 20 runs on this 2-core machine).
+os._exit(0)
 '''
 
 
