@@ -199,8 +199,9 @@ class StepAverages:
     def add(self, values: dict[str, torch.Tensor], skipped: torch.Tensor) -> None:
         """Add one optimizer step's values unless it was skipped (its values may be NaN)."""
         for name, value in values.items():
-            total = self.sums.setdefault(name, torch.zeros((), device=self.device))
-            total += torch.where(skipped, 0.0, value)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros((), device=self.device)
+            self.sums[name] += torch.where(skipped, 0.0, value)
         self.steps += ~skipped
 
     def read(self) -> tuple[int, dict[str, float]]:
