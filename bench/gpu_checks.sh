@@ -2,7 +2,7 @@
 # Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
 # after that run, 9 and step 8's --decode_ahead run in the session after (steps 8 and 9 are capped at 9.75 minutes
 # together and should take about 6; step 7 another 2.5; step 10, the script end to end, is capped at 5 and should take
-# about 3; step 11, where the script's loop waits for the GPU, about 1.5). Every step has its own time limit, so one failure leaves the others' rows;
+# about 3; step 11, where the scripts' loops wait for the GPU, about 2.5). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all), e.g. to fit one 10-minute call:
 #   OUT=bench/gpu_out STEPS="8 9" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
@@ -81,13 +81,18 @@ if step 10; then
         rm -rf "$OUT/e2e/$(basename "$data")/final" "$OUT/e2e/$(basename "$data")/checkpoints"
     done
 fi
-# 11. where pretrain_mae.py's loop waits for the GPU (bench/count_syncs.py: CUDA's sync debug mode): with the fused
-# AdamW skipping non-finite steps on the device, a line counted 60 times or more is a per-step synchronisation left
+# 11. where pretrain_mae.py's and finetune_classifier.py's loops wait for the GPU (bench/count_syncs.py: CUDA's sync
+# debug mode): with the fused AdamW skipping non-finite steps on the device, a line counted 60 times or more is a
+# per-step synchronisation left (the classifier's evaluation, every 16 steps, counts per evaluation batch)
 if step 11; then
     echo "== synchronisations in 60 steps of pretrain_mae.py (eager, synthetic images, log every 20)"
     timeout 120 python bench/count_syncs.py pretrain_mae.py --dataset synthetic --model mae_vit_base_patch16 \
         --mixed_precision bf16 --per_gpu_batch_size 128 --max_train_steps 60 --log_every 20 --vis_every 0 \
         --log_with none --save_checkpoint_interval 1000 --working_directory "$OUT/syncs" 2>&1 | tr "\r" "\n" \
+        | grep -v Warning | tail -18
+    echo "== synchronisations in 60 steps of finetune_classifier.py --model_ema (tiny ViT, synthetic, eval every 16 steps)"
+    timeout 90 python bench/count_syncs.py finetune_classifier.py --dataset synthetic --from_scratch --model_ema \
+        --max_train_steps 60 --log_every 20 --log_with none --working_directory "$OUT/syncs" 2>&1 | tr "\r" "\n" \
         | grep -v Warning | tail -18
     rm -rf "$OUT/syncs"
 fi
