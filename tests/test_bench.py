@@ -61,3 +61,27 @@ def test_data_and_memory_modes(fashion_mnist_dir):
     memory = bench.main(["--mode", "memory", "--memory_batches", "8", "16"])
     by_key = {(row["micro_batch"], row["gradient_checkpointing"]): row["memory_gib"] for row in memory}
     assert by_key[(16, False)] > by_key[(8, False)] > by_key[(8, True)] > 0 and all(map(math.isfinite, by_key.values()))
+
+
+def test_count_syncs_counts_the_synchronisation_warnings_by_line(tmp_path):
+    """bench/count_syncs.py tallies CUDA's sync-debug warnings by the line that made them and lets other warnings
+    through (on a CPU nothing synchronises, so a script stands in, warning as torch.cuda.set_sync_debug_mode does)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import sys, warnings\n"
+        "assert sys.argv[1:] == ['--steps', '3']\n"
+        "for step in range(3):\n"
+        "    warnings.warn('called a synchronizing CUDA operation')\n"
+        "warnings.warn('called a synchronizing CUDA operation')\n"
+        "warnings.warn('something else')\n"
+    )
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "count_syncs.py"), str(script), "--steps", "3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "synchronising calls: 4 in all, by line (most frequent first):"
+    assert [line.split() for line in lines[1:]] == [["3", f"{script}:4"], ["1", f"{script}:5"]]
+    assert "something else" in result.stderr
