@@ -1,7 +1,6 @@
 
 import copy
 import json
-import os
 from contextlib import contextmanager
 
 import pytest
@@ -302,8 +301,7 @@ def test_the_model_ema_matches_its_formula_without_reading_the_device():
 def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_path):
     """With several processes, StopSignal.requested answers for the previous call (its all-reduce is read without
     waiting for the step just queued): a signal that reaches rank 1 before call 2 stops both ranks at call 3."""
-    import subprocess
-    import sys
+    from conftest import run_script
 
     script = tmp_path / "stop.py"
     script.write_text(
@@ -319,12 +317,7 @@ def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_pat
         "    answers.append(stop.requested(accelerator))\n"
         f"open({str(tmp_path)!r} + f'/rank{{accelerator.process_index}}.json', 'w').write(json.dumps(answers))\n"
     )
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2",
-               "--main_process_port", "29534", str(script)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(str(script), processes=2, timeout=120)  # (an absolute path: ROOT / script is the script itself)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, False, False, True, True]
 

@@ -270,13 +270,13 @@ class ModelEma(torch.optim.swa_utils.AveragedModel):
     def update_parameters(self, model: torch.nn.Module) -> None:
         pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
         updates = int(self.n_averaged)  # (a CPU buffer)
-        averaged = [a for a, _ in pairs if updates and a.is_floating_point()]
-        if averaged:
+        averaged = [(average, current) for average, current in pairs if updates and average.is_floating_point()]
+        copied = [(average, current) for average, current in pairs if not (updates and average.is_floating_point())]
+        if averaged:  # (the first update copies everything; later ones copy BatchNorm's num_batches_tracked)
             rate = min(self.decay, (1.0 + updates) / (10.0 + updates))
-            torch._foreach_lerp_(averaged, [c for a, c in pairs if a.is_floating_point()], 1.0 - rate)
-        for average, current in pairs:
-            if not (updates and average.is_floating_point()):  # the first update; BatchNorm's num_batches_tracked
-                average.copy_(current)
+            torch._foreach_lerp_([a for a, _ in averaged], [c for _, c in averaged], 1.0 - rate)
+        for average, current in copied:
+            average.copy_(current)
         self.n_averaged += 1
 
 
