@@ -8,6 +8,7 @@ ranked by ``noise`` ascending and the first ``int(L * (1 - mask_ratio))`` are ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -36,15 +37,21 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int
 
 
 def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-    """Keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise.
+    """Keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise (uniform noise if not given).
 
     Returns the visible tokens (B, L_keep, D), the mask (B, L; 1 = masked, in the original patch order)
     and ``restore_ids`` (B, L), the permutation that puts [visible, masked] back into patch order.
     """
-    batch, length, dim = tokens.shape
-    num_keep = int(length * (1 - mask_ratio))
+    batch, length, _ = tokens.shape
     if noise is None:
         noise = torch.rand(batch, length, device=tokens.device)
+    return keep_lowest_noise(tokens, noise, int(length * (1 - mask_ratio)))
+
+
+def keep_lowest_noise(tokens: torch.Tensor, noise: torch.Tensor, num_keep: int):
+    """:func:`random_masking` with the count of visible patches given (an int: under torch.compile a changing count
+    makes the shapes dynamic after one recompilation, where a changing float ratio would recompile every time)."""
+    batch, length, dim = tokens.shape
     shuffle_ids = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     restore_ids = torch.argsort(shuffle_ids, dim=1)
     visible_ids = shuffle_ids[:, :num_keep]
@@ -53,6 +60,9 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor 
     mask[:, :num_keep] = 0
     mask = torch.gather(mask, 1, restore_ids)
     return visible, mask, restore_ids
+
+
+_COMPILED = {}  # MaskedAutoencoder.region's compiled functions
 
 
 @dataclass
@@ -93,6 +103,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
             raise ValueError(f"unknown mask_strategy {mask_strategy!r}: choose one of {', '.join(MASK_STRATEGIES)}")
         self.mask_strategy = mask_strategy
         self.gradient_checkpointing = False  # a runtime switch (not saved): recompute block activations in backward
+        self.compile_regions = False  # a runtime switch (not saved, --compile): see `region`
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.mask_ratio = mask_ratio
@@ -134,24 +145,60 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
 
     def forward_encoder(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Encode the visible patches: returns tokens (B, 1 + L_keep, D), mask (B, L), restore_ids (B, L)."""
-        tokens = self.encoder.embed_patches(images)
-        if noise is None and self.mask_strategy != "random":  # (random: drawn inside random_masking, as in MAE)
-            noise = torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
-                                 for _ in range(images.shape[0])]).to(images.device)
-        visible, mask, restore_ids = random_masking(tokens, mask_ratio, noise)
-        x = run_blocks(self.encoder.blocks, self.encoder.prepend_cls_token(visible), self.gradient_checkpointing)
+        if noise is None:  # (drawn as random_masking draws it, for the same masks from the same seed)
+            noise = (torch.rand(images.shape[0], self.num_patches, device=images.device) if self.mask_strategy == "random"
+                     else torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
+                                       for _ in range(images.shape[0])]).to(images.device))
+        num_keep = int(self.num_patches * (1 - mask_ratio))
+        x, mask, restore_ids = self.region(MaskedAutoencoder.encoder_tokens)(images, noise, num_keep)
+        x = run_blocks(self.encoder.blocks, x, self.gradient_checkpointing)
         return self.encoder.norm(x), mask, restore_ids
 
-    def forward_decoder(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
-        """Decode [cls, visible] tokens plus mask tokens into per-patch pixels: (B, L, p*p*C)."""
+    def encoder_tokens(self, images: torch.Tensor, noise: torch.Tensor, num_keep: int):
+        """The encoder's input: [cls, the ``num_keep`` patches of smallest noise] (B, 1 + num_keep, D), with the
+        mask (B, L) and restore_ids (B, L) of :func:`random_masking`."""
+        visible, mask, restore_ids = keep_lowest_noise(self.encoder.embed_patches(images), noise, num_keep)
+        return self.encoder.prepend_cls_token(visible), mask, restore_ids
+
+    def region(self, method):
+        """``method`` (a function of this class, called with the model first) as torch.compile makes it when
+        ``compile_regions`` is on (--compile), else as it is. The encoder's input (patch embedding and masking), the
+        decoder's input, and its output with the loss are compiled this way, besides each ``Block``: the elementwise
+        work between the blocks fuses, and each block keeps its own backward graph (DDP overlaps the gradient
+        all-reduce with it). The mask's noise is drawn outside, and a changing count of visible patches makes the
+        shapes dynamic after one recompilation."""
+        if not self.compile_regions:
+            return partial(method, self)
+        if method not in _COMPILED:  # one compiled function for every model: it guards on shapes, not on instances
+            _COMPILED[method] = torch.compile(method)
+        return partial(_COMPILED[method], self)
+
+    def decoder_tokens(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input (B, 1 + L, D_dec): the embedded [cls, visible] tokens and a mask token for each
+        hidden patch, put back in patch order, plus the decoder's position embedding."""
         x = self.decoder_embed(latent)
         batch, num_visible = x.shape[0], x.shape[1] - 1
         mask_tokens = self.mask_token.expand(batch, restore_ids.shape[1] - num_visible, -1).to(x.dtype)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [visible, masked] order
         patches = torch.gather(patches, 1, restore_ids.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # fp32 residual stream under autocast
-        x = run_blocks(self.decoder_blocks, x, self.gradient_checkpointing)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # fp32 residual stream under autocast
+
+    def decoder_features(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder blocks' output (B, 1 + L, D_dec) for [cls, visible] tokens ``latent``."""
+        x = self.region(MaskedAutoencoder.decoder_tokens)(latent, restore_ids)
+        return run_blocks(self.decoder_blocks, x, self.gradient_checkpointing)
+
+    def prediction(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-patch pixels (B, L, p*p*C) from the decoder blocks' output (the cls token dropped)."""
+        return self.decoder_pred(self.decoder_norm(features))[:, 1:]
+
+    def prediction_and_loss(self, features: torch.Tensor, images: torch.Tensor, mask: torch.Tensor):
+        pred = self.prediction(features)
+        return pred, self.forward_loss(images, pred, mask)
+
+    def forward_decoder(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
+        """Decode [cls, visible] tokens plus mask tokens into per-patch pixels: (B, L, p*p*C)."""
+        return self.prediction(self.decoder_features(latent, restore_ids))
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """The reconstruction target (B, L, p*p*C): pixels, normalised per patch if ``norm_pix_loss``."""
@@ -175,9 +222,10 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         ``target_images`` (B, C, H, W) replaces the input as what is reconstructed (e.g. a PCA-filtered copy)."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, restore_ids = self.forward_encoder(pixel_values, ratio, noise)
-        pred = self.forward_decoder(latent, restore_ids)
+        features = self.decoder_features(latent, restore_ids)
         target = pixel_values if target_images is None else target_images
-        return MAEOutput(loss=self.forward_loss(target, pred, mask), pred=pred, mask=mask, latent=latent)
+        pred, loss = self.region(MaskedAutoencoder.prediction_and_loss)(features, target, mask)
+        return MAEOutput(loss=loss, pred=pred, mask=mask, latent=latent)
 
     def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) patch mask -> (B, C, H, W) pixel mask (1 = masked)."""

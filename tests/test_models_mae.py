@@ -122,3 +122,40 @@ def test_mixed_precision_forward_on_cpu():
 def test_bad_mask_ratio_is_refused():
     with pytest.raises(ValueError, match="mask_ratio must be in"):
         tiny_mae(mask_ratio=1.0)
+
+
+def test_compiled_regions_match_eager_and_a_changing_mask_ratio_stops_recompiling():
+    """--compile (each block, plus the MAE's encoder input, decoder input, and prediction with the loss) gives the
+    eager model's loss, prediction and gradients. The mask-ratio curriculum changes the count of visible patches
+    every few steps: after one recompilation the shapes are dynamic, and further ratios compile nothing."""
+    from argparse import Namespace
+
+    from torch._dynamo.utils import counters
+
+    from utils.training import apply_speed_options
+
+    eager, compiled = tiny_mae(), tiny_mae()
+    apply_speed_options(compiled, Namespace(compile=True, gradient_checkpointing=False))
+    assert compiled.compile_regions and not eager.compile_regions
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged: checkpoints are the same
+    images = torch.randn(4, 1, 28, 28)
+    noise = torch.rand(4, 49)
+
+    def run(model, ratio):
+        model.zero_grad()
+        out = model(images, noise=noise, mask_ratio=ratio)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    graphs = []
+    for ratio in (0.75, 0.7, 0.65, 0.6, 0.5, 0.45):
+        (expected, expected_grads), (got, got_grads) = run(eager, ratio), run(compiled, ratio)
+        assert got.mask.sum().item() == 4 * (49 - int(49 * (1 - ratio)))
+        torch.testing.assert_close(got.mask, expected.mask)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.pred, expected.pred, rtol=1e-4, atol=1e-5)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0  # the regions and blocks were compiled
+    assert graphs[2:] == [graphs[1]] * 4, graphs  # from the third ratio on, nothing recompiles

@@ -141,9 +141,11 @@ def sync_context(accelerator, model, micro: int, accumulation: int):
 
 
 def apply_speed_options(model: torch.nn.Module, args) -> None:
-    """--gradient_checkpointing and --compile, on the plain model before accelerator.prepare. Compiling block by
-    block keeps the masking (data-dependent gather, a ratio that may change per step) in eager mode; the weights'
-    names do not change, so checkpoints and final weights are the same as without it."""
+    """--gradient_checkpointing and --compile, on the plain model before accelerator.prepare. --compile compiles
+    regions, not the whole model: each transformer block, and the MAE's decoder input and its output with the loss
+    (``MaskedAutoencoder.region``). The masking (a data-dependent gather, a ratio that may change per step) stays
+    eager, each block keeps its own backward graph for DDP to overlap its all-reduce with, and the weights' names do
+    not change, so checkpoints and final weights are the same as without it."""
     from models.vit import Block
 
     for module in model.modules():
@@ -151,6 +153,8 @@ def apply_speed_options(model: torch.nn.Module, args) -> None:
             module.gradient_checkpointing = True
         if args.compile and isinstance(module, Block):
             module.compile()
+        if args.compile and hasattr(module, "compile_regions"):
+            module.compile_regions = True
 
 
 def guarded_optimizer_step(accelerator, model, optimizer, step_loss: torch.Tensor, max_grad_norm: float):
