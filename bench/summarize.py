@@ -17,12 +17,12 @@ def machine(row: dict) -> str:
 
 def model_table(rows: list[dict], commands: list[str]) -> list[str]:
     lines = ["| machine | model | batch | precision | compiled | checkpointing | ours img/s | 🤗 img/s | ours / 🤗 | "
-             "MFU ours | MFU 🤗 | step memory ours / 🤗 (GiB) | cmd |", "|" + "---|" * 13]
+             "MFU ours | MFU 🤗 | step memory ours / 🤗 (GiB) | note | cmd |", "|" + "---|" * 14]
     pending = {}
     for row in rows:
-        key = (row["command"], row["model"], row["batch_size"], row["precision"])
+        key = (row["command"], row["model"], row["batch_size"], row["precision"], row.get("note", ""))
         pending.setdefault(key, {})[row["impl"]] = row
-    for (command, model, batch, precision), pair in pending.items():
+    for (command, model, batch, precision, note), pair in pending.items():
         ours, hf = pair.get("ours"), pair.get("hf")
         first = ours or hf
         commands.append(command)
@@ -35,7 +35,7 @@ def model_table(rows: list[dict], commands: list[str]) -> list[str]:
         lines.append(f"| {machine(first)} | {model} | {batch} | {precision} | {first.get('compile', False)} | "
                      f"{first.get('gradient_checkpointing', False)} | {fmt(ours, 'images_per_sec')} | "
                      f"{fmt(hf, 'images_per_sec')} | {ratio} | {fmt(ours, 'mfu', '{:.1%}')} | {fmt(hf, 'mfu', '{:.1%}')} | "
-                     f"{memory} | [{len(commands)}] |")
+                     f"{memory} | {note} | [{len(commands)}] |")
     return lines
 
 
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
             "Same config, same process, alternating rounds, synthetic images on the device; median round. MFU = model "
             "FLOPs per image (3 x forward, counted from the shapes; see `mae_flops_per_image`) x images/s / the "
             "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Compiled rows compile both models "
-            "(ours block by block, 🤗's whole model). Step memory: peak allocated "
+            "(ours by regions as --compile does, 🤗's whole model). Step memory: peak allocated "
             "during the steps above what was resident before, plus weights and AdamW moments.", "",
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",
             "## Input pipeline", "",
