@@ -2,7 +2,8 @@
 DDP over gloo), but torch's ``fully_shard`` runs on the CPU. Two gloo processes shard the MAE the way fsdp.yaml does
 (FSDP2, each transformer Block a unit, resharded after forward) and train it with the scripts' fused AdamW and
 device-side skip of a non-finite step (guarded_optimizer_step, BadStepGuard and StepAverages, given an
-Accelerator's stand-in); one unsharded model trains on the whole batch beside them."""
+Accelerator's stand-in); one unsharded model trains on the whole batch beside them. The sharded model runs
+eager, then with --compile's compiled regions and blocks."""
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from conftest import ROOT
 from test_cluster import free_port
 
 WORKER = r'''
-import json, os, sys
+import argparse, json, os, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
@@ -23,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from models import MaskedAutoencoder, mae_config
 from utils.optim import build_adamw, param_groups_weight_decay
-from utils.training import BadStepGuard, StepAverages, guarded_optimizer_step
+from utils.training import BadStepGuard, StepAverages, apply_speed_options, guarded_optimizer_step
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -32,7 +33,8 @@ sharded = MaskedAutoencoder(**mae_config("mae_vit_tiny_patch4"))
 whole = MaskedAutoencoder(**mae_config("mae_vit_tiny_patch4"))
 whole.load_state_dict(sharded.state_dict())
 initial = {key: value.clone() for key, value in whole.state_dict().items()}
-sharded.gradient_checkpointing = True  # (fsdp.yaml leaves it to --gradient_checkpointing: exercised here)
+# (fsdp.yaml leaves these to --gradient_checkpointing and --compile: applied as the scripts do, before sharding)
+apply_speed_options(sharded, argparse.Namespace(gradient_checkpointing=True, compile=sys.argv[3] == "compiled"))
 mesh = init_device_mesh("cpu", (world,))
 for block in [*sharded.encoder.blocks, *sharded.decoder_blocks]:
     fully_shard(block, mesh=mesh, reshard_after_forward=True)
@@ -95,11 +97,13 @@ os._exit(0)
 '''
 
 
-def test_fsdp2_on_two_cpu_processes_trains_like_one_unsharded_model(tmp_path):
+@pytest.mark.parametrize("speed", ["eager", "compiled"])
+def test_fsdp2_on_two_cpu_processes_trains_like_one_unsharded_model(tmp_path, speed):
+    """``compiled``: the sharded model with --compile's regions and blocks (the unsharded one stays eager)."""
     worker, result = tmp_path / "fsdp_worker.py", tmp_path / "result.json"
     worker.write_text(WORKER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(worker), str(ROOT), str(result)]
+               str(worker), str(ROOT), str(result), speed]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
