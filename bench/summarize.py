@@ -102,7 +102,8 @@ def main(argv=None) -> None:
             "Same config, same process, alternating rounds, synthetic images on the device; median round. MFU = model "
             "FLOPs per image (3 x forward, counted from the shapes; see `mae_flops_per_image`) x images/s / the "
             "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Compiled rows compile both models "
-            "(ours by regions as --compile does, 🤗's whole model). Step memory: peak allocated "
+            "(🤗's whole model; ours as --compile does: by regions since commit 6b09eef, block by block before, which "
+            "is how rows [2] and [5] ran). Step memory: peak allocated "
             "during the steps above what was resident before, plus weights and AdamW moments.", "",
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",
             "## Input pipeline", "",

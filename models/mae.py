@@ -150,7 +150,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
                      else torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
                                        for _ in range(images.shape[0])]).to(images.device))
         num_keep = int(self.num_patches * (1 - mask_ratio))
-        x, mask, restore_ids = self.region(MaskedAutoencoder.encoder_tokens)(images, noise, num_keep)
+        x, mask, restore_ids = self.region(type(self).encoder_tokens)(images, noise, num_keep)
         x = run_blocks(self.encoder.blocks, x, self.gradient_checkpointing)
         return self.encoder.norm(x), mask, restore_ids
 
@@ -185,7 +185,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
 
     def decoder_features(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
         """The decoder blocks' output (B, 1 + L, D_dec) for [cls, visible] tokens ``latent``."""
-        x = self.region(MaskedAutoencoder.decoder_tokens)(latent, restore_ids)
+        x = self.region(type(self).decoder_tokens)(latent, restore_ids)
         return run_blocks(self.decoder_blocks, x, self.gradient_checkpointing)
 
     def prediction(self, features: torch.Tensor) -> torch.Tensor:
@@ -224,7 +224,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         latent, mask, restore_ids = self.forward_encoder(pixel_values, ratio, noise)
         features = self.decoder_features(latent, restore_ids)
         target = pixel_values if target_images is None else target_images
-        pred, loss = self.region(MaskedAutoencoder.prediction_and_loss)(features, target, mask)
+        pred, loss = self.region(type(self).prediction_and_loss)(features, target, mask)
         return MAEOutput(loss=loss, pred=pred, mask=mask, latent=latent)
 
     def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:

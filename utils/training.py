@@ -142,10 +142,11 @@ def sync_context(accelerator, model, micro: int, accumulation: int):
 
 def apply_speed_options(model: torch.nn.Module, args) -> None:
     """--gradient_checkpointing and --compile, on the plain model before accelerator.prepare. --compile compiles
-    regions, not the whole model: each transformer block, and the MAE's decoder input and its output with the loss
-    (``MaskedAutoencoder.region``). The masking (a data-dependent gather, a ratio that may change per step) stays
-    eager, each block keeps its own backward graph for DDP to overlap its all-reduce with, and the weights' names do
-    not change, so checkpoints and final weights are the same as without it."""
+    regions, not the whole model: each transformer block, and the MAE's patch embedding with the masking, decoder
+    input, and prediction with the loss (``MaskedAutoencoder.region``; the mask's noise is drawn eagerly, and a
+    changing count of visible patches recompiles once). Each block keeps its own backward graph for DDP to overlap its
+    all-reduce with, and the weights' names do not change, so checkpoints and final weights are the same as
+    without it."""
     from models.vit import Block
 
     for module in model.modules():
