@@ -1,5 +1,6 @@
 
 import copy
+import math
 import json
 from contextlib import contextmanager
 
@@ -343,6 +344,10 @@ def test_running_sums_and_the_bad_step_run_resume_from_a_checkpoint_state():
         whole.add(value, skipped)
         resumed.add(value, skipped)
     assert resumed.read() == whole.read() == (3, {"loss": 3.0, "loss_hf": pytest.approx(0.3)})
+    whole.reset()
+    whole.add(values[1], skips[1])  # an interval of skipped steps only: no mean to give, not a loss of 0
+    applied, means = whole.read()
+    assert applied == 0 and math.isnan(means["loss"]) and math.isnan(means["loss_hf"])
 
     resumed_guard = BadStepGuard(3, "test.py", "checkpoints/", cpu, in_a_row=guard.in_a_row)
     for _ in range(2):  # 1 skipped before the checkpoint + 2 after = the limit of 3

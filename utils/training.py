@@ -210,9 +210,10 @@ class StepAverages:
         self.steps += ~skipped
 
     def read(self) -> tuple[int, dict[str, float]]:
-        """(applied steps, {name: mean over them}) since the last reset."""
+        """(applied steps, {name: mean over them}) since the last reset; the means are NaN when every step since
+        was skipped (an epoch row then says so rather than logging a loss of 0)."""
         names = list(self.sums)
-        means = torch.stack([self.sums[name] for name in names]) / self.steps.clamp(min=1)
+        means = torch.stack([self.sums[name] for name in names]) / self.steps  # (0 / 0: NaN)
         steps, *values = torch.cat([self.steps.reshape(1).to(means.dtype), means]).tolist()
         return int(steps), dict(zip(names, values))
 
