@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config  # noqa: E402
+from models.mae import visible_count  # noqa: E402
 from models.vit import Block  # noqa: E402
 from utils.data import decodes_on_device  # noqa: E402
 from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
@@ -52,7 +53,7 @@ def mae_flops_per_image(config: dict, mask_ratio: float) -> int:
     """Forward FLOPs of the MAE for one image: patch projection of every patch, encoder on cls + visible patches,
     decoder embedding, decoder on cls + every patch, prediction head. Norms, softmax and the loss are left out."""
     patches = (config["img_size"] // config["patch_size"]) ** 2
-    encoder_tokens = 1 + int(patches * (1 - mask_ratio))
+    encoder_tokens = 1 + visible_count(patches, mask_ratio)
     decoder_tokens = 1 + patches
     patch_dim = config["patch_size"] ** 2 * config["in_chans"]
     dim, decoder_dim = config["embed_dim"], config["decoder_embed_dim"]

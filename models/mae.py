@@ -36,6 +36,11 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int
     return x.reshape(batch, channels, grid_h * p, grid_w * p)
 
 
+def visible_count(num_patches: int, mask_ratio: float) -> int:
+    """How many patches the encoder sees: ``int(L * (1 - mask_ratio))``, as in MAE."""
+    return int(num_patches * (1 - mask_ratio))
+
+
 def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """Keep the ``int(L * (1 - mask_ratio))`` patches with the smallest noise (uniform noise if not given).
 
@@ -45,7 +50,7 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor 
     batch, length, _ = tokens.shape
     if noise is None:
         noise = torch.rand(batch, length, device=tokens.device)
-    return keep_lowest_noise(tokens, noise, int(length * (1 - mask_ratio)))
+    return keep_lowest_noise(tokens, noise, visible_count(length, mask_ratio))
 
 
 def keep_lowest_noise(tokens: torch.Tensor, noise: torch.Tensor, num_keep: int):
@@ -149,7 +154,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
             noise = (torch.rand(images.shape[0], self.num_patches, device=images.device) if self.mask_strategy == "random"
                      else torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
                                        for _ in range(images.shape[0])]).to(images.device))
-        num_keep = int(self.num_patches * (1 - mask_ratio))
+        num_keep = visible_count(self.num_patches, mask_ratio)
         x, mask, restore_ids = self.region(type(self).encoder_tokens)(images, noise, num_keep)
         x = run_blocks(self.encoder.blocks, x, self.gradient_checkpointing)
         return self.encoder.norm(x), mask, restore_ids
@@ -188,17 +193,10 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         x = self.region(type(self).decoder_tokens)(latent, restore_ids)
         return run_blocks(self.decoder_blocks, x, self.gradient_checkpointing)
 
-    def prediction(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-patch pixels (B, L, p*p*C) from the decoder blocks' output (the cls token dropped)."""
-        return self.decoder_pred(self.decoder_norm(features))[:, 1:]
-
     def prediction_and_loss(self, features: torch.Tensor, images: torch.Tensor, mask: torch.Tensor):
-        pred = self.prediction(features)
+        """Per-patch pixels (B, L, p*p*C) from the decoder blocks' output (the cls token dropped), and their loss."""
+        pred = self.decoder_pred(self.decoder_norm(features))[:, 1:]
         return pred, self.forward_loss(images, pred, mask)
-
-    def forward_decoder(self, latent: torch.Tensor, restore_ids: torch.Tensor) -> torch.Tensor:
-        """Decode [cls, visible] tokens plus mask tokens into per-patch pixels: (B, L, p*p*C)."""
-        return self.prediction(self.decoder_features(latent, restore_ids))
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """The reconstruction target (B, L, p*p*C): pixels, normalised per patch if ``norm_pix_loss``."""
