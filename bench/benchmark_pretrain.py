@@ -433,7 +433,8 @@ def parse_args(argv=None):
                         help="--mode model: this project's MAE, 🤗 ViTMAEForPreTraining, or both in alternating rounds.")
     parser.add_argument("--batch_size", type=int, default=128, help="Images per step (one micro-batch).")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="Autocast dtype.")
-    parser.add_argument("--compile", action="store_true", help="torch.compile: ours by regions as --compile does, 🤗's whole model.")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile: ours by regions as --compile does, 🤗's whole model.")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute block activations in backward.")
     parser.add_argument("--norm_pix_loss", action="store_true", help="Time with the per-patch normalised target.")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")

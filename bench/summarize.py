@@ -101,10 +101,10 @@ def main(argv=None) -> None:
             "## Training step: this project's MAE vs 🤗 transformers' ViTMAEForPreTraining", "",
             "Same config, same process, alternating rounds, synthetic images on the device; median round. MFU = model "
             "FLOPs per image (3 x forward, counted from the shapes; see `mae_flops_per_image`) x images/s / the "
-            "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Compiled rows compile both models "
-            "(🤗's whole model; ours as --compile does: by regions since commit 6b09eef, block by block before, which "
-            "is how rows [2] and [5] ran). Step memory: peak allocated "
-            "during the steps above what was resident before, plus weights and AdamW moments.", "",
+            "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Compiled rows compile both "
+            "models (🤗's whole model; ours as --compile does: by regions since commit 6b09eef, block by block "
+            "before, which is how rows [2] and [5] ran). Step memory: peak allocated during the steps above what was "
+            "resident before, plus weights and AdamW moments.", "",
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",
             "## Input pipeline", "",
             "pretrain_mae.py's training loader (same samples, transform, sampler and loader settings) without the model "

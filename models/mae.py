@@ -151,9 +151,10 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
     def forward_encoder(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Encode the visible patches: returns tokens (B, 1 + L_keep, D), mask (B, L), restore_ids (B, L)."""
         if noise is None:  # (drawn as random_masking draws it, for the same masks from the same seed)
-            noise = (torch.rand(images.shape[0], self.num_patches, device=images.device) if self.mask_strategy == "random"
+            batch = images.shape[0]
+            noise = (torch.rand(batch, self.num_patches, device=images.device) if self.mask_strategy == "random"
                      else torch.stack([mask_noise(self.mask_strategy, self.grid_size, mask_ratio)
-                                       for _ in range(images.shape[0])]).to(images.device))
+                                       for _ in range(batch)]).to(images.device))
         num_keep = visible_count(self.num_patches, mask_ratio)
         x, mask, restore_ids = self.region(type(self).encoder_tokens)(images, noise, num_keep)
         x = run_blocks(self.encoder.blocks, x, self.gradient_checkpointing)

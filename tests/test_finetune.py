@@ -174,7 +174,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, pretrained):
          "patch_embed.proj.weight (64, 1, 4, 4) in the checkpoint vs (64, 3, 4, 4) in the model"),
         (["--path_to_pretrained_mae_weights", tmp_path / "nothing"], "no weights at"),
         ([], "no pretrained weights: pass --path_to_pretrained_mae_weights"),
-        (["--path_to_pretrained_mae_weights", pretrained, "--max_bad_steps", 0], "--max_bad_steps must be positive, got 0"),
+        (["--path_to_pretrained_mae_weights", pretrained, "--max_bad_steps", 0],
+         "--max_bad_steps must be positive, got 0"),
     ]
     for flags, message in cases:
         result = run_script("finetune_classifier.py", "--working_directory", tmp_path, "--max_samples", 64,

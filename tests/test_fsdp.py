@@ -102,8 +102,8 @@ def test_fsdp2_on_two_cpu_processes_trains_like_one_unsharded_model(tmp_path, sp
     """``compiled``: the sharded model with --compile's regions and blocks (the unsharded one stays eager)."""
     worker, result = tmp_path / "fsdp_worker.py", tmp_path / "result.json"
     worker.write_text(WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(worker), str(ROOT), str(result), speed]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(worker), str(ROOT), str(result), speed]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]

@@ -180,9 +180,10 @@ def test_pretraining_continues_from_an_official_checkpoint(tmp_path, fashion_mni
 
 
 def test_compiled_and_checkpointed_runs_match_eager(tmp_path, fashion_mnist_dir):
-    """--compile (torch.compile of the blocks and the regions between them) and --gradient_checkpointing change speed and memory, not results: the
-    losses of a short run match the eager run's, and the saved weights keep their names. The mask-ratio curriculum
-    varies the encoder's token count every few steps; it must not break the compiled run."""
+    """--compile (torch.compile of the blocks and the regions between them) and --gradient_checkpointing change speed
+    and memory, not results: the losses of a short run match the eager run's, and the saved weights keep their
+    names. The mask-ratio curriculum varies the encoder's token count every few steps; it must not break the
+    compiled run."""
     common = ["--max_samples", 256, "--per_gpu_batch_size", 32, "--max_train_steps", 8, "--log_every", 1,
               "--vis_every", 0, "--mask_ratio_start", 0.5, "--mask_curriculum_epochs", 1, *SMALL]
     for name, extra in (("eager", []), ("compiled", ["--compile"]), ("checkpointed", ["--gradient_checkpointing"])):

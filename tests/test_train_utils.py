@@ -1,7 +1,7 @@
 
 import copy
-import math
 import json
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -317,7 +317,7 @@ def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_pat
         "        os.kill(os.getpid(), signal.SIGUSR1)\n"
         "    answers.append(stop.requested(accelerator))\n"
         f"open({str(tmp_path)!r} + f'/rank{{accelerator.process_index}}.json', 'w').write(json.dumps(answers))\n"
-        "accelerator.end_training()  # (as the scripts end: destroys the process group; gloo's teardown at exit can abort)\n"
+        "accelerator.end_training()  # (as the scripts end; without it gloo's teardown at exit can abort)\n"
     )
     run_script(str(script), processes=2, timeout=120)  # (an absolute path: ROOT / script is the script itself)
     for rank in (0, 1):

@@ -43,9 +43,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                      help="Mixed precision; default: whatever the accelerate config says.")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile by regions: each transformer block and, in pretraining, the MAE's patch embedding "
-                          "with the masking, decoder input, and prediction with the loss (a mask-ratio curriculum "
-                          "recompiles once, then the shapes are dynamic); the first steps are slow.")
+                     help="torch.compile by regions: each transformer block and, in pretraining, the MAE's patch "
+                          "embedding with the masking, decoder input, and prediction with the loss (a mask-ratio "
+                          "curriculum recompiles once, then the shapes are dynamic); the first steps are slow.")
     run.add_argument("--gradient_checkpointing", action="store_true",
                      help="Recompute each block's activations in the backward pass instead of storing them: much "
                           "less memory for large micro-batches, about a third more compute.")
