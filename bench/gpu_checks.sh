@@ -17,7 +17,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -96,4 +96,7 @@ if step 11; then
         | grep -v Warning | tail -18
     rm -rf "$OUT/syncs"
 fi
+# 12. what --compile's regions add over the blocks alone, and the whole model in one graph (bench/compile_scope.py)
+step 12 && echo "== compile scope: ViT-B/16, bf16, batch 256" && timeout 240 python bench/compile_scope.py \
+    --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --rounds 4 2>&1 | grep -v Warning | tail -4
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)
