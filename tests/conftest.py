@@ -37,6 +37,30 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, timeo
     return result
 
 
+def run_in_process(script: str, *args) -> tuple[int, str]:
+    """Call a top-level script's main() in this process as ``python script ARGS`` would (through run_cli) and return
+    (exit code, stderr). For the argument-error tests: a fresh interpreter spends ~5 s importing before it reads
+    its arguments; run_script stays the check of the real command line."""
+    import contextlib
+    import importlib
+    import io
+
+    from utils.errors import run_cli
+
+    module = importlib.import_module(Path(script).stem)
+    stderr, program = io.StringIO(), sys.argv[0]
+    sys.argv[0] = script
+    try:
+        with contextlib.redirect_stderr(stderr):
+            run_cli(lambda: module.main([str(a) for a in args]))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        sys.argv[0] = program
+    return code, stderr.getvalue()
+
+
 def sigterm_script(script: str, *args, ready, timeout: int = 180) -> tuple[int, str]:
     """Start one of the scripts (1 process), wait until ``ready()`` says training is under way, send SIGTERM and
     return (exit code, stderr)."""

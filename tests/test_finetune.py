@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script, sigterm_script, without_timing
+from conftest import read_metrics, run_in_process, run_script, sigterm_script, without_timing
 from models import MaskedAutoencoder, VisionTransformer
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.metrics import topk_accuracy
@@ -178,10 +178,17 @@ def test_bad_inputs_give_one_line_errors(tmp_path, pretrained):
          "--max_bad_steps must be positive, got 0"),
     ]
     for flags, message in cases:
-        result = run_script("finetune_classifier.py", "--working_directory", tmp_path, "--max_samples", 64,
-                            "--log_with", "none", *flags, check=False)
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip() and "INFO" not in line]
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, result.stderr[-2000:])
+        code, stderr = run_in_process("finetune_classifier.py", "--working_directory", tmp_path, "--max_samples", 64,
+                                      "--log_with", "none", *flags)
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (flags, stderr[-2000:])
+        assert lines[0].startswith("finetune_classifier.py: error:")
+    # The same through the real command line: one line, no traceback (the INFO lines are the run's log).
+    result = run_script("finetune_classifier.py", "--working_directory", tmp_path, "--path_to_pretrained_mae_weights",
+                        tmp_path / "broken.safetensors", "--log_with", "none", check=False)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip() and "INFO" not in line]
+    assert result.returncode == 2 and len(lines) == 1 and cases[4][1] in lines[0], result.stderr[-2000:]
+    assert lines[0].startswith("finetune_classifier.py: error:") and "Traceback" not in result.stderr
 
 
 def test_eval_only_keeps_the_run_records(tmp_path, pretrained):

@@ -1,4 +1,5 @@
-"""End-to-end runs of pretrain_mae.py on real Fashion-MNIST images (each in a fresh process)."""
+"""End-to-end runs of pretrain_mae.py on real Fashion-MNIST images (each in a fresh process; the argument errors in
+this one)."""
 import importlib.util
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import copy_stopped_after, read_metrics, run_script, sigterm_script, without_timing
+from conftest import copy_stopped_after, read_metrics, run_in_process, run_script, sigterm_script, without_timing
 from models import MaskedAutoencoder
 
 # A small model so that every run takes seconds on two cores.
@@ -107,15 +108,23 @@ def test_non_finite_loss_stops_the_run_keeping_the_last_checkpoint(tmp_path, fas
     (["--log_with", "wandb"], None),  # fine when wandb is installed; a one-line install hint when not
 ])
 def test_bad_arguments_give_one_line_errors(tmp_path, flags, message, fashion_mnist_dir):
-    result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--max_train_steps", 1,
-                        "--max_samples", 16, "--per_gpu_batch_size", 8, "--vis_every", 0, *flags, check=False)
     if message is None:
         if importlib.util.find_spec("wandb") is not None:
             pytest.skip("wandb is installed")
         message = "needs the wandb package: pip install wandb"
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain_mae.py: error:"), result.stderr
+    code, stderr = run_in_process("pretrain_mae.py", "--working_directory", tmp_path, "--max_train_steps", 1,
+                                  "--max_samples", 16, "--per_gpu_batch_size", 8, "--vis_every", 0, *flags)
+    assert code == 2, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain_mae.py: error:"), stderr
+
+
+def test_a_bad_argument_on_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--img_size", 30, "--max_train_steps", 1,
+                        "--max_samples", 16, "--log_with", "none", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "pretrain_mae.py: error: img_size 30x30 is not divisible by patch_size 4: choose " \
+                                    "an image size that is a multiple of 4", result.stderr
 
 
 def test_fresh_start_refuses_to_overwrite_an_earlier_run(tmp_path, fashion_mnist_dir):

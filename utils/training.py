@@ -31,6 +31,14 @@ class WorkerLoader(DataLoader):
     exception's traceback, or was dropped while a worker was busy): they ignore SIGTERM (see ignore_stop_signals), so
     multiprocessing's own clean-up, SIGTERM then join, would wait for them forever."""
 
+    def close(self) -> None:
+        """Stop the persistent workers now. Left to the garbage collector, an iterator caught in a reference cycle
+        is finalised after its index queues' feeder threads have stopped: the workers never hear the shutdown and
+        torch waits 10 s for each of them before giving up."""
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def _get_iterator(self):
         iterator = super()._get_iterator()
         workers = list(getattr(iterator, "_workers", []))
