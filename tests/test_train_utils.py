@@ -197,6 +197,25 @@ def test_emulated_mixed_precision_on_a_cpu_is_named_with_the_fix(monkeypatch, ca
     assert caplog.text == ""
 
 
+def test_an_fsdp_config_that_fell_back_to_ddp_is_named(monkeypatch, caplog):
+    """accelerate launch --config_file accelerate_configs/fsdp.yaml on a CPU: accelerate trains without FSDP."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    import utils.run as run
+
+    for use_fsdp, distributed_type, warned in (("true", DistributedType.MULTI_CPU, True),
+                                               ("true", DistributedType.FSDP, False),
+                                               ("false", DistributedType.MULTI_CPU, False)):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", use_fsdp)
+        caplog.clear()
+        run.warn_if_fsdp_fell_back(types.SimpleNamespace(device=torch.device("cpu"), is_main_process=True,
+                                                         distributed_type=distributed_type))
+        assert ("asks for FSDP, but accelerate runs FSDP only on GPUs: this run on cpu is MULTI_CPU"
+                in caplog.text) is warned, (use_fsdp, distributed_type)
+
+
 
 @contextmanager
 def host_reads_forbidden(allowed: tuple = ()):

@@ -380,6 +380,19 @@ def warn_if_precision_is_emulated(accelerator) -> None:
             "tiny MAE on an AVX2 CPU): leave --mixed_precision out on this machine", precision, precision)
 
 
+def warn_if_fsdp_fell_back(accelerator) -> None:
+    """accelerate runs FSDP only on GPUs: launched on a CPU, an FSDP config (accelerate_configs/fsdp.yaml) quietly
+    trains with DDP or one process, each holding the whole model. Say so, rather than let a memory plan rest on it."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if (accelerator.is_main_process and parse_flag_from_env("ACCELERATE_USE_FSDP")
+            and accelerator.distributed_type != DistributedType.FSDP):
+        logging.getLogger(__name__).warning(
+            "the accelerate config asks for FSDP, but accelerate runs FSDP only on GPUs: this run on %s is %s, "
+            "every process holding the whole model and its optimizer state", accelerator.device.type,
+            str(accelerator.distributed_type).split(".")[-1])
+
+
 def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
     """What every script does once its arguments are resolved: the run folder (a fresh start refuses to mix with an
     earlier run's checkpoints), the Accelerator, logging, the loader workers and the seed."""
@@ -393,6 +406,7 @@ def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
     warn_if_precision_is_emulated(accelerator)
+    warn_if_fsdp_fell_back(accelerator)
     if args.num_workers is None:
         args.num_workers = default_num_workers(accelerator.device)
     if args.resume_from_checkpoint:
