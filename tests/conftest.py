@@ -44,11 +44,14 @@ def run_in_process(script: str, *args) -> tuple[int, str]:
     import contextlib
     import importlib
     import io
+    import signal
 
     from utils.errors import run_cli
+    from utils.training import STOP_SIGNALS
 
     module = importlib.import_module(Path(script).stem)
     stderr, program = io.StringIO(), sys.argv[0]
+    handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}  # (a run that got as far as its loop)
     sys.argv[0] = script
     try:
         with contextlib.redirect_stderr(stderr):
@@ -58,6 +61,8 @@ def run_in_process(script: str, *args) -> tuple[int, str]:
         code = stop.code
     finally:
         sys.argv[0] = program
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
     return code, stderr.getvalue()
 
 
