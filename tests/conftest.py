@@ -39,19 +39,33 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, timeo
 
 def run_in_process(script: str, *args) -> tuple[int, str]:
     """Call a top-level script's main() in this process as ``python script ARGS`` would (through run_cli) and return
-    (exit code, stderr). For the argument-error tests: a fresh interpreter spends ~5 s importing before it reads
-    its arguments; run_script stays the check of the real command line."""
+    (exit code, stderr with the run's log lines). For the argument-error tests: a fresh interpreter spends ~5 s
+    importing before it reads its arguments; run_script stays the check of the real command line. What a run
+    changes in the process (stop-signal handlers, RNG states, threads, log levels, accelerate's state) is put back."""
     import contextlib
     import importlib
     import io
+    import logging
+    import random
     import signal
+
+    import numpy as np
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
 
     from utils.errors import run_cli
     from utils.training import STOP_SIGNALS
 
     module = importlib.import_module(Path(script).stem)
     stderr, program = io.StringIO(), sys.argv[0]
-    handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}  # (a run that got as far as its loop)
+    handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+    rng_states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    root, accelerate_logger = logging.getLogger(), logging.getLogger("accelerate")
+    levels, threads = (root.level, accelerate_logger.level), torch.get_num_threads()
+    log = logging.StreamHandler(stderr)  # (pytest's handlers on the root logger make the run's basicConfig a no-op)
+    log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(log)
+    root.setLevel(logging.INFO)
     sys.argv[0] = script
     try:
         with contextlib.redirect_stderr(stderr):
@@ -61,8 +75,17 @@ def run_in_process(script: str, *args) -> tuple[int, str]:
         code = stop.code
     finally:
         sys.argv[0] = program
+        root.removeHandler(log)
+        root.setLevel(levels[0])
+        accelerate_logger.setLevel(levels[1])
         for stop, handler in handlers.items():
-            signal.signal(stop, handler)
+            signal.signal(stop, handler if handler is not None else signal.SIG_DFL)
+        torch.set_rng_state(rng_states[0])
+        random.setstate(rng_states[1])
+        np.random.set_state(rng_states[2])
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)  # a later Accelerator may ask for other settings
+        GradientState._reset_state()
     return code, stderr.getvalue()
 
 

@@ -274,7 +274,8 @@ def test_epoch_chain_is_the_samplers_epochs_from_a_step_in_one_iterator(tmp_path
     chained = build_loader(samples, EpochChain(StepBatchSampler(len(samples), 8, 2, seed=4), first_step=1), 2,
                            torch.device("cpu"))
     taken = [batch for _, batch in zip(range(len(plain)), chained)]
-    loader.close(), chained.close()
+    loader.close()
+    chained.close()
     assert len(taken) == len(plain) == 4 + 6
     for expected_batch, batch in zip(plain, taken):
         assert torch.equal(batch["pixel_values"], expected_batch["pixel_values"])
@@ -326,7 +327,8 @@ def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
         return taken
 
     chained_inline, chained_ahead = chained(False), chained(True)
-    loader.close(), chained_loader.close()
+    loader.close()
+    chained_loader.close()
     assert len(chained_ahead) == 12
     for expected, batch in zip(chained_inline, chained_ahead):
         assert torch.equal(batch["pixel_values"], expected["pixel_values"])

@@ -1,5 +1,5 @@
-"""End-to-end runs of pretrain_mae.py on real Fashion-MNIST images (each in a fresh process; the argument errors in
-this one)."""
+"""End-to-end runs of pretrain_mae.py on real Fashion-MNIST images, each in a fresh process (except the
+argument-error checks, which call main() in the pytest process)."""
 import importlib.util
 import json
 
@@ -113,7 +113,8 @@ def test_bad_arguments_give_one_line_errors(tmp_path, flags, message, fashion_mn
             pytest.skip("wandb is installed")
         message = "needs the wandb package: pip install wandb"
     code, stderr = run_in_process("pretrain_mae.py", "--working_directory", tmp_path, "--max_train_steps", 1,
-                                  "--max_samples", 16, "--per_gpu_batch_size", 8, "--vis_every", 0, *flags)
+                                  "--max_samples", 16, "--per_gpu_batch_size", 8, "--vis_every", 0, "--log_with",
+                                  "none", *flags)
     assert code == 2, stderr
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pretrain_mae.py: error:"), stderr
@@ -138,10 +139,12 @@ def test_fresh_start_refuses_to_overwrite_an_earlier_run(tmp_path, fashion_mnist
     assert marker.exists()
 
 
-def test_bf16_norm_pix_loss_run_with_accumulation(tmp_path, fashion_mnist_dir):
-    run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "bf16", "--max_samples", 64,
-               "--per_gpu_batch_size", 16, "--gradient_accumulation_steps", 2, "--max_train_steps", 4,
-               "--mixed_precision", "bf16", "--norm_pix_loss", "--log_every", 1, "--vis_every", 1, *SMALL)
+def test_bf16_norm_pix_loss_run_with_accumulation(tmp_path, fashion_mnist_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as accelerate launch with fsdp.yaml sets it, here on a CPU
+    result = run_script("pretrain_mae.py", "--working_directory", tmp_path, "--experiment_name", "bf16", "--max_samples",
+                        64, "--per_gpu_batch_size", 16, "--gradient_accumulation_steps", 2, "--max_train_steps", 4,
+                        "--mixed_precision", "bf16", "--norm_pix_loss", "--log_every", 1, "--vis_every", 1, *SMALL)
+    assert "asks for FSDP, but accelerate runs FSDP only on GPUs: this run on cpu is one process" in result.stderr
     rows = read_metrics(tmp_path / "bf16")
     assert len(rows) == 4 and all(0.0 < r["loss"] < 10.0 for r in rows)
     model = MaskedAutoencoder.from_pretrained(tmp_path / "bf16" / "final")

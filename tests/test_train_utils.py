@@ -205,15 +205,19 @@ def test_an_fsdp_config_that_fell_back_to_ddp_is_named(monkeypatch, caplog):
 
     import utils.run as run
 
-    for use_fsdp, distributed_type, warned in (("true", DistributedType.MULTI_CPU, True),
-                                               ("true", DistributedType.FSDP, False),
-                                               ("false", DistributedType.MULTI_CPU, False)):
+    for use_fsdp, distributed_type, warning in (("true", DistributedType.MULTI_CPU, "this run on cpu is DDP over gloo"),
+                                                ("True", DistributedType.NO, "this run on cpu is one process"),
+                                                ("true", DistributedType.FSDP, None),
+                                                ("false", DistributedType.MULTI_CPU, None),
+                                                ("", DistributedType.NO, None)):
         monkeypatch.setenv("ACCELERATE_USE_FSDP", use_fsdp)
         caplog.clear()
         run.warn_if_fsdp_fell_back(types.SimpleNamespace(device=torch.device("cpu"), is_main_process=True,
                                                          distributed_type=distributed_type))
-        assert ("asks for FSDP, but accelerate runs FSDP only on GPUs: this run on cpu is MULTI_CPU"
-                in caplog.text) is warned, (use_fsdp, distributed_type)
+        if warning is None:
+            assert caplog.text == "", (use_fsdp, distributed_type)
+        else:
+            assert "asks for FSDP, but accelerate runs FSDP only on GPUs: " + warning in caplog.text
 
 
 

@@ -383,14 +383,15 @@ def warn_if_precision_is_emulated(accelerator) -> None:
 def warn_if_fsdp_fell_back(accelerator) -> None:
     """accelerate runs FSDP only on GPUs: launched on a CPU, an FSDP config (accelerate_configs/fsdp.yaml) quietly
     trains with DDP or one process, each holding the whole model. Say so, rather than let a memory plan rest on it."""
-    from accelerate.utils import DistributedType, parse_flag_from_env
+    from accelerate.utils import DistributedType
 
-    if (accelerator.is_main_process and parse_flag_from_env("ACCELERATE_USE_FSDP")
-            and accelerator.distributed_type != DistributedType.FSDP):
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # (as accelerate reads it)
+    if accelerator.is_main_process and asked and accelerator.distributed_type != DistributedType.FSDP:
+        ran = {DistributedType.NO: "one process", DistributedType.MULTI_CPU: "DDP over gloo"}.get(
+            accelerator.distributed_type, accelerator.distributed_type.value)
         logging.getLogger(__name__).warning(
             "the accelerate config asks for FSDP, but accelerate runs FSDP only on GPUs: this run on %s is %s, "
-            "every process holding the whole model and its optimizer state", accelerator.device.type,
-            str(accelerator.distributed_type).split(".")[-1])
+            "each process holding the whole model and its optimizer state", accelerator.device.type, ran)
 
 
 def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:

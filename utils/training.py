@@ -32,9 +32,10 @@ class WorkerLoader(DataLoader):
     multiprocessing's own clean-up, SIGTERM then join, would wait for them forever."""
 
     def close(self) -> None:
-        """Stop the persistent workers now. Left to the garbage collector, an iterator caught in a reference cycle
-        is finalised after its index queues' feeder threads have stopped: the workers never hear the shutdown and
-        torch waits 10 s for each of them before giving up."""
+        """Stop the persistent workers now (not while a DeviceBatches thread still reads them: close that first).
+        Left to the garbage collector, an iterator caught in a reference cycle is finalised after its index queues'
+        feeder threads have stopped: the workers never hear the shutdown, torch waits 10 s for each of them, and
+        they live on until the process exits (they ignore SIGTERM)."""
         iterator, self._iterator = getattr(self, "_iterator", None), None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
