@@ -3,8 +3,10 @@
 # after that run, 9 and step 8's --decode_ahead run in the session after (steps 8 and 9 are capped at 9.75 minutes
 # together and should take about 6; step 7 another 2.5; step 10, the script end to end, is capped at 5 and should take
 # about 3; step 11, where the scripts' loops wait for the GPU, about 2.5). Every step has its own time limit, so one failure leaves the others' rows;
-# STEPS picks some (default: all), e.g. to fit one 10-minute call:
-#   OUT=bench/gpu_out STEPS="8 9" bash bench/gpu_checks.sh      # then, back here:
+# STEPS picks some (default: all). A session lent 15 minutes of device time in all (the machine's start included)
+# fits "4 12" (about 6 min: the compiled ratio and MFU, then what the compiled regions add), then "8 9" if 8 minutes
+# are left:
+#   OUT=bench/gpu_out STEPS="4 12" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # The pipeline rows (steps 2, 5, 8, 9) chain the sampler's epochs in one iterator since the session after step 9 was
 # written: the earlier rows ran epoch by epoch on sets with fewer batches per epoch than workers, and understated.
