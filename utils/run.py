@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from safetensors.torch import save_file
 
 from .data import decode_deferred
@@ -383,8 +383,6 @@ def warn_if_precision_is_emulated(accelerator) -> None:
 def warn_if_fsdp_fell_back(accelerator) -> None:
     """accelerate runs FSDP only on GPUs: launched on a CPU, an FSDP config (accelerate_configs/fsdp.yaml) quietly
     trains with DDP or one process, each holding the whole model. Say so, rather than let a memory plan rest on it."""
-    from accelerate.utils import DistributedType
-
     asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # (as accelerate reads it)
     if accelerator.is_main_process and asked and accelerator.distributed_type != DistributedType.FSDP:
         ran = {DistributedType.NO: "one process", DistributedType.MULTI_CPU: "DDP over gloo"}.get(
