@@ -34,12 +34,15 @@ from models.mae import visible_count  # noqa: E402
 from models.vit import Block  # noqa: E402
 from utils.data import decodes_on_device  # noqa: E402
 from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from utils.run import set_gpu_math  # noqa: E402
 from utils.training import apply_speed_options  # noqa: E402
 
 # Dense peak FLOP/s per device and precision (vendor datasheets, without sparsity). fp32 means plain fp32 matmuls
-# (PyTorch's default; TF32 off). A CPU has no entry: pass --peak_tflops.
-PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
-               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
+# (--no-tf32, PyTorch's default), tf32 the fp32 rows on TF32 tensor cores (--tf32, the scripts' default on a GPU).
+# A CPU has no entry: pass --peak_tflops.
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+               "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}}
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
@@ -88,7 +91,7 @@ def peak_flops(args, device: torch.device) -> float | None:
     name = device_name(device) if device.type == "cuda" else ""
     for key, table in PEAK_TFLOPS.items():
         if key in name:
-            return table[args.precision] * 1e12
+            return table["tf32" if args.precision == "fp32" and args.tf32 else args.precision] * 1e12
     return None
 
 
@@ -170,6 +173,7 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
         rows.append({
             "mode": "model", "impl": trainer.name, "model": args.model, "batch_size": args.batch_size,
             "precision": args.precision, "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
+            "tf32": args.tf32 if device.type == "cuda" and args.precision == "fp32" else None,
             "images_per_sec": round(images_per_sec, 1), "step_time_ms": round(step_time * 1000, 2),
             "step_time_spread_ms": round((max(times[trainer.name]) - min(times[trainer.name])) * 1000, 2),
             "gflops_per_image_train": round(3 * flops / 1e9, 3),
@@ -433,6 +437,8 @@ def parse_args(argv=None):
                         help="--mode model: this project's MAE, 🤗 ViTMAEForPreTraining, or both in alternating rounds.")
     parser.add_argument("--batch_size", type=int, default=128, help="Images per step (one micro-batch).")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="Autocast dtype.")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="fp32 matrix products on TF32 tensor cores on a GPU, as the scripts' --tf32 (no effect on a CPU).")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile: ours by regions as --compile does, 🤗's whole model.")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute block activations in backward.")
@@ -479,6 +485,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    set_gpu_math(device, args.tf32)  # as the scripts set it
     config = mae_config(args.model, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
     if args.mode in ("data", "both") and args.dataset == "fashion_mnist":
         config["in_chans"] = 1

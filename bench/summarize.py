@@ -32,6 +32,7 @@ def model_table(rows: list[dict], commands: list[str]) -> list[str]:
 
         ratio = f"**{ours['images_per_sec'] / hf['images_per_sec']:.2f}x**" if ours and hf else "—"
         memory = f"{fmt(ours, 'memory_gib')} / {fmt(hf, 'memory_gib')}"
+        precision += {True: " (TF32)", False: " (no TF32)"}.get(first.get("tf32"), "")  # fp32 on a GPU
         lines.append(f"| {machine(first)} | {model} | {batch} | {precision} | {first.get('compile', False)} | "
                      f"{first.get('gradient_checkpointing', False)} | {fmt(ours, 'images_per_sec')} | "
                      f"{fmt(hf, 'images_per_sec')} | {ratio} | {fmt(ours, 'mfu', '{:.1%}')} | {fmt(hf, 'mfu', '{:.1%}')} | "
@@ -101,8 +102,8 @@ def main(argv=None) -> None:
             "## Training step: this project's MAE vs 🤗 transformers' ViTMAEForPreTraining", "",
             "Same config, same process, alternating rounds, synthetic images on the device; median round. MFU = model "
             "FLOPs per image (3 x forward, counted from the shapes; see `mae_flops_per_image`) x images/s / the "
-            "device's dense peak (H100: 989.4 TFLOP/s bf16, 66.9 fp32; none for a CPU). Compiled rows compile both "
-            "models (🤗's whole model; ours as --compile does: by regions since commit 6b09eef, block by block "
+            "device's dense peak (H100: 989.4 TFLOP/s bf16, 494.7 fp32 on TF32 tensor cores, 66.9 plain fp32; none "
+            "for a CPU). Compiled rows compile both models (🤗's whole model; ours as --compile does: by regions since commit 6b09eef, block by block "
             "before, which is how rows [2] and [5] ran). Step memory: peak allocated during the steps above what was "
             "resident before, plus weights and AdamW moments.", "",
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",

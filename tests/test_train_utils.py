@@ -221,6 +221,29 @@ def test_an_fsdp_config_that_fell_back_to_ddp_is_named(monkeypatch, caplog):
 
 
 
+def test_tf32_is_on_for_a_gpu_only_and_torch_compile_can_still_read_the_precision():
+    """--tf32 (the default) sets the legacy flags on a GPU: torch.compile reads the precision through the legacy API,
+    which raises once it is mixed with the newer fp32_precision one. A CPU keeps PyTorch's settings."""
+    import pretrain_mae
+    from utils.run import set_gpu_math
+
+    assert pretrain_mae.parse_args([]).tf32 is True and pretrain_mae.parse_args(["--no-tf32"]).tf32 is False
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    try:
+        matmul.allow_tf32, cudnn.benchmark = False, False
+        set_gpu_math(torch.device("cpu"), tf32=True)
+        assert not matmul.allow_tf32 and not cudnn.benchmark
+        set_gpu_math(torch.device("cuda"), tf32=True)
+        assert matmul.allow_tf32 and cudnn.allow_tf32 and cudnn.benchmark
+        assert torch.get_float32_matmul_precision() == "high"  # raises if the two APIs were mixed
+        set_gpu_math(torch.device("cuda"), tf32=False)
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = before
+
+
 @contextmanager
 def host_reads_forbidden(allowed: tuple = ()):
     """Inside it, reading a tensor's value on the host (what waits for a GPU) raises, except for the ``allowed``

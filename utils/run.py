@@ -46,6 +46,10 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                      help="torch.compile by regions: each transformer block and, in pretraining, the MAE's patch "
                           "embedding with the masking, decoder input, and prediction with the loss (a mask-ratio "
                           "curriculum recompiles once, then the shapes are dynamic); the first steps are slow.")
+    run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                     help="On an NVIDIA GPU (Ampere or newer), run fp32 matrix products and convolutions on TF32 tensor "
+                          "cores (all of them with --mixed_precision no; the few outside autocast otherwise), as timm's "
+                          "train.py does; --no-tf32 keeps full fp32, PyTorch's default. No effect on a CPU.")
     run.add_argument("--gradient_checkpointing", action="store_true",
                      help="Recompute each block's activations in the backward pass instead of storing them: much "
                           "less memory for large micro-batches, about a third more compute.")
@@ -153,6 +157,18 @@ def launched_on_cpu_only() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
+def set_gpu_math(device: torch.device, tf32: bool) -> None:
+    """On an NVIDIA GPU: fp32 matrix products and convolutions on TF32 tensor cores (``tf32``; PyTorch leaves them
+    off for matrix products), and cuDNN's autotuner for the convolutions, whose shapes repeat (patch embedding, UperNet),
+    as facebookresearch/mae sets it. The legacy flags, not ``fp32_precision``: torch.compile reads the precision
+    through the legacy API, which raises once the two are mixed. A CPU is left as it is."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
 def build_accelerator(args, run_dir: RunDir) -> Accelerator:
     """One Accelerator per run: precision from the flag or the accelerate config, trackers from --log_with."""
     check_hub_args(args)
@@ -176,6 +192,7 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
         # Buckets are all-reduced while the backward pass continues; no unused parameters to search for.
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
+    set_gpu_math(accelerator.device, args.tf32)
     if accelerator.device.type == "cpu":
         # `accelerate launch` sets OMP_NUM_THREADS=1; on a CPU, give each process its share of the cores instead.
         # MAE_CPU_THREADS overrides, e.g. to run two jobs side by side without oversubscribing the cores.
