@@ -1,9 +1,11 @@
-"""Pretraining speed and memory, measured side by side.
+"""Pretraining (and fine-tuning) speed and memory, measured side by side.
 
     --mode model   the training step (forward, backward, AdamW) of this project's MAE and of 🤗 transformers'
                    ViTMAEForPreTraining with the same config, in the same process, in alternating rounds, on
                    synthetic images already on the device: images/s, step time, step memory, the ratio, and the
                    model FLOP utilisation (model FLOPs per image counted from the shapes x images/s / peak).
+    --mode finetune  the same for fine-tuning: finetune_classifier.py's ViT classifier (global pooling, drop path)
+                   against timm's VisionTransformer built the same way.
     --mode data    the input pipeline alone (read, decode, random-resized-crop + flip, collate, copy to the device,
                    normalise there), as pretrain_mae.py builds it.
     --mode both    the pipeline feeding this project's step: whichever is slower is the wall.
@@ -27,9 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import MAE_PRESETS, MaskedAutoencoder, mae_config  # noqa: E402
+from models import MAE_PRESETS, MaskedAutoencoder, VisionTransformer, encoder_config, mae_config  # noqa: E402
 from models.mae import visible_count  # noqa: E402
 from models.vit import Block  # noqa: E402
 from utils.data import decodes_on_device  # noqa: E402
@@ -67,6 +70,28 @@ def mae_flops_per_image(config: dict, mask_ratio: float) -> int:
             + 2 * decoder_tokens * decoder_dim * patch_dim)
 
 
+def vit_flops_per_image(config: dict, num_classes: int) -> int:
+    """Forward FLOPs of the ViT classifier for one image: patch projection, blocks on cls + every patch, head."""
+    patches = (config["img_size"] // config["patch_size"]) ** 2
+    dim = config["embed_dim"]
+    return (2 * patches * config["patch_size"] ** 2 * config["in_chans"] * dim
+            + config["depth"] * block_flops(1 + patches, dim, config["mlp_ratio"]) + 2 * dim * num_classes)
+
+
+def build_timm_vit(config: dict, num_classes: int, drop_path: float):
+    """timm's VisionTransformer as finetune_classifier.py builds ours: cls token, global average pooling + fc_norm,
+    the same drop-path schedule and LayerNorm eps (timm's position embedding is learned, ours fixed: one tensor)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+    return TimmVisionTransformer(
+        img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+        embed_dim=config["embed_dim"], depth=config["depth"], num_heads=config["num_heads"],
+        mlp_ratio=config["mlp_ratio"], qkv_bias=True, num_classes=num_classes, global_pool="avg", fc_norm=True,
+        drop_path_rate=drop_path, norm_layer=partial(torch.nn.LayerNorm, eps=config.get("layer_norm_eps", 1e-6)))
+
+
 def build_hf_mae(config: dict):
     """🤗 transformers' ViTMAEForPreTraining with this config (SDPA attention, the same LayerNorm eps)."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -101,14 +126,17 @@ def sync(device: torch.device) -> None:
 
 
 class Trainer:
-    """One model + AdamW + the step, as pretrain_mae.py runs it (autocast, GradScaler under fp16)."""
+    """One model + AdamW + the step, as the scripts run it (autocast, GradScaler under fp16); ``call(model, *inputs)``
+    returns the loss."""
 
     def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, call):
         self.name, self.model, self.call, self.device = name, model.to(device), call, device
         if name == "ours":
             apply_speed_options(model, args)  # exactly what the scripts do with --compile / --gradient_checkpointing
         else:
-            if args.gradient_checkpointing:
+            if args.gradient_checkpointing and hasattr(model, "set_grad_checkpointing"):  # timm
+                model.set_grad_checkpointing(True)
+            elif args.gradient_checkpointing:  # 🤗
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if args.compile:
                 model.compile()
@@ -117,9 +145,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         self.loss_sum = torch.zeros((), device=device)
 
-    def step(self, images: torch.Tensor, noise: torch.Tensor) -> None:
+    def step(self, *inputs: torch.Tensor) -> None:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.call(self.model, images, noise)
+            loss = self.call(self.model, *inputs)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -136,6 +164,7 @@ def memory_now(device: torch.device) -> int:
 
 
 def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
+    """Our MAE's pretraining step against 🤗's ViTMAEForPreTraining with the same config and masks."""
     torch.manual_seed(0)
     trainers = []
     if args.impl in ("ours", "both"):
@@ -146,32 +175,60 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
                                 lambda model, images, noise: model(pixel_values=images, noise=noise).loss))
     images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
     noise = torch.rand(args.batch_size, (config["img_size"] // config["patch_size"]) ** 2, device=device)
+    return time_trainers(trainers, (images, noise), args, device, mae_flops_per_image(config, config["mask_ratio"]),
+                         "model", "hf")
+
+
+def run_finetune_mode(args, device: torch.device, config: dict) -> list[dict]:
+    """finetune_classifier.py's step (our ViT, global pooling + fc_norm, drop path, label smoothing) against timm's
+    VisionTransformer built the same way: the fine-tuning reference most users know."""
+    torch.manual_seed(0)
+    encoder = encoder_config(config)
+
+    def call(model, images, labels):
+        return F.cross_entropy(model(images), labels, label_smoothing=0.1)
+
+    trainers = []
+    if args.impl in ("ours", "both"):
+        trainers.append(Trainer("ours", VisionTransformer(**encoder, num_classes=args.num_classes, global_pool=True,
+                                                          drop_path_rate=args.drop_path), args, device, call))
+    if args.impl in ("timm", "both"):
+        trainers.append(Trainer("timm", build_timm_vit(encoder, args.num_classes, args.drop_path), args, device, call))
+    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    return time_trainers(trainers, (images, labels), args, device, vit_flops_per_image(encoder, args.num_classes),
+                         "finetune", "timm")
+
+
+def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flops: int, mode: str,
+                  reference: str) -> list[dict]:
+    """Warm-up steps, then ``args.rounds`` alternating rounds of ``args.steps`` steps each; a row per trainer with the
+    median round, and the first trainer's speed-up over the ``reference`` one."""
     for trainer in trainers:
         for _ in range(args.warmup_steps):
-            trainer.step(images, noise)
+            trainer.step(*inputs)
     sync(device)
     times = {t.name: [] for t in trainers}
     step_memory = {t.name: 0 for t in trainers}
-    for _ in range(args.rounds):  # alternating rounds: drifts in clock or load hit both alike
-        for trainer in trainers:
+    for round_index in range(args.rounds):  # alternating rounds, each model first in every other one: drifts in
+        for trainer in trainers[::-1] if round_index % 2 else trainers:  # clock or load, and going first, hit both alike
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             before = memory_now(device)
             start = time.perf_counter()
             for _ in range(args.steps):
-                trainer.step(images, noise)
+                trainer.step(*inputs)
             sync(device)
             times[trainer.name].append((time.perf_counter() - start) / args.steps)
             if device.type == "cuda":
                 step_memory[trainer.name] = max(step_memory[trainer.name], torch.cuda.max_memory_allocated(device) - before)
-    flops = mae_flops_per_image(config, config["mask_ratio"])
     peak = peak_flops(args, device)
     rows = []
     for trainer in trainers:
         step_time = statistics.median(times[trainer.name])
         images_per_sec = args.batch_size / step_time
         rows.append({
-            "mode": "model", "impl": trainer.name, "model": args.model, "batch_size": args.batch_size,
+            "mode": mode, "impl": trainer.name, "model": args.model, "batch_size": args.batch_size,
             "precision": args.precision, "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
             "tf32": args.tf32 if device.type == "cuda" and args.precision == "fp32" else None,
             "images_per_sec": round(images_per_sec, 1), "step_time_ms": round(step_time * 1000, 2),
@@ -183,14 +240,15 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
             if device.type == "cuda" else None,
             "finite_loss": bool(torch.isfinite(trainer.loss_sum).item()),
         })
-    if len(rows) == 2:
-        rows[0]["speedup_vs_hf"] = round(rows[0]["images_per_sec"] / rows[1]["images_per_sec"], 3)
+    if len(rows) == 2:  # from the unrounded step times (images/s are rounded to 0.1: too coarse for ViT-B on a CPU)
+        medians = [statistics.median(times[trainer.name]) for trainer in trainers]
+        rows[0][f"speedup_vs_{reference}"] = round(medians[1] / medians[0], 3)
     if args.profile:
-        profile_steps(trainers, images, noise, device, args.profile)
+        profile_steps(trainers, inputs, device, args.profile)
     return rows
 
 
-def profile_steps(trainers, images: torch.Tensor, noise: torch.Tensor, device: torch.device, top: int) -> None:
+def profile_steps(trainers, inputs: tuple, device: torch.device, top: int) -> None:
     """Where a step's time goes: the ``top`` operators by device time (self time, so nothing is counted twice) over
     three steps of each model, with each one's share of the total."""
     from torch.profiler import ProfilerActivity, profile
@@ -200,7 +258,7 @@ def profile_steps(trainers, images: torch.Tensor, noise: torch.Tensor, device: t
     for trainer in trainers:
         with profile(activities=activities) as profiler:
             for _ in range(3):
-                trainer.step(images, noise)
+                trainer.step(*inputs)
             sync(device)
         print(f"== {trainer.name}: top {top} operators by {sort_key}")
         print(profiler.key_averages().table(sort_by=sort_key, row_limit=top))
@@ -430,11 +488,16 @@ def run_optimizer_mode(args, device: torch.device, config: dict) -> list[dict]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="model", choices=["model", "data", "both", "memory", "optimizer"],
-                        help="What to time (optimizer: AdamW's step alone, fused against the default).")
+    parser.add_argument("--mode", default="model", choices=["model", "finetune", "data", "both", "memory", "optimizer"],
+                        help="What to time (model: the pretraining step against 🤗; finetune: the fine-tuning step "
+                             "against timm; optimizer: AdamW's step alone, fused against the default).")
     parser.add_argument("--model", default="mae_vit_tiny_patch4", choices=sorted(MAE_PRESETS), help="Preset to time.")
-    parser.add_argument("--impl", default="both", choices=["ours", "hf", "both"],
-                        help="--mode model: this project's MAE, 🤗 ViTMAEForPreTraining, or both in alternating rounds.")
+    parser.add_argument("--impl", default="both", choices=["ours", "hf", "timm", "both"],
+                        help="This project's model, the reference (--mode model: 🤗 ViTMAEForPreTraining, hf; "
+                             "--mode finetune: timm's VisionTransformer, timm), or both in alternating rounds.")
+    parser.add_argument("--num_classes", type=int, default=1000, help="--mode finetune: classes of the head.")
+    parser.add_argument("--drop_path", type=float, default=0.1,
+                        help="--mode finetune: stochastic depth rate (finetune_classifier.py's default).")
     parser.add_argument("--batch_size", type=int, default=128, help="Images per step (one micro-batch).")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="Autocast dtype.")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -491,16 +554,19 @@ def main(argv=None):
         config["in_chans"] = 1
     if args.mode == "model":
         rows = run_model_mode(args, device, config)
+    elif args.mode == "finetune":
+        rows = run_finetune_mode(args, device, config)
     elif args.mode == "memory":
         rows = run_memory_mode(args, device, config)
     elif args.mode == "optimizer":
         rows = run_optimizer_mode(args, device, config)
     else:
         rows = run_pipeline_mode(args, device, config, with_model=args.mode == "both")
+    import timm
     import transformers
 
     context = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "transformers": transformers.__version__,
+               "torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__,
                "command": "python " + " ".join(sys.argv)}
     for row in rows:
         row.update(context)

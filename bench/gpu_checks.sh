@@ -5,7 +5,7 @@
 # about 3; step 11, where the scripts' loops wait for the GPU, about 2.5). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all). A session lent 15 minutes of device time in all (the machine's start included)
 # fits "4 12" (about 6 min: the compiled ratio and MFU, then what the compiled regions add), then "8 9" if 8 minutes
-# are left:
+# are left; step 13 (the fine-tuning step against timm, about 4 min) after those:
 #   OUT=bench/gpu_out STEPS="4 12" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # The pipeline rows (steps 2, 5, 8, 9) chain the sampler's epochs in one iterator since the session after step 9 was
@@ -19,7 +19,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12 13} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -101,4 +101,7 @@ fi
 # 12. what --compile's regions add over the blocks alone, and the whole model in one graph (bench/compile_scope.py)
 step 12 && echo "== compile scope: ViT-B/16, bf16, batch 256" && timeout 240 python bench/compile_scope.py \
     --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --rounds 4 2>&1 | grep -v Warning | tail -4
+# 13. the fine-tuning step, ViT-B/16, bf16, batch 256: ours against timm's VisionTransformer, eager then compiled
+step 13 && run 120 --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 3
+step 13 && run 180 --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 3 --compile
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

@@ -132,7 +132,7 @@ class DropPath(nn.Module):
             return x
         keep_prob = 1.0 - self.drop_prob
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
-        return x * keep / keep_prob
+        return x * keep.div_(keep_prob)  # scale the (B, 1, ...) mask, not the activations: one pass over x, not two
 
 
 class Block(nn.Module):

@@ -39,6 +39,35 @@ def test_model_mode_times_ours_and_transformers_on_the_same_config():
     assert ours["speedup_vs_hf"] == pytest.approx(ours["images_per_sec"] / hf["images_per_sec"], rel=1e-2)
 
 
+def test_vit_flops_per_image_equal_pytorchs_count():
+    from models import VisionTransformer, encoder_config
+
+    encoder = encoder_config(mae_config("mae_vit_tiny_patch4"))
+    model = VisionTransformer(**encoder, num_classes=10, global_pool=True).eval()
+    images = torch.randn(2, encoder["in_chans"], encoder["img_size"], encoder["img_size"])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    assert bench.vit_flops_per_image(encoder, 10) == counter.get_total_flops() // 2
+
+
+def test_finetune_mode_times_ours_and_timm_built_alike():
+    """The fine-tuning step against timm's ViT: the same shapes (timm learns its position embedding, the one tensor
+    ours has as a fixed buffer), and a row each with finite losses and the same FLOP count."""
+    from models import VisionTransformer, encoder_config
+
+    encoder = encoder_config(mae_config("mae_vit_tiny_patch4"))
+    ours = VisionTransformer(**encoder, num_classes=10, global_pool=True, drop_path_rate=0.1)
+    theirs = bench.build_timm_vit(encoder, 10, 0.1)
+    assert sum(p.numel() for p in ours.parameters()) + ours.pos_embed.numel() == sum(p.numel() for p in theirs.parameters())
+    rows = bench.main(["--mode", "finetune", "--num_classes", "10", "--batch_size", "8", "--steps", "1", "--rounds", "2",
+                       "--warmup_steps", "1", "--peak_tflops", "1.0"])
+    assert [row["impl"] for row in rows] == ["ours", "timm"]
+    for row in rows:
+        assert row["mode"] == "finetune" and row["finite_loss"] and row["images_per_sec"] > 0 and 0 < row["mfu"] < 1
+        assert row["gflops_per_image_train"] == pytest.approx(3 * bench.vit_flops_per_image(encoder, 10) / 1e9, abs=1e-3)
+    assert rows[0]["speedup_vs_timm"] == pytest.approx(rows[0]["images_per_sec"] / rows[1]["images_per_sec"], rel=1e-2)
+
+
 def test_both_models_learn_the_same_task_from_the_same_config():
     """The 🤗 model built for the comparison has our shapes: the same parameter count."""
     config = mae_config("mae_vit_tiny_patch4", mask_ratio=0.75, norm_pix_loss=False)

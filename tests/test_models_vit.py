@@ -78,6 +78,19 @@ def test_pooling_modes():
     torch.testing.assert_close(pool_model(images), expected)
 
 
+def test_drop_path_zeroes_whole_samples_and_scales_the_kept_ones():
+    """Each sample's branch is dropped whole or kept and scaled by 1 / keep_prob (the expectation is unchanged)."""
+    from models.vit import DropPath
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 5, 8)
+    out = DropPath(0.25).train()(x)
+    kept = out.flatten(1).abs().sum(dim=1) > 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    assert (out[~kept] == 0).all() and 0.65 < kept.float().mean().item() < 0.85
+    assert DropPath(0.25).eval()(x) is x
+
+
 def test_drop_path_is_identity_in_eval_and_stochastic_in_train():
     torch.manual_seed(0)
     model = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=4, num_heads=2,
