@@ -4,8 +4,8 @@
                    ViTMAEForPreTraining with the same config, in the same process, in alternating rounds, on
                    synthetic images already on the device: images/s, step time, step memory, the ratio, and the
                    model FLOP utilisation (model FLOPs per image counted from the shapes x images/s / peak).
-    --mode finetune  the same for fine-tuning: finetune_classifier.py's ViT classifier (global pooling, drop path)
-                   against timm's VisionTransformer built the same way.
+    --mode finetune  the same for fine-tuning: finetune_classifier.py's ViT classifier (global pooling, drop
+                   path) against timm's VisionTransformer built the same way.
     --mode data    the input pipeline alone (read, decode, random-resized-crop + flip, collate, copy to the device,
                    normalise there), as pretrain_mae.py builds it.
     --mode both    the pipeline feeding this project's step: whichever is slower is the wall.
@@ -15,6 +15,7 @@
 Examples:
 
     python bench/benchmark_pretrain.py --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --compile
+    python bench/benchmark_pretrain.py --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16
     python bench/benchmark_pretrain.py --mode data --path_to_data /data/imagenet --batch_size 256 --num_workers 16
     python bench/benchmark_pretrain.py --mode memory --model mae_vit_large_patch16 --precision bf16
 """
@@ -26,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,8 +83,6 @@ def vit_flops_per_image(config: dict, num_classes: int) -> int:
 def build_timm_vit(config: dict, num_classes: int, drop_path: float):
     """timm's VisionTransformer as finetune_classifier.py builds ours: cls token, global average pooling + fc_norm,
     the same drop-path schedule and LayerNorm eps (timm's position embedding is learned, ours fixed: one tensor)."""
-    from functools import partial
-
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
     return TimmVisionTransformer(
@@ -180,8 +180,9 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
 
 
 def run_finetune_mode(args, device: torch.device, config: dict) -> list[dict]:
-    """finetune_classifier.py's step (our ViT, global pooling + fc_norm, drop path, label smoothing) against timm's
-    VisionTransformer built the same way: the fine-tuning reference most users know."""
+    """finetune_classifier.py's model (our ViT, global pooling + fc_norm, drop path) against timm's VisionTransformer
+    built the same way, the fine-tuning reference most users know; both trained with label smoothing and the same
+    AdamW (one weight-decay split, not the script's layer-decay groups: the same work per step)."""
     torch.manual_seed(0)
     encoder = encoder_config(config)
 
@@ -196,8 +197,9 @@ def run_finetune_mode(args, device: torch.device, config: dict) -> list[dict]:
         trainers.append(Trainer("timm", build_timm_vit(encoder, args.num_classes, args.drop_path), args, device, call))
     images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    return time_trainers(trainers, (images, labels), args, device, vit_flops_per_image(encoder, args.num_classes),
+    rows = time_trainers(trainers, (images, labels), args, device, vit_flops_per_image(encoder, args.num_classes),
                          "finetune", "timm")
+    return [{**row, "num_classes": args.num_classes, "drop_path": args.drop_path} for row in rows]
 
 
 def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flops: int, mode: str,
@@ -210,8 +212,10 @@ def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flo
     sync(device)
     times = {t.name: [] for t in trainers}
     step_memory = {t.name: 0 for t in trainers}
-    for round_index in range(args.rounds):  # alternating rounds, each model first in every other one: drifts in
-        for trainer in trainers[::-1] if round_index % 2 else trainers:  # clock or load, and going first, hit both alike
+    for round_index in range(args.rounds):
+        # Alternating rounds, each model first in every other one: drifts in clock or load, and going first, hit both.
+        order = trainers[::-1] if round_index % 2 else trainers
+        for trainer in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             before = memory_now(device)
@@ -533,13 +537,16 @@ def parse_args(argv=None):
     parser.add_argument("--memory_batches", type=int, nargs="+", default=None,
                         help="--mode memory: micro-batches to measure (default 32 64 128 256 512).")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="--mode model: after timing, print the N operators that take the most device time "
+                        help="--mode model/finetune: after timing, print the N operators that take the most device time "
                              "(torch.profiler, three steps per model; 0: no profile).")
     parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")
     args = parser.parse_args(argv)
     from utils.run import default_dataset
 
     args.dataset = default_dataset(args)
+    if (args.impl == "hf" and args.mode != "model") or (args.impl == "timm" and args.mode != "finetune"):
+        parser.error(f"--impl {args.impl} is the reference of --mode {'model' if args.impl == 'hf' else 'finetune'}: "
+                     f"with --mode {args.mode} pass --impl ours or both")
     if args.mode in ("data", "both") and args.warmup_steps < 1:
         parser.error("--mode data/both times from the end of the warm-up: --warmup_steps must be at least 1")
     return args
@@ -562,12 +569,15 @@ def main(argv=None):
         rows = run_optimizer_mode(args, device, config)
     else:
         rows = run_pipeline_mode(args, device, config, with_model=args.mode == "both")
-    import timm
     import transformers
 
     context = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__,
+               "torch": torch.__version__, "transformers": transformers.__version__,
                "command": "python " + " ".join(sys.argv)}
+    if args.mode == "finetune":
+        import timm
+
+        context["timm"] = timm.__version__
     for row in rows:
         row.update(context)
         print(json.dumps(row))

@@ -5,7 +5,7 @@
 # about 3; step 11, where the scripts' loops wait for the GPU, about 2.5). Every step has its own time limit, so one failure leaves the others' rows;
 # STEPS picks some (default: all). A session lent 15 minutes of device time in all (the machine's start included)
 # fits "4 12" (about 6 min: the compiled ratio and MFU, then what the compiled regions add), then "8 9" if 8 minutes
-# are left; step 13 (the fine-tuning step against timm, about 4 min) after those:
+# are left; step 13 (the fine-tuning step against timm, about 4 min) in another session:
 #   OUT=bench/gpu_out STEPS="4 12" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # The pipeline rows (steps 2, 5, 8, 9) chain the sampler's epochs in one iterator since the session after step 9 was
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+python -c "import torch, torchvision, transformers, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12 13} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }

@@ -231,9 +231,11 @@ def test_tf32_is_on_for_a_gpu_only_and_torch_compile_can_still_read_the_precisio
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     before = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
     try:
-        matmul.allow_tf32, cudnn.benchmark = False, False
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = False, True, False
         set_gpu_math(torch.device("cpu"), tf32=True)
         assert not matmul.allow_tf32 and not cudnn.benchmark
+        set_gpu_math(torch.device("cpu"), tf32=False)
+        assert cudnn.allow_tf32  # PyTorch's own default, left alone
         set_gpu_math(torch.device("cuda"), tf32=True)
         assert matmul.allow_tf32 and cudnn.allow_tf32 and cudnn.benchmark
         assert torch.get_float32_matmul_precision() == "high"  # raises if the two APIs were mixed

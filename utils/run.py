@@ -49,7 +49,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                      help="On an NVIDIA GPU (Ampere or newer), run fp32 matrix products and convolutions on TF32 tensor "
                           "cores (all of them with --mixed_precision no; the few outside autocast otherwise), as timm's "
-                          "train.py does; --no-tf32 keeps full fp32, PyTorch's default. No effect on a CPU.")
+                          "train.py does; --no-tf32: full fp32 for both (PyTorch's default is full fp32 for matrix "
+                          "products, TF32 for convolutions). Either way cuDNN's autotuner is on. No effect on a CPU.")
     run.add_argument("--gradient_checkpointing", action="store_true",
                      help="Recompute each block's activations in the backward pass instead of storing them: much "
                           "less memory for large micro-batches, about a third more compute.")
@@ -158,10 +159,11 @@ def launched_on_cpu_only() -> bool:
 
 
 def set_gpu_math(device: torch.device, tf32: bool) -> None:
-    """On an NVIDIA GPU: fp32 matrix products and convolutions on TF32 tensor cores (``tf32``; PyTorch leaves them
-    off for matrix products), and cuDNN's autotuner for the convolutions, whose shapes repeat (patch embedding, UperNet),
-    as facebookresearch/mae sets it. The legacy flags, not ``fp32_precision``: torch.compile reads the precision
-    through the legacy API, which raises once the two are mixed. A CPU is left as it is."""
+    """On an NVIDIA GPU: fp32 matrix products and convolutions on TF32 tensor cores, or neither (``tf32``; PyTorch's
+    default is off for matrix products, on for convolutions), and cuDNN's autotuner for the convolutions, whose shapes
+    repeat (patch embedding, UperNet), as facebookresearch/mae sets it. The legacy flags, not ``fp32_precision``:
+    torch.compile reads the precision through the legacy API, which raises once the two are mixed. A CPU is left as
+    it is."""
     if device.type != "cuda":
         return
     torch.backends.cuda.matmul.allow_tf32 = tf32
