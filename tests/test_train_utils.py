@@ -220,7 +220,6 @@ def test_an_fsdp_config_that_fell_back_to_ddp_is_named(monkeypatch, caplog):
             assert "asks for FSDP, but accelerate runs FSDP only on GPUs: " + warning in caplog.text
 
 
-
 def test_tf32_is_on_for_a_gpu_only_and_torch_compile_can_still_read_the_precision():
     """--tf32 (the default) sets the legacy flags on a GPU: torch.compile reads the precision through the legacy API,
     which raises once it is mixed with the newer fp32_precision one. A CPU keeps PyTorch's settings."""
