@@ -6,6 +6,8 @@
                    model FLOP utilisation (model FLOPs per image counted from the shapes x images/s / peak).
     --mode finetune  the same for fine-tuning: finetune_classifier.py's ViT classifier (global pooling, drop
                    path) against timm's VisionTransformer built the same way.
+    --mode scope   what --compile's scope is worth: this project's MAE eager, with only its blocks compiled, with the
+                   blocks and the regions between them (what --compile does), and compiled whole, in alternating rounds.
     --mode data    the input pipeline alone (read, decode, random-resized-crop + flip, collate, copy to the device,
                    normalise there), as pretrain_mae.py builds it.
     --mode both    the pipeline feeding this project's step: whichever is slower is the wall.
@@ -129,9 +131,15 @@ class Trainer:
     """One model + AdamW + the step, as the scripts run it (autocast, GradScaler under fp16); ``call(model, *inputs)``
     returns the loss."""
 
-    def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, call):
+    def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, call, scope: str | None = None):
         self.name, self.model, self.call, self.device = name, model.to(device), call, device
-        if name == "ours":
+        if scope is not None:  # --mode scope
+            apply_speed_options(model, argparse.Namespace(compile=scope in ("blocks", "regions"),
+                                                          gradient_checkpointing=args.gradient_checkpointing))
+            model.compile_regions = scope == "regions"
+            if scope == "whole":
+                model.compile()
+        elif name == "ours":
             apply_speed_options(model, args)  # exactly what the scripts do with --compile / --gradient_checkpointing
         else:
             if args.gradient_checkpointing and hasattr(model, "set_grad_checkpointing"):  # timm
@@ -179,6 +187,25 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
                          "model", "hf")
 
 
+COMPILE_SCOPES = ("eager", "blocks", "regions", "whole")
+
+
+def run_scope_mode(args, device: torch.device, config: dict) -> list[dict]:
+    """Our MAE's pretraining step with each of ``COMPILE_SCOPES`` compiled, from the same weights, in alternating
+    rounds: what compiling the regions between the blocks (--compile) adds over the blocks alone, and how far it is from
+    one whole-model graph (not used: DDP could no longer overlap its all-reduce with each block's backward pass)."""
+    trainers = []
+    for scope in COMPILE_SCOPES:
+        torch.manual_seed(0)
+        trainers.append(Trainer(scope, MaskedAutoencoder(**config), args, device,
+                                lambda model, images, noise: model(images, noise=noise).loss, scope=scope))
+    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    noise = torch.rand(args.batch_size, (config["img_size"] // config["patch_size"]) ** 2, device=device)
+    rows = time_trainers(trainers, (images, noise), args, device, mae_flops_per_image(config, config["mask_ratio"]),
+                         "scope", "eager")
+    return [{**row, "compile": row["impl"] != "eager"} for row in rows]
+
+
 def run_finetune_mode(args, device: torch.device, config: dict) -> list[dict]:
     """finetune_classifier.py's model (our ViT, global pooling + fc_norm, drop path) against timm's VisionTransformer
     built the same way, the fine-tuning reference most users know; both trained with label smoothing and the same
@@ -205,7 +232,7 @@ def run_finetune_mode(args, device: torch.device, config: dict) -> list[dict]:
 def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flops: int, mode: str,
                   reference: str) -> list[dict]:
     """Warm-up steps, then ``args.rounds`` alternating rounds of ``args.steps`` steps each; a row per trainer with the
-    median round, and the first trainer's speed-up over the ``reference`` one."""
+    median round, and each other trainer's speed-up over the ``reference`` one."""
     for trainer in trainers:
         for _ in range(args.warmup_steps):
             trainer.step(*inputs)
@@ -213,7 +240,7 @@ def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flo
     times = {t.name: [] for t in trainers}
     step_memory = {t.name: 0 for t in trainers}
     for round_index in range(args.rounds):
-        # Alternating rounds, each model first in every other one: drifts in clock or load, and going first, hit both.
+        # Alternating rounds, the order reversed in every other one: drifts in clock or load, and going first, hit all.
         order = trainers[::-1] if round_index % 2 else trainers
         for trainer in order:
             if device.type == "cuda":
@@ -244,9 +271,11 @@ def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flo
             if device.type == "cuda" else None,
             "finite_loss": bool(torch.isfinite(trainer.loss_sum).item()),
         })
-    if len(rows) == 2:  # from the unrounded step times (images/s are rounded to 0.1: too coarse for ViT-B on a CPU)
-        medians = [statistics.median(times[trainer.name]) for trainer in trainers]
-        rows[0][f"speedup_vs_{reference}"] = round(medians[1] / medians[0], 3)
+    if reference in times:  # from the unrounded step times (images/s are rounded to 0.1: too coarse for ViT-B on a CPU)
+        for row in rows:
+            if row["impl"] != reference:
+                row[f"speedup_vs_{reference}"] = round(statistics.median(times[reference]) /
+                                                       statistics.median(times[row["impl"]]), 3)
     if args.profile:
         profile_steps(trainers, inputs, device, args.profile)
     return rows
@@ -492,9 +521,10 @@ def run_optimizer_mode(args, device: torch.device, config: dict) -> list[dict]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="model", choices=["model", "finetune", "data", "both", "memory", "optimizer"],
+    parser.add_argument("--mode", default="model", choices=["model", "finetune", "scope", "data", "both", "memory", "optimizer"],
                         help="What to time (model: the pretraining step against 🤗; finetune: the fine-tuning step "
-                             "against timm; optimizer: AdamW's step alone, fused against the default).")
+                             "against timm; scope: our pretraining step eager, with its blocks, blocks and regions, or "
+                             "whole model compiled; optimizer: AdamW's step alone, fused against the default).")
     parser.add_argument("--model", default="mae_vit_tiny_patch4", choices=sorted(MAE_PRESETS), help="Preset to time.")
     parser.add_argument("--impl", default="both", choices=["ours", "hf", "timm", "both"],
                         help="This project's model, the reference (--mode model: 🤗 ViTMAEForPreTraining, hf; "
@@ -537,7 +567,7 @@ def parse_args(argv=None):
     parser.add_argument("--memory_batches", type=int, nargs="+", default=None,
                         help="--mode memory: micro-batches to measure (default 32 64 128 256 512).")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="--mode model/finetune: after timing, print the N operators that take the most device time "
+                        help="--mode model/finetune/scope: after timing, print the N operators that take the most device time "
                              "(torch.profiler, three steps per model; 0: no profile).")
     parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")
     args = parser.parse_args(argv)
@@ -547,6 +577,8 @@ def parse_args(argv=None):
     if (args.impl == "hf" and args.mode != "model") or (args.impl == "timm" and args.mode != "finetune"):
         parser.error(f"--impl {args.impl} is the reference of --mode {'model' if args.impl == 'hf' else 'finetune'}: "
                      f"with --mode {args.mode} pass --impl ours or both")
+    if args.mode == "scope" and (args.compile or args.impl != "both"):
+        parser.error("--mode scope times our model in every compile scope itself: drop --compile and --impl")
     if args.mode in ("data", "both") and args.warmup_steps < 1:
         parser.error("--mode data/both times from the end of the warm-up: --warmup_steps must be at least 1")
     return args
@@ -563,6 +595,8 @@ def main(argv=None):
         rows = run_model_mode(args, device, config)
     elif args.mode == "finetune":
         rows = run_finetune_mode(args, device, config)
+    elif args.mode == "scope":
+        rows = run_scope_mode(args, device, config)
     elif args.mode == "memory":
         rows = run_memory_mode(args, device, config)
     elif args.mode == "optimizer":

@@ -98,9 +98,8 @@ if step 11; then
         | grep -v Warning | tail -18
     rm -rf "$OUT/syncs"
 fi
-# 12. what --compile's regions add over the blocks alone, and the whole model in one graph (bench/compile_scope.py)
-step 12 && echo "== compile scope: ViT-B/16, bf16, batch 256" && timeout 240 python bench/compile_scope.py \
-    --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --rounds 4 2>&1 | grep -v Warning | tail -4
+# 12. what --compile's regions add over the blocks alone, and the whole model in one graph (--mode scope)
+step 12 && run 240 --mode scope --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 4
 # 13. the fine-tuning step, ViT-B/16, bf16, batch 256: ours against timm's VisionTransformer, eager then compiled
 step 13 && run 120 --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 3
 step 13 && run 180 --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 3 --compile

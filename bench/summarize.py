@@ -17,13 +17,21 @@ def machine(row: dict) -> str:
     return f"{where}, torch {row.get('torch')}, transformers {row.get('transformers', '?')}"
 
 
+def row_note(row: dict) -> str:
+    """The row's own note, and a fine-tuning row's drop path and classes where they differ from the caption's."""
+    notes = [row["note"]] if row.get("note") else []
+    if row.get("mode") == "finetune" and (row.get("drop_path", 0.1), row.get("num_classes", 1000)) != (0.1, 1000):
+        notes.append(f"drop path {row.get('drop_path')}, {row.get('num_classes')} classes")
+    return "; ".join(notes)
+
+
 def model_table(rows: list[dict], commands: list[str], reference: str = "hf", label: str = "🤗") -> list[str]:
     """Ours against the ``reference`` rows (impl hf: 🤗 transformers, timm: timm) of the same command."""
     lines = [f"| machine | model | batch | precision | compiled | checkpointing | ours img/s | {label} img/s | "
              f"ours / {label} | MFU ours | MFU {label} | step memory ours / {label} (GiB) | note | cmd |", "|" + "---|" * 14]
     pending = {}
     for row in rows:
-        key = (row["command"], row["model"], row["batch_size"], row["precision"], row.get("note", ""))
+        key = (row["command"], row["model"], row["batch_size"], row["precision"], row_note(row))
         pending.setdefault(key, {})[row["impl"]] = row
     for (command, model, batch, precision, note), pair in pending.items():
         ours, hf = pair.get("ours"), pair.get(reference)
@@ -40,6 +48,26 @@ def model_table(rows: list[dict], commands: list[str], reference: str = "hf", la
                      f"{first.get('gradient_checkpointing', False)} | {fmt(ours, 'images_per_sec')} | "
                      f"{fmt(hf, 'images_per_sec')} | {ratio} | {fmt(ours, 'mfu', '{:.1%}')} | {fmt(hf, 'mfu', '{:.1%}')} | "
                      f"{memory} | {note} | [{len(commands)}] |")
+    return lines
+
+
+def scope_table(rows: list[dict], commands: list[str]) -> list[str]:
+    """One line per command: images/s of each compile scope, and what the regions add over the blocks."""
+    scopes = ("eager", "blocks", "regions", "whole")
+    lines = ["| machine | model | batch | precision | " + " | ".join(f"{scope} img/s" for scope in scopes) +
+             " | regions / blocks | MFU regions | note | cmd |", "|" + "---|" * 12]
+    runs = {}
+    for row in rows:
+        runs.setdefault(row["command"], {})[row["impl"]] = row
+    for command, run in runs.items():
+        commands.append(command)
+        first = next(iter(run.values()))
+        rates = " | ".join(str(run[scope]["images_per_sec"]) if scope in run else "—" for scope in scopes)
+        gain = (f"**{run['blocks']['step_time_ms'] / run['regions']['step_time_ms']:.2f}x**"
+                if "blocks" in run and "regions" in run else "—")
+        mfu = f"{run['regions']['mfu']:.1%}" if run.get("regions", {}).get("mfu") is not None else "—"
+        lines.append(f"| {machine(first)} | {first['model']} | {first['batch_size']} | {first['precision']} | {rates} | "
+                     f"{gain} | {mfu} | {first.get('note', '')} | [{len(commands)}] |")
     return lines
 
 
@@ -114,10 +142,16 @@ def main(argv=None) -> None:
             *model_table([r for r in rows if r.get("mode") == "model"], commands), "",
             "## Fine-tuning step: this project's ViT classifier vs timm's VisionTransformer", "",
             "`--mode finetune`: finetune_classifier.py's model (cls token, global average pooling + fc_norm, drop path "
-            "0.1, 1,000 classes) and timm's `VisionTransformer` built the same way; cross-entropy with label smoothing, "
+            "0.1 and 1,000 classes unless the note says otherwise) and timm's `VisionTransformer` built the same way; cross-entropy with label smoothing, "
             "AdamW; otherwise as above (MFU: `vit_flops_per_image`). Compiled rows: ours block by block, as "
             "finetune_classifier.py's --compile; timm's whole model.", "",
             *model_table([r for r in rows if r.get("mode") == "finetune"], commands, "timm", "timm"), "",
+            "## What --compile's scope is worth", "",
+            "`--mode scope`: our pretraining step eager, with only its transformer blocks compiled, with the blocks and "
+            "the regions between them compiled (what `--compile` does), and compiled as one whole-model graph (not "
+            "used by the scripts: DDP could no longer overlap its all-reduce with each block's backward pass); same "
+            "weights, images and masks, alternating rounds, median round.", "",
+            *scope_table([r for r in rows if r.get("mode") == "scope"], commands), "",
             "## Input pipeline", "",
             "pretrain_mae.py's training loader (same samples, transform, sampler and loader settings) without the model "
             "(`--mode data`) and feeding our step (`--mode both`). Rows noted \"epochs chained\" run the sampler's "

@@ -70,6 +70,52 @@ def test_finetune_mode_times_ours_and_timm_built_alike():
         bench.parse_args(["--mode", "model", "--impl", "timm"])
 
 
+def test_scope_mode_compiles_what_each_scope_names(monkeypatch):
+    """--mode scope: eager compiles nothing, blocks only the transformer blocks, regions the blocks and the MAE's
+    regions (as --compile), whole the model in one graph; a row each, with the speed-up over eager. torch.compile is
+    recorded and left out here (compiling four variants takes minutes on this CPU; test_models_mae checks that the
+    compiled regions match eager)."""
+    import models.mae
+    from models.vit import Block
+
+    compiled = []
+
+    def record(fn, *args, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    monkeypatch.setattr(models.mae, "_COMPILED", {})  # (what region() compiles is kept there, for every model)
+    args = bench.parse_args(["--mode", "scope", "--batch_size", "8", "--steps", "1", "--rounds", "2",
+                             "--warmup_steps", "1", "--peak_tflops", "1.0", "--device", "cpu"])
+    config = mae_config("mae_vit_tiny_patch4")
+    seen = {}
+    for scope in bench.COMPILE_SCOPES:
+        model = MaskedAutoencoder(**config)
+        before = len(compiled)
+        bench.Trainer(scope, model, args, torch.device("cpu"), lambda m, x, noise: m(x, noise=noise).loss, scope=scope)
+        images = torch.randn(2, config["in_chans"], config["img_size"], config["img_size"])
+        model(images)  # region() compiles on first use
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        seen[scope] = (len(compiled) - before, all(b._compiled_call_impl is not None for b in blocks),
+                       model.compile_regions, model._compiled_call_impl is not None)
+    num_blocks = config["depth"] + config["decoder_depth"]
+    assert seen["eager"] == (0, False, False, False)
+    assert seen["blocks"] == (num_blocks, True, False, False)
+    assert seen["regions"][1:] == (True, True, False) and seen["regions"][0] > num_blocks
+    assert seen["whole"] == (1, False, False, True)
+    with pytest.raises(SystemExit):  # the mode compiles each scope itself
+        bench.parse_args(["--mode", "scope", "--compile"])
+
+    rows = bench.main(["--mode", "scope", "--batch_size", "8", "--steps", "1", "--rounds", "2", "--warmup_steps", "1",
+                       "--peak_tflops", "1.0", "--device", "cpu"])
+    assert [row["impl"] for row in rows] == list(bench.COMPILE_SCOPES)
+    assert [row["compile"] for row in rows] == [False, True, True, True] and "speedup_vs_eager" not in rows[0]
+    for row in rows[1:]:
+        assert row["finite_loss"] and row["speedup_vs_eager"] == pytest.approx(
+            rows[0]["step_time_ms"] / row["step_time_ms"], rel=1e-2)
+
+
 def test_both_models_learn_the_same_task_from_the_same_config():
     """The 🤗 model built for the comparison has our shapes: the same parameter count."""
     config = mae_config("mae_vit_tiny_patch4", mask_ratio=0.75, norm_pix_loss=False)
