@@ -240,8 +240,10 @@ def time_trainers(trainers: list, inputs: tuple, args, device: torch.device, flo
     times = {t.name: [] for t in trainers}
     step_memory = {t.name: 0 for t in trainers}
     for round_index in range(args.rounds):
-        # Alternating rounds, the order reversed in every other one: drifts in clock or load, and going first, hit all.
-        order = trainers[::-1] if round_index % 2 else trainers
+        # The order rotates each round, so drifts in clock or load, and going first, hit every model alike (with two
+        # models: each first in every other round).
+        first = round_index % len(trainers)
+        order = trainers[first:] + trainers[:first]
         for trainer in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -574,11 +576,11 @@ def parse_args(argv=None):
     from utils.run import default_dataset
 
     args.dataset = default_dataset(args)
+    if args.mode == "scope" and (args.compile or args.impl != "both"):
+        parser.error("--mode scope times our model in every compile scope itself: drop --compile and --impl")
     if (args.impl == "hf" and args.mode != "model") or (args.impl == "timm" and args.mode != "finetune"):
         parser.error(f"--impl {args.impl} is the reference of --mode {'model' if args.impl == 'hf' else 'finetune'}: "
                      f"with --mode {args.mode} pass --impl ours or both")
-    if args.mode == "scope" and (args.compile or args.impl != "both"):
-        parser.error("--mode scope times our model in every compile scope itself: drop --compile and --impl")
     if args.mode in ("data", "both") and args.warmup_steps < 1:
         parser.error("--mode data/both times from the end of the warm-up: --warmup_steps must be at least 1")
     return args

@@ -57,9 +57,9 @@ def scope_table(rows: list[dict], commands: list[str]) -> list[str]:
     lines = ["| machine | model | batch | precision | " + " | ".join(f"{scope} img/s" for scope in scopes) +
              " | regions / blocks | MFU regions | note | cmd |", "|" + "---|" * 12]
     runs = {}
-    for row in rows:
-        runs.setdefault(row["command"], {})[row["impl"]] = row
-    for command, run in runs.items():
+    for row in rows:  # (the same command on two machines makes two lines)
+        runs.setdefault((row["command"], row["device_name"], row["torch"]), {})[row["impl"]] = row
+    for (command, _, _), run in runs.items():
         commands.append(command)
         first = next(iter(run.values()))
         rates = " | ".join(str(run[scope]["images_per_sec"]) if scope in run else "—" for scope in scopes)

@@ -102,14 +102,17 @@ def test_scope_mode_compiles_what_each_scope_names(monkeypatch):
     num_blocks = config["depth"] + config["decoder_depth"]
     assert seen["eager"] == (0, False, False, False)
     assert seen["blocks"] == (num_blocks, True, False, False)
-    assert seen["regions"][1:] == (True, True, False) and seen["regions"][0] > num_blocks
+    assert seen["regions"] == (num_blocks + 3, True, True, False)  # + encoder input, decoder input, prediction/loss
     assert seen["whole"] == (1, False, False, True)
     with pytest.raises(SystemExit):  # the mode compiles each scope itself
         bench.parse_args(["--mode", "scope", "--compile"])
 
+    compiled.clear()
+    monkeypatch.setattr(models.mae, "_COMPILED", {})
     rows = bench.main(["--mode", "scope", "--batch_size", "8", "--steps", "1", "--rounds", "2", "--warmup_steps", "1",
                        "--peak_tflops", "1.0", "--device", "cpu"])
     assert [row["impl"] for row in rows] == list(bench.COMPILE_SCOPES)
+    assert len(compiled) == 2 * num_blocks + 3 + 1  # the blocks twice, the regions once, the whole model once
     assert [row["compile"] for row in rows] == [False, True, True, True] and "speedup_vs_eager" not in rows[0]
     for row in rows[1:]:
         assert row["finite_loss"] and row["speedup_vs_eager"] == pytest.approx(
