@@ -171,20 +171,28 @@ def memory_now(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+def mae_inputs(args, config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic images (B, C, H, W) on the device and the masking noise (B, L): the same masks for every model."""
+    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    noise = torch.rand(args.batch_size, (config["img_size"] // config["patch_size"]) ** 2, device=device)
+    return images, noise
+
+
+def our_mae_loss(model: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return model(images, noise=noise).loss
+
+
 def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
     """Our MAE's pretraining step against 🤗's ViTMAEForPreTraining with the same config and masks."""
     torch.manual_seed(0)
     trainers = []
     if args.impl in ("ours", "both"):
-        trainers.append(Trainer("ours", MaskedAutoencoder(**config), args, device,
-                                lambda model, images, noise: model(images, noise=noise).loss))
+        trainers.append(Trainer("ours", MaskedAutoencoder(**config), args, device, our_mae_loss))
     if args.impl in ("hf", "both"):
         trainers.append(Trainer("hf", build_hf_mae(config), args, device,
                                 lambda model, images, noise: model(pixel_values=images, noise=noise).loss))
-    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
-    noise = torch.rand(args.batch_size, (config["img_size"] // config["patch_size"]) ** 2, device=device)
-    return time_trainers(trainers, (images, noise), args, device, mae_flops_per_image(config, config["mask_ratio"]),
-                         "model", "hf")
+    return time_trainers(trainers, mae_inputs(args, config, device), args, device,
+                         mae_flops_per_image(config, config["mask_ratio"]), "model", "hf")
 
 
 COMPILE_SCOPES = ("eager", "blocks", "regions", "whole")
@@ -197,12 +205,9 @@ def run_scope_mode(args, device: torch.device, config: dict) -> list[dict]:
     trainers = []
     for scope in COMPILE_SCOPES:
         torch.manual_seed(0)
-        trainers.append(Trainer(scope, MaskedAutoencoder(**config), args, device,
-                                lambda model, images, noise: model(images, noise=noise).loss, scope=scope))
-    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
-    noise = torch.rand(args.batch_size, (config["img_size"] // config["patch_size"]) ** 2, device=device)
-    rows = time_trainers(trainers, (images, noise), args, device, mae_flops_per_image(config, config["mask_ratio"]),
-                         "scope", "eager")
+        trainers.append(Trainer(scope, MaskedAutoencoder(**config), args, device, our_mae_loss, scope=scope))
+    rows = time_trainers(trainers, mae_inputs(args, config, device), args, device,
+                         mae_flops_per_image(config, config["mask_ratio"]), "scope", "eager")
     return [{**row, "compile": row["impl"] != "eager"} for row in rows]
 
 
@@ -379,8 +384,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
 
     loader = build_pipeline(args, config, device)
     normalize = Normalize(*channel_stats(config["in_chans"], args.dataset)).to(device)
-    trainer = (Trainer("ours", MaskedAutoencoder(**config), args, device,
-                       lambda model, images, noise: model(images, noise=noise).loss) if with_model else None)
+    trainer = Trainer("ours", MaskedAutoencoder(**config), args, device, our_mae_loss) if with_model else None
     seen, start, steps = 0, None, 0
     batches = DeviceBatches(loader, device, ahead=args.decode_ahead)  # as pretrain_mae.py: uint8 until on the device
     for batch in batches:
@@ -466,8 +470,7 @@ def run_memory_mode(args, device: torch.device, config: dict) -> list[dict]:
     trainer_args = argparse.Namespace(**{**vars(args), "compile": False})
     for ckpt in (False, True):
         trainer_args.gradient_checkpointing = ckpt
-        trainer = Trainer("ours", MaskedAutoencoder(**config), trainer_args, device,
-                          lambda m, images, noise: m(images, noise=noise).loss)
+        trainer = Trainer("ours", MaskedAutoencoder(**config), trainer_args, device, our_mae_loss)
         for batch in batches:
             images = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"], device=device)
             noise = torch.rand(batch, patches, device=device)
