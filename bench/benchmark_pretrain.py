@@ -386,6 +386,9 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     normalize = Normalize(*channel_stats(config["in_chans"], args.dataset)).to(device)
     trainer = Trainer("ours", MaskedAutoencoder(**config), args, device, our_mae_loss) if with_model else None
     seen, start, steps = 0, None, 0
+    # The workers fill their prefetch queues during the warm-up; timing starts once those are drained, so the timed
+    # window measures the steady rate and not batches made before it began.
+    warmup = max(args.warmup_steps, loader.num_workers * (loader.prefetch_factor or 0))
     batches = DeviceBatches(loader, device, ahead=args.decode_ahead)  # as pretrain_mae.py: uint8 until on the device
     for batch in batches:
         images, noise = normalize(batch["pixel_values"]), batch["noise"]
@@ -393,12 +396,12 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
             trainer.step(images, noise)
             bool(torch.isfinite(trainer.loss_sum))  # the scripts' one host sync per step (the finite-loss check)
         steps += 1
-        if steps == args.warmup_steps:
+        if steps == warmup:
             sync(device)
             start = time.perf_counter()
-        elif steps > args.warmup_steps:
+        elif steps > warmup:
             seen += images.shape[0]
-        if steps == args.warmup_steps + args.steps:
+        if steps == warmup + args.steps:
             break
     batches.close()
     sync(device)
@@ -410,7 +413,8 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
            "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
            "compile": args.compile, "decode_ahead": args.decode_ahead, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2),
-           "batches_per_epoch": loader.batch_sampler.sampler.steps_per_epoch, "epochs_chained": True}
+           "batches_per_epoch": loader.batch_sampler.sampler.steps_per_epoch, "epochs_chained": True,
+           "warmup_steps": warmup}
     if not with_model:
         row["worker_ms_per_image"] = worker_ms_per_image(loader.dataset)
     if row["decode"] == "device" and not with_model:
@@ -548,7 +552,8 @@ def parse_args(argv=None):
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; the median round is reported.")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (compilation happens here).")
+    parser.add_argument("--warmup_steps", type=int, default=3,
+                        help="Untimed steps first (compilation; --mode data/both: at least the workers' prefetched batches).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="Device peak for the MFU (default: the datasheet value for H100/H200/A100; none on a CPU).")

@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements, most important first. Steps 1-6 took 7 minutes in one call on an H100; 7-8 were added
-# after that run, 9 and step 8's --decode_ahead run in the session after (steps 8 and 9 are capped at 9.75 minutes
-# together and should take about 6; step 7 another 2.5; step 10, the script end to end, is capped at 5 and should take
-# about 3; step 11, where the scripts' loops wait for the GPU, about 2.5). Every step has its own time limit, so one failure leaves the others' rows;
-# STEPS picks some (default: all). A session lent 15 minutes of device time in all (the machine's start included)
-# fits "4 12" (about 6 min: the compiled ratio and MFU, then what the compiled regions add), then "8 9" if 8 minutes
-# are left; step 13 (the fine-tuning step against timm, about 4 min) in another session:
-#   OUT=bench/gpu_out STEPS="4 12" bash bench/gpu_checks.sh      # then, back here:
+# The GPU measurements, each step with its own time limit so one failure leaves the others' rows; STEPS picks some
+# (default: all). Wall times on one H100/H200: steps 1-6 about 7 minutes together; 16 14 15 18 19 17 about 5 (16: the
+# compiled step's profile, 14: JPEG decode routes, 15: attention backends, 18: the tiny preset, 19: the pixel cache,
+# 17: micro-batch 512); 12 about 1.5; 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4.
+#   OUT=bench/gpu_out STEPS="16 14 15 18 19 17" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
-# The pipeline rows (steps 2, 5, 8, 9) chain the sampler's epochs in one iterator since the session after step 9 was
-# written: the earlier rows ran epoch by epoch on sets with fewer batches per epoch than workers, and understated.
+# Step 14's nvImageCodec rows need the nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels installed (they skip without).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
@@ -19,7 +15,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12 13} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -103,4 +99,26 @@ step 12 && run 240 --mode scope --model mae_vit_base_patch16 --batch_size 256 --
 # 13. the fine-tuning step, ViT-B/16, bf16, batch 256: ours against timm's VisionTransformer, eager then compiled
 step 13 && run 120 --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 3
 step 13 && run 180 --mode finetune --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 10 --rounds 3 --compile
+# 16. where the compiled ViT-B step's time goes: our step alone, the top operators and kernels by device time
+step 16 && run 150 --model mae_vit_base_patch16 --impl ours --batch_size 256 --precision bf16 --steps 10 --rounds 3 \
+    --compile --profile 30
+# 14. JPEG decode routes (500x375, quality 90) to 224x224 training crops: PIL and torchvision on one CPU thread, torchvision
+# on the GPU per image and batched, nvImageCodec batched (any backend, hardware engines only, region-of-interest
+# decode); nvImageCodec comes as carried wheels (NVIMGCODEC_SITE: where they were installed)
+step 14 && echo "== decode routes" && timeout 150 python bench/benchmark_decode.py --make_jpegs 1536 --path_to_data /tmp/jpegs \
+    --batch_size 256 --batches 5 --output "$OUT/results.jsonl" 2>&1 | grep -v "Warning\|nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF"
+# 15. attention backends on ViT-B's encoder and decoder shapes, bf16, batch 256
+step 15 && echo "== attention backends" && timeout 60 python bench/benchmark_attention.py --model mae_vit_base_patch16 \
+    --batch_size 256 --precision bf16 --output "$OUT/results.jsonl" 2>&1 | grep -v Warning
+# 18. the tiny preset (28x28 images, about 0.3 GFLOP per trained image) compiled on synthetic images on the device
+step 18 && run 120 --model mae_vit_tiny_patch4 --impl ours --batch_size 8192 --precision bf16 --steps 20 --rounds 3 --compile
+# 19. the pixel cache of step 14's JPEGs, the loader alone
+if step 19; then
+    echo "== make_pixel_cache ($(ls /tmp/jpegs/train/synthetic | wc -l) JPEGs)"
+    timeout 60 python make_pixel_cache.py --path_to_data /tmp/jpegs --output_dir /tmp/jpegs_cache 2>&1 | tail -2
+    run 45 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs_cache --batch_size 256 --steps 40 \
+        --warmup_steps 5
+fi
+# 17. a larger micro-batch: ViT-B compiled at 512, ours against 🤗
+step 17 && run 130 --model mae_vit_base_patch16 --batch_size 512 --precision bf16 --steps 10 --rounds 3 --compile
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

@@ -93,6 +93,29 @@ def pipeline_table(rows: list[dict], commands: list[str]) -> list[str]:
     return lines
 
 
+def decode_table(rows: list[dict], commands: list[str]) -> list[str]:
+    lines = ["| machine | route | batch | KB per file | img/s | CPU ms per image | cmd |", "|" + "---|" * 7]
+    for row in rows:
+        if row["command"] not in commands:
+            commands.append(row["command"])
+        lines.append(f"| {row['device_name']}, torch {row['torch']} | {row['route']} | {row['batch_size']} | "
+                     f"{row['mean_kb_per_file']} | {row['images_per_sec']} | {row['cpu_ms_per_image']} | "
+                     f"[{commands.index(row['command']) + 1}] |")
+    return lines
+
+
+def attention_table(rows: list[dict], commands: list[str]) -> list[str]:
+    lines = ["| machine | model | part | (batch, heads, tokens, head dim) | backend | ms per call | ms per step (all blocks) "
+             "| cmd |", "|" + "---|" * 8]
+    for row in rows:
+        if row["command"] not in commands:
+            commands.append(row["command"])
+        lines.append(f"| {row['device_name']}, torch {row['torch']} | {row['model']} | {row['part']} | "
+                     f"{tuple(row['shape'])} | {row['backend']} | {row['ms_per_call']} | {row['ms_per_step_all_blocks']} | "
+                     f"[{commands.index(row['command']) + 1}] |")
+    return lines
+
+
 def memory_table(rows: list[dict], commands: list[str]) -> list[str]:
     columns = sorted({(r["model"], r["precision"], r["gradient_checkpointing"], r["kind"].split(":")[0],
                        machine(r)) for r in rows})
@@ -159,6 +182,15 @@ def main(argv=None) -> None:
             "epoch; earlier rows ran epoch by epoch, which on a set with fewer batches per epoch than workers keeps "
             "workers idle (the two x86_64 rows with 1 batch per epoch show the size of it).", "",
             *pipeline_table([r for r in rows if r.get("mode") in ("data", "both")], commands), "",
+            "## JPEG decoding routes", "",
+            "`bench/benchmark_decode.py`: 500x375 quality-90 JPEGs to 224x224 random-resized crops (uint8, stacked), "
+            "batches of 256 after one warm-up batch. The CPU routes run on one thread (a loader worker's rate); the "
+            "GPU routes resize the crops on the GPU one by one. CPU ms per image: host CPU time the route spends.", "",
+            *decode_table([r for r in rows if r.get("mode") == "decode"], commands), "",
+            "## Attention backends", "",
+            "`bench/benchmark_attention.py`: forward + backward of `scaled_dot_product_attention` on the MAE's "
+            "encoder (cls + visible patches) and decoder (cls + every patch) shapes, each backend forced.", "",
+            *attention_table([r for r in rows if r.get("mode") == "attention"], commands), "",
             "## Memory against micro-batch", "",
             *memory_table([r for r in rows if r.get("mode") == "memory"], commands), "",
             "## AdamW's step alone", "",

@@ -165,3 +165,39 @@ def test_count_syncs_counts_the_synchronisation_warnings_by_line(tmp_path):
     assert lines[0] == "synchronising calls: 4 in all, by line (most frequent first):"
     assert [line.split() for line in lines[1:]] == [["3", f"{script}:4"], ["1", f"{script}:5"]]
     assert "something else" in result.stderr
+
+
+def load_bench(name: str):
+    module_spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_routes_give_the_same_crops(tmp_path):
+    """PIL and torchvision decode the same files into the same seeded windows: the crops agree to rounding."""
+    decode = load_bench("benchmark_decode")
+    bench.make_jpegs(tmp_path, 6)
+    files = sorted(tmp_path.rglob("*.jpg"))
+    encoded, sizes = [f.read_bytes() for f in files], [(375, 500)] * len(files)
+    windows = decode.crop_windows(sizes, seed=3)
+    assert windows == decode.crop_windows(sizes, seed=3) and windows != decode.crop_windows(sizes, seed=4)
+    for top, left, h, w in windows:
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        assert 0.2 * 375 * 500 * 0.99 <= h * w <= 375 * 500 and 3 / 4 * 0.99 <= w / h <= 4 / 3 * 1.01
+    device = torch.device("cpu")
+    pil = decode.Route("pil", device, 32)(encoded, sizes, seed=3)
+    tv = decode.Route("tv_cpu", device, 32)(encoded, sizes, seed=3)
+    assert pil.shape == tv.shape == (6, 3, 32, 32) and pil.dtype == tv.dtype == torch.uint8
+    assert (pil.float() - tv.float()).abs().mean() < 4  # two resamplers and IDCTs, the same pixels
+    other = decode.Route("tv_cpu", device, 32)(encoded, sizes, seed=4)
+    assert (other.float() - tv.float()).abs().mean() > 4  # other windows: other crops
+
+
+def test_attention_backends_agree_where_they_run(capsys):
+    attention = load_bench("benchmark_attention")
+    q, k, v = (torch.randn(2, 3, 13, 16, requires_grad=True) for _ in range(3))
+    seconds = attention.time_backend(attention.BACKENDS["math"], q, k, v, steps=1)
+    assert seconds > 0 and q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(RuntimeError):  # cuDNN attention has no CPU kernel: the script reports it as not run
+        attention.time_backend(attention.BACKENDS["cudnn"], q, k, v, steps=1)
