@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, read_metrics, run_script, without_key_bias
 from test_pretrain import SMALL
 
 NODE_TIMEOUT = 180  # seconds for the whole two-node run; it takes about 15 on two idle cores
@@ -64,15 +64,6 @@ def run_nodes(nodes: int, script_args: list, log_dir) -> list[tuple[int, str]]:
         for agent in agents:
             agent.wait()
     return [(agent.returncode, log.read_text()) for agent, log in zip(agents, logs)]
-
-
-def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Drop the key third of a fused qkv bias. Its gradient is zero up to rounding (softmax ignores a shift shared by
-    all keys), and AdamW turns that noise into lr-sized steps that differ with the summation order."""
-    if not name.endswith("attn.qkv.bias"):
-        return tensor
-    query, _, value = tensor.chunk(3)
-    return torch.cat([query, value])
 
 
 def test_two_nodes_equal_one_process(tmp_path, fashion_mnist_dir, monkeypatch):

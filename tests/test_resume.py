@@ -67,6 +67,52 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
     assert without_timing(read_metrics(tmp_path / "killed")) == without_timing(read_metrics(tmp_path / "whole"))
 
 
+def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_the_last_good_one(tmp_path, fashion_mnist_dir):
+    # 8 steps, checkpoints at 2, 4, 6, 8, all kept; then step 8's weights are cut short and one byte of step 6's
+    # optimizer state is changed, as a disk or a copy could do long after the saves completed
+    common = ["--working_directory", tmp_path, "--experiment_name", "run", "--max_samples", 64, "--per_gpu_batch_size", 8,
+              "--epochs", 1, "--checkpointing_steps", 2, "--keep_checkpoints", 0, "--log_every", 1, *SMALL]
+    run_script("pretrain_mae.py", *common)
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    whole = final_weights(run)
+    weights = checkpoints / "step_00000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    optimizer_state = next((checkpoints / "step_00000006").glob("optimizer*"))
+    data = bytearray(optimizer_state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optimizer_state.write_bytes(bytes(data))
+
+    explicit = run_script("pretrain_mae.py", *common, "--resume_from_checkpoint", checkpoints / "step_00000008", check=False)
+    assert explicit.returncode != 0 and "Traceback" not in explicit.stderr
+    assert "step_00000008 is damaged" in explicit.stderr and "model.safetensors has" in explicit.stderr
+
+    resumed = run_script("pretrain_mae.py", *common, "--resume_from_checkpoint", "auto")
+    assert "step_00000004 at step 4" in resumed.stderr and "SHA-256 mismatch" in resumed.stderr
+    assert sorted(p.name for p in (checkpoints / "damaged").iterdir()) == ["step_00000006", "step_00000008"]
+    assert [p.name for p in sorted(checkpoints.glob("step_*"))] == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
+    again = final_weights(run)  # steps 5-8 redone from step 4: the same weights as the first time
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_afresh(tmp_path):
+    from utils.checkpoint import DAMAGED_DIR, resolve_checkpoint, write_manifest
+    from utils.errors import UserError
+
+    for step in (2, 4):
+        folder = tmp_path / f"step_{step:08d}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights" * 100)
+        write_manifest(folder)
+    assert resolve_checkpoint("auto", tmp_path) == tmp_path / "step_00000004"
+    (tmp_path / "step_00000004" / "model.safetensors").write_bytes(b"weights" * 99 + b"weighs")  # same size, changed
+    assert resolve_checkpoint("auto", tmp_path) == tmp_path / "step_00000002"
+    (tmp_path / "step_00000002" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="every checkpoint under .* is damaged"):
+        resolve_checkpoint("latest", tmp_path)
+    assert sorted(p.name for p in (tmp_path / DAMAGED_DIR).iterdir()) == ["step_00000002", "step_00000004"]
+    assert resolve_checkpoint("auto", tmp_path / "elsewhere") is None  # no checkpoint yet: a fresh start
+
+
 def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fashion_mnist_dir):
     # 2 processes x 8 (2 micro-batches of 4) = 16 per step, 4 steps per epoch; checkpoints at 2, 4, 6; step 2 is
     # mid-epoch

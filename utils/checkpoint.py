@@ -1,9 +1,12 @@
-"""Crash-safe, resumable checkpoints: accelerate ``save_state`` written to a temporary folder, completed
-with a marker, then renamed into place, so an interrupted save never destroys the previous checkpoint."""
+"""Crash-safe, resumable checkpoints: accelerate ``save_state`` written to a temporary folder, completed with a
+marker that lists every file's size and SHA-256, then renamed into place. An interrupted save never destroys the
+previous checkpoint, and one damaged later on disk is noticed before it is loaded."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +19,67 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+DAMAGED_DIR = "damaged"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_verified: dict[str, list] = {}  # checkpoints this process hashed: path -> its files' modification times
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """The completion marker: each file's size and SHA-256, so damage after the save can be told apart."""
+    files = {str(p.relative_to(folder)): [p.stat().st_size, file_digest(p)]
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"files": files}, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint (a file missing, cut short or changed), or None if it reads as
+    written. Markers written before the manifest existed list nothing to check."""
+    try:
+        text = (folder / COMPLETE_MARKER).read_text()
+        files = json.loads(text)["files"] if text.lstrip().startswith("{") else {}
+    except (OSError, ValueError, KeyError) as error:
+        return f"its {COMPLETE_MARKER} marker can't be read ({error})"
+    stamps = []
+    for name, (size, _) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        stat = path.stat()
+        if stat.st_size != size:
+            return f"{path} has {stat.st_size} bytes, {size} were written"
+        stamps.append((name, stat.st_mtime_ns))
+    if _verified.get(str(folder)) == stamps:  # hashed already by this process, and untouched since
+        return None
+    for name, (_, digest) in files.items():
+        if file_digest(folder / name) != digest:
+            return f"{folder / name} differs from what was written (SHA-256 mismatch)"
+    _verified[str(folder)] = stamps
+    return None
+
+
+def set_aside_damaged(checkpoint: Path, problem: str, checkpoint_root: Path) -> None:
+    """Move a damaged checkpoint to ``damaged/`` (never deleted) and say so; only the main process moves it (the
+    others skip it all the same, having found the same damage or no longer finding it)."""
+    logger.warning("checkpoint %s is damaged: %s; it goes to %s/ and the run resumes from the previous complete one",
+                   checkpoint, problem, DAMAGED_DIR)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        target = checkpoint_root / DAMAGED_DIR / checkpoint.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            checkpoint.rename(target)
+        except OSError:  # already moved
+            pass
 
 
 def complete_checkpoints(checkpoint_root: Path) -> list[Path]:
@@ -44,7 +107,7 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, trainer_state
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if model_config is not None:
             (partial / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
-        (partial / COMPLETE_MARKER).write_text("ok\n")
+        write_manifest(partial)
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -61,11 +124,23 @@ def resolve_checkpoint(resume_from: str, checkpoint_root: Path) -> Path | None:
     command line can be requeued forever); else a path. Half-written saves (no marker) are never chosen."""
     if resume_from in ("latest", "auto"):
         found = complete_checkpoints(checkpoint_root)
-        return found[-1] if found else None
+        for checkpoint in reversed(found):
+            problem = damage(checkpoint)
+            if problem is None:
+                return checkpoint
+            set_aside_damaged(checkpoint, problem, checkpoint_root)
+        if found:  # every one damaged: starting afresh would silently throw the run away
+            raise UserError(f"every checkpoint under {checkpoint_root} is damaged (moved to {DAMAGED_DIR}/, the log "
+                            "says what is wrong with each): repair one, or start afresh in a new --experiment_name")
+        return None
     path = Path(resume_from).expanduser()
     if not (path / COMPLETE_MARKER).exists():
         raise UserError(f"--resume_from_checkpoint {resume_from} is not a complete checkpoint folder "
                         f"(no {COMPLETE_MARKER} marker): pass a step_* folder under checkpoints/, 'latest' or 'auto'")
+    problem = damage(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; pass an earlier step_* folder, or 'auto' to take "
+                        "the newest undamaged one")
     return path
 
 
@@ -106,9 +181,15 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     try:
         accelerator.load_state(str(path))
     except RuntimeError as error:  # e.g. size mismatches: another architecture
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error).splitlines()[0])
+        lines = str(error).splitlines() or [type(error).__name__]
+        detail = next((line.strip() for line in lines if "size mismatch" in line), None)
+        if detail is None:
+            raise UserError(f"checkpoint {path} can't be read ({lines[0][:200]}): pass an earlier step_* folder") from None
         raise UserError(f"checkpoint {path} does not fit this model ({detail}): resume with the model flags "
                         "of the run that wrote it") from None
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise UserError(f"checkpoint {path} can't be read ({type(error).__name__}: {str(error)[:200]}): pass an "
+                        "earlier step_* folder") from None
     for optimizer, groups in zip(optimizers, implementations):
         keep_implementation(optimizer, groups)
     return json.loads((path / TRAINER_STATE).read_text())
