@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine import Task, Trainer
 from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     ClassifierTrainTransform, EpochChain, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples,
     TensorSamples, build_image_dataset, channel_stats, dataset_classes,
@@ -29,16 +29,10 @@ from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import topk_accuracy
 from utils.optim import build_adamw, param_groups_layer_decay
-from utils.run import (
-    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
-    save_final_weights, start_run,
-)
-from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+from utils.run import RunDir, add_data_args, add_run_args, default_dataset, move_to_device, save_args, start_run
+from utils.schedule import scaled_learning_rate, warmup_cosine
 from utils.shards import build_step_sampler
-from utils.training import (
-    BadStepGuard, ModelEma, StepAverages, StopSignal, apply_speed_options, broadcast_buffers, build_loader,
-    guarded_optimizer_step, readable_batch, sync_context,
-)
+from utils.training import ModelEma, broadcast_buffers, build_loader
 
 logger = logging.getLogger("finetune_classifier")
 
@@ -270,204 +264,162 @@ def evaluate(accelerator, model, loader, prepare_inputs) -> dict:
     return {"top1": top1, "top5": top5, "val_loss": F.cross_entropy(logits, labels).item()}
 
 
+class Classification(Task):
+    """Cross-entropy on labels (with mixup / CutMix, label smoothing and random erasing when fine-tuning); frozen
+    modes train only the head, on cached features unless --no-cache_features; evaluation: top-1 / top-5 (and the
+    EMA's with --model_ema)."""
+
+    script, log_train_rows = "finetune_classifier.py", False
+
+    def __init__(self, args, mode: str, config: dict, pretrained_state: dict | None, run_dir: RunDir):
+        self.args, self.mode, self.config, self.pretrained_state, self.run_dir = args, mode, config, pretrained_state, run_dir
+        self.name, self.best = mode, {"best_top1": 0.0, "best_top5": 0.0}
+        self.ema = self.mixup = self.erasing = None
+
+    def build(self, accelerator):
+        args, mode = self.args, self.mode
+        with accelerator.main_process_first():
+            train_base, train_samples = image_samples(args, "train", train=mode == "finetune" or not args.cache_features,
+                                                      max_samples=args.max_samples)
+            val_base, val_samples = image_samples(args, "val", train=False, max_samples=args.max_val_samples)
+        args.num_classes = check_classes(args, train_base, val_base)
+        if accelerator.is_main_process and not args.eval_only:
+            save_args(args, self.run_dir)
+        self.accelerator = accelerator
+        self.normalize = normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
+        model = build_classifier(mode, self.config, args.num_classes, args)
+        if self.pretrained_state is not None:
+            report = load_pretrained(model, self.pretrained_state)
+            if accelerator.is_main_process:  # every key: loaded, newly initialised, not used
+                self.run_dir.root.mkdir(parents=True, exist_ok=True)
+                (self.run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
+        if mode in FROZEN_MODES:
+            freeze_encoder(model)
+        model.to(accelerator.device)
+        # Frozen modes with cached features: the head trains on pre-computed features, fast even on a CPU.
+        self.cached = mode in FROZEN_MODES and args.cache_features
+        if self.cached:
+            train_features, train_labels = compute_features(accelerator, model, train_samples, normalize, 256)
+            val_features, val_labels = compute_features(accelerator, model, val_samples, normalize, 256)
+            train_samples, val_samples = TensorSamples(train_features, train_labels), TensorSamples(val_features, val_labels)
+            trained, self.prepare_inputs = model.head, (lambda features: features)
+        else:
+            trained, self.prepare_inputs = model, normalize
+        self.model, self.train_samples = model, train_samples
+        sampler = build_step_sampler(train_samples if self.cached else train_base, args.per_gpu_batch_size,
+                                     args.gradient_accumulation_steps, accelerator.num_processes,
+                                     accelerator.process_index, args.seed, getattr(args, "shard_resume", None))
+        loader = build_loader(train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
+        val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
+        self.val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,
+                                                                       accelerator.device), device_placement=False)
+        self.peak_lr = args.learning_rate or scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size,
+                                                                  accelerator.num_processes)
+        optimizer = build_optimizer(mode, trained, model, args, self.peak_lr, accelerator.device)
+        if mode == "finetune" and (args.mixup_alpha > 0 or args.cutmix_alpha > 0):
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, prob=args.mixup_prob,
+                               switch_prob=args.mixup_switch_prob, label_smoothing=args.label_smoothing,
+                               num_classes=args.num_classes)
+        if mode == "finetune" and args.random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erasing = RandomErasing(probability=args.random_erasing, mode="pixel", device=str(accelerator.device))
+        self.label_smoothing = (args.label_smoothing or 0.0) if mode == "finetune" else 0.0
+        return trained, optimizer, sampler, loader
+
+    def prepared(self, trained, accelerator) -> None:
+        self.trained = trained
+        if not self.cached:
+            self.model = trained
+        if self.args.model_ema:
+            self.ema = ModelEma(accelerator.unwrap_model(self.model), self.args.model_ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
+
+    def started(self) -> None:
+        trainer = self.trainer
+        logger.info("%s: %d training samples, %d classes, %d steps/epoch, %d steps, global batch %d, peak lr %.3g%s",
+                    self.mode, len(self.train_samples), self.args.num_classes, trainer.steps_per_epoch,
+                    trainer.total_steps, trainer.sampler.global_batch, self.peak_lr,
+                    " (cached features)" if self.cached else "")
+
+    def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = round(self.args.warmup_epochs * steps_per_epoch)
+        return warmup_cosine(step, total_steps, warmup, self.peak_lr, self.args.min_learning_rate)
+
+    def train_mode(self, trained) -> None:
+        trained.train()
+        if self.mode in FROZEN_MODES and not self.cached:
+            plain = self.accelerator.unwrap_model(self.model)
+            plain.eval()
+            plain.head.train()
+
+    def loss(self, trained, batch: dict, values: dict):
+        inputs, labels = self.prepare_inputs(batch["pixel_values"]), batch["label"]
+        if self.erasing is not None:
+            inputs = self.erasing(inputs)
+        targets = labels
+        if self.mixup is not None and inputs.shape[0] % 2 == 0:
+            inputs, targets = self.mixup(inputs, labels)
+        logits = trained(inputs).float()
+        if targets.ndim == 2:  # mixed, smoothed targets
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean(), {}
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing), {}
+
+    def after_step(self, trained) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.accelerator.unwrap_model(self.model))
+
+    def evaluate(self, trained, step: int) -> dict:
+        accelerator = self.accelerator
+        broadcast_buffers(accelerator, self.trained)  # the linear probe's BatchNorm statistics: the main process's
+        result = evaluate(accelerator, self.trained if self.cached else self.model, self.val_loader,
+                          self.prepare_inputs)
+        if self.ema is not None:
+            ema_result = evaluate(accelerator, self.ema.module.head if self.cached else self.ema.module,
+                                  self.val_loader, self.prepare_inputs)
+            result.update({f"ema_{k}": v for k, v in ema_result.items()})
+        if self.trainer.metrics is not None:  # (an evaluation during training)
+            self.best["best_top1"] = max(self.best["best_top1"], result["top1"])
+            self.best["best_top5"] = max(self.best["best_top5"], result["top5"])
+        return result
+
+    def report(self, row: dict) -> None:
+        logger.info("epoch %.2f: train loss %.4f, top-1 %.2f%%, top-5 %.2f%%", row["epoch"], row["train_loss"],
+                    row["top1"], row["top5"])
+
+    def state_dict(self) -> dict:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best.update({key: state[key] for key in self.best if key in state})
+
+    def final_model(self, trained):
+        return self.model
+
+    def finish(self, trained, step: int, result: dict) -> None:
+        summary = write_results(self.run_dir, self.args, result, self.best, self.accelerator)
+        push_run(self.accelerator, self.args, self.run_dir.root, "classification", summary or {})
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     mode, config, pretrained_state = resolve_defaults(args)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint and not args.eval_only)
     try:
-        train(args, mode, config, pretrained_state, run_dir, accelerator)
-    finally:
-        accelerator.end_training()
-
-
-def train(args, mode: str, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
-    with accelerator.main_process_first():
-        train_base, train_samples = image_samples(args, "train", train=mode == "finetune" or not args.cache_features,
-                                                  max_samples=args.max_samples)
-        val_base, val_samples = image_samples(args, "val", train=False, max_samples=args.max_val_samples)
-    num_classes = check_classes(args, train_base, val_base)
-    args.num_classes = num_classes
-    if accelerator.is_main_process and not args.eval_only:
-        save_args(args, run_dir)
-    normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
-
-    model = build_classifier(mode, config, num_classes, args)
-    if pretrained_state is not None:
-        report = load_pretrained(model, pretrained_state)
-        if accelerator.is_main_process:  # every key: loaded, newly initialised, not used
-            run_dir.root.mkdir(parents=True, exist_ok=True)
-            (run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
-    if mode in FROZEN_MODES:
-        freeze_encoder(model)
-    model.to(accelerator.device)
-
-    # Frozen modes with cached features: the head trains on pre-computed features, fast even on a CPU.
-    cached = mode in FROZEN_MODES and args.cache_features
-    if cached:
-        train_features, train_labels = compute_features(accelerator, model, train_samples, normalize, 256)
-        val_features, val_labels = compute_features(accelerator, model, val_samples, normalize, 256)
-        train_samples, val_samples = TensorSamples(train_features, train_labels), TensorSamples(val_features, val_labels)
-        trained, prepare_inputs = model.head, (lambda features: features)
-    else:
-        trained, prepare_inputs = model, normalize
-
-    sampler = build_step_sampler(train_samples if cached else train_base, args.per_gpu_batch_size,
-                                 args.gradient_accumulation_steps, accelerator.num_processes,
-                                 accelerator.process_index, args.seed, getattr(args, "shard_resume", None))
-    loader = build_loader(train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
-    val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
-    val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,
-                                                              accelerator.device), device_placement=False)
-
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = args.max_train_steps or args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    peak_lr = args.learning_rate or scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size,
-                                                         accelerator.num_processes)
-    optimizer = build_optimizer(mode, trained, model, args, peak_lr, accelerator.device)
-    apply_speed_options(trained, args)
-    trained, optimizer = accelerator.prepare(trained, optimizer)
-    if not cached:
-        model = trained
-
-    mixup = None
-    if mode == "finetune" and (args.mixup_alpha > 0 or args.cutmix_alpha > 0):
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, prob=args.mixup_prob,
-                      switch_prob=args.mixup_switch_prob, label_smoothing=args.label_smoothing, num_classes=num_classes)
-    erasing = None
-    if mode == "finetune" and args.random_erasing > 0:
-        from timm.data.random_erasing import RandomErasing
-
-        erasing = RandomErasing(probability=args.random_erasing, mode="pixel", device=str(accelerator.device))
-    ema = None
-    if args.model_ema:
-        ema = ModelEma(accelerator.unwrap_model(model), args.model_ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    label_smoothing = (args.label_smoothing or 0.0) if mode == "finetune" else 0.0
-
-    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch,
-             "num_processes": accelerator.num_processes, "best_top1": 0.0,
-             "loss_sum": 0.0, "loss_steps": 0}
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch,
-                                 set_aside=not args.eval_only))
-        logger.info("resumed from %s at step %d", checkpoint, state["step"])
-
-    def run_eval() -> dict:
-        broadcast_buffers(accelerator, trained)  # the linear probe's BatchNorm statistics: the main process's
-        result = evaluate(accelerator, model if not cached else trained, val_loader, prepare_inputs)
-        if ema is not None:
-            ema_result = evaluate(accelerator, ema.module if not cached else ema.module.head, val_loader, prepare_inputs)
-            result.update({f"ema_{k}": v for k, v in ema_result.items()})
-        return result
-
-
-    step = state["step"]
-    if args.eval_only:  # leaves the run's metrics.jsonl, args.json and results.json as they are
-        result = run_eval()
+        trainer = Trainer(args, accelerator, run_dir, Classification(args, mode, config, pretrained_state, run_dir))
+        if not args.eval_only:
+            trainer.fit()
+            return
+        result = trainer.evaluate_only()  # leaves the run's metrics.jsonl, args.json and results.json as they are
         if accelerator.is_main_process:
             run_dir.root.mkdir(parents=True, exist_ok=True)
             (run_dir.root / "eval_results.json").write_text(json.dumps(result, indent=2))
         logger.info("eval: top-1 %.2f%%, top-5 %.2f%%; written to %s", result["top1"], result["top5"],
                     run_dir.root / "eval_results.json")
-        return
-    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
-    logger.info("%s: %d training samples, %d classes, %d steps/epoch, %d steps, global batch %d, peak lr %.3g%s",
-                mode, len(train_samples), num_classes, steps_per_epoch, total_steps, sampler.global_batch, peak_lr,
-                " (cached features)" if cached else "")
-
-    guard = BadStepGuard(args.max_bad_steps, "finetune_classifier.py", run_dir.checkpoints, accelerator.device,
-                         state.get("bad_steps_in_a_row", 0))
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=mode)
-    throughput = Throughput()
-    averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"])
-    result, last_batch = {}, None
-    accumulation = args.gradient_accumulation_steps
-
-    def checkpoint_now() -> None:
-        guard.check(step)
-        state.update(step=step, **averages.state(), bad_steps_in_a_row=guard.in_a_row, **sampler.state_dict(step))
-        save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
-
-    stop, stopping = StopSignal(), False
-    loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
-    # (its workers make the next epoch's batches during the epoch-end evaluation; none for a finished run)
-    micro_batches = iter(loader) if step < total_steps else None
-    while step < total_steps and not stopping:
-        trained.train()
-        if mode in FROZEN_MODES and not cached:
-            accelerator.unwrap_model(model).eval()
-            accelerator.unwrap_model(model).head.train()
-        for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
-            set_learning_rate(optimizer, lr)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(accumulation):
-                batch = move_to_device(next(micro_batches), accelerator.device)
-                batch, weight = readable_batch(batch, last_batch)
-                last_batch = batch
-                inputs, labels = prepare_inputs(batch["pixel_values"]), batch["label"]
-                if erasing is not None:
-                    inputs = erasing(inputs)
-                if mixup is not None and inputs.shape[0] % 2 == 0:
-                    inputs, targets = mixup(inputs, labels)
-                else:
-                    targets = labels
-                with sync_context(accelerator, trained, micro, accumulation):
-                    logits = trained(inputs)
-                    loss = (torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                            if targets.ndim == 2 else F.cross_entropy(logits.float(), targets,
-                                                                      label_smoothing=label_smoothing)) * weight
-                    accelerator.backward(loss / accumulation)
-                step_loss += loss.detach() / accumulation
-                throughput.add(inputs.shape[0] * accelerator.num_processes)
-            # (nothing read back to the host until the next log: skipped steps are counted on the device)
-            skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, trained, optimizer, step_loss,
-                                                                   args.max_grad_norm)
-            step += 1
-            progress.update(1)
-            guard.update(skipped)
-            averages.add({"loss": step_loss}, skipped)
-            if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model))
-            if step % args.log_every == 0 and not guard.check(step):
-                progress.set_postfix(loss=f"{averages.read()[1]['loss']:.4f}", lr=f"{lr:.2e}")
-            # (a skipped step gets no scheduled checkpoint; at an epoch end the checkpoint waits for the evaluation)
-            if (args.checkpointing_steps and step % args.checkpointing_steps == 0 and step % steps_per_epoch
-                    and not guard.check(step)):
-                checkpoint_now()
-            if stop.requested(accelerator):  # (an epoch-end evaluation below still runs)
-                stopping = True
-                break
-        epoch_done = step % steps_per_epoch == 0
-        if epoch_done or step == total_steps:  # evaluate at every epoch end and at the end of the run
-            images_per_sec = round(throughput.rate(), 2)
-            result = run_eval()
-            state["best_top1"] = max(state["best_top1"], result["top1"])
-            state["best_top5"] = max(state.get("best_top5", 0.0), result["top5"])
-            row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                   "train_loss": averages.read()[1]["loss"], "lr": lr, "images_per_sec": images_per_sec, **result}
-            metrics.log(row)
-            logger.info("epoch %.2f: train loss %.4f, top-1 %.2f%%, top-5 %.2f%%", row["epoch"], row["train_loss"],
-                        result["top1"], result["top5"])
-            averages.reset()
-            throughput = Throughput()  # the next epoch's rate starts after this evaluation
-            if (step == total_steps or (epoch_done and (step // steps_per_epoch) % args.save_checkpoint_interval == 0)
-                    or (args.checkpointing_steps and step % args.checkpointing_steps == 0)):
-                checkpoint_now()
-    progress.close()
-    if stopping and step < total_steps:
-        if state["step"] != step:  # (an epoch-end stop was checkpointed with its evaluation already)
-            checkpoint_now()
-        stop.exit_preempted(step, total_steps, run_dir.checkpoints)
-    if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
-        result = run_eval()
-    save_final_weights(accelerator, model, run_dir.final)
-    summary = write_results(run_dir, args, result, state, accelerator)
-    push_run(accelerator, args, run_dir.root, "classification", summary or {})
+    finally:
+        accelerator.end_training()
 
 
 def write_results(run_dir: RunDir, args, result: dict, state: dict, accelerator) -> dict | None:

@@ -19,30 +19,24 @@ import os
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from engine import Task, Trainer
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.upernet import ViTUperNet
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
-from utils.data import EpochChain, Normalize, StepBatchSampler, channel_stats, collate_skipping_bad
+from utils.data import EpochChain, Normalize, channel_stats, collate_skipping_bad
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import SegmentationMetric
 from utils.optim import build_adamw, param_groups_layer_decay
-from utils.run import (
-    MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, move_to_device, save_args,
-    save_final_weights, start_run,
-)
-from utils.schedule import set_learning_rate, warmup_cosine, warmup_poly
+from utils.run import RunDir, add_data_args, add_run_args, default_dataset, move_to_device, save_args, start_run
+from utils.schedule import warmup_cosine, warmup_poly
 from utils.segmentation_data import (
     ADE20K_NUM_CLASSES, IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationSamples,
     SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
 )
-from utils.training import (
-    BadStepGuard, StepAverages, StopSignal, apply_speed_options, broadcast_buffers, build_loader,
-    guarded_optimizer_step, readable_batch, sync_context,
-)
+from utils.shards import build_step_sampler
+from utils.training import broadcast_buffers, build_loader
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 
 logger = logging.getLogger("finetune_segmentation")
@@ -257,161 +251,124 @@ def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metr
     return metric.compute(), (torch.cat(panels) if panels else None)
 
 
+class Segmentation(Task):
+    """Pixel cross-entropy on the UperNet head (plus the auxiliary head's); evaluation: mIoU and pixel accuracy
+    over the whole validation split, with overlay pictures."""
+
+    name, script, log_train_rows = "segmentation", "finetune_segmentation.py", False
+
+    def __init__(self, args, config: dict, pretrained_state: dict | None, run_dir: RunDir):
+        self.args, self.config, self.pretrained_state, self.run_dir = args, config, pretrained_state, run_dir
+        self.best_miou, self.last_result = 0.0, {}
+
+    def build(self, accelerator):
+        args = self.args
+        with accelerator.main_process_first():
+            train_base, self.train_samples = segmentation_samples(args, "train", train=True, max_samples=args.max_samples)
+            _, self.val_samples = segmentation_samples(args, "val", train=False, max_samples=args.max_val_samples)
+        class_names = list(getattr(train_base, "classes", ()) or []) or [str(k) for k in range(args.num_classes)]
+        self.class_names = class_names if len(class_names) == args.num_classes else [str(k) for k in range(args.num_classes)]
+        if accelerator.is_main_process:
+            save_args(args, self.run_dir)
+        self.accelerator = accelerator
+        self.normalize = Normalize(*data_stats(args)).to(accelerator.device)
+        model = ViTUperNet(args.num_classes, **self.config, out_indices=args.out_indices,
+                           decoder_channels=args.decoder_channels, aux_channels=args.aux_channels,
+                           drop_path_rate=args.drop_path)
+        if self.pretrained_state is not None:  # every encoder tensor must load; only the final norm / a head may go unused
+            report = load_encoder(model.backbone, self.pretrained_state, new_ok=(), unused_ok=("norm.", "fc_norm.", "head."))
+            logger.info("pretrained backbone: %s", report.summary())
+            if accelerator.is_main_process:
+                (self.run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
+        sync_bn = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+        if sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # a few crops per GPU: BN statistics over all
+        micro_batch = args.per_gpu_batch_size // args.gradient_accumulation_steps
+        if micro_batch * (accelerator.num_processes if sync_bn else 1) < 2:
+            raise UserError(f"micro-batches of {micro_batch} crop: the heads' BatchNorm needs at least 2 per step (or "
+                            "SyncBatchNorm across GPUs): raise --per_gpu_batch_size or lower --gradient_accumulation_steps")
+        model.to(accelerator.device)
+        sampler = build_step_sampler(self.train_samples, args.per_gpu_batch_size, args.gradient_accumulation_steps,
+                                     accelerator.num_processes, accelerator.process_index, args.seed)
+        loader = build_loader(self.train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
+        groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay, vit_prefix="backbone.")
+        optimizer = build_adamw(groups, args.learning_rate, betas=(0.9, 0.999), device=accelerator.device)
+        self.metric = SegmentationMetric(args.num_classes, IGNORE_INDEX, accelerator.device)
+        return model, optimizer, sampler, loader
+
+    def prepared(self, model, accelerator) -> None:
+        self.plain_model = accelerator.unwrap_model(model)
+
+    def started(self) -> None:
+        trainer, args = self.trainer, self.args
+        logger.info("%d training images, %d validation images, %d classes, %d steps/epoch, %d steps, global batch %d, "
+                    "peak lr %.3g", len(self.train_samples), len(self.val_samples), args.num_classes,
+                    trainer.steps_per_epoch, trainer.total_steps, trainer.sampler.global_batch, args.learning_rate)
+
+    def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        args = self.args
+        warmup = args.warmup_steps if args.warmup_steps is not None else round(0.1 * total_steps)
+        schedule = warmup_poly if args.lr_schedule == "poly" else warmup_cosine
+        return schedule(step, total_steps, warmup, args.learning_rate, args.min_learning_rate)
+
+    def check_batch(self, batch: dict) -> None:
+        if "mask" in batch:
+            check_labels(batch["mask"], self.args.num_classes)  # on the host copy: no device synchronisation
+
+    def loss(self, model, batch: dict, values: dict):
+        output = model(self.normalize(batch["pixel_values"]))
+        loss = segmentation_loss(output.logits, batch["mask"])
+        if output.aux_logits is not None:
+            loss = loss + self.args.aux_loss_weight * segmentation_loss(output.aux_logits, batch["mask"])
+        return loss, {}
+
+    def eval_every(self, steps_per_epoch: int) -> int:
+        return self.args.eval_every or steps_per_epoch
+
+    def evaluate(self, model, step: int) -> dict:
+        accelerator, args = self.accelerator, self.args
+        broadcast_buffers(accelerator, self.plain_model)
+        result, panels = evaluate(accelerator, self.plain_model, self.val_samples, self.normalize, self.metric, args,
+                                  args.num_pictures)
+        if panels is not None and accelerator.is_main_process:
+            picture = panels_to_picture(panels, min_side=96, columns=3)
+            save_picture(picture, self.run_dir.subdir("predictions") / f"step_{step:08d}.png")
+            if self.trainer.metrics is not None:
+                self.trainer.metrics.log_image("predictions", picture, step)
+        self.best_miou, self.last_result = max(self.best_miou, result["mIoU"]), result
+        return {"mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"]}
+
+    def report(self, row: dict) -> None:
+        logger.info("step %d (epoch %.2f): train loss %.4f, mIoU %.2f%%, pixel accuracy %.2f%%", row["step"],
+                    row["epoch"], row["train_loss"], row["mIoU"], row["pixel_acc"])
+
+    def state_dict(self) -> dict:
+        return {"best_mIoU": self.best_miou}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_miou = state.get("best_mIoU", 0.0)
+
+    def finish(self, model, step: int, result: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        result, run_dir = self.last_result, self.run_dir
+        summary = {"mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"], "best_mIoU": self.best_miou, "step": step,
+                   "per_class_iou": dict(zip(self.class_names, result["per_class_iou"])), "args": vars(self.args)}
+        (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        logger.info("results: mIoU %.2f%%, pixel accuracy %.2f%%; written to %s", summary["mIoU"],
+                    summary["pixel_acc"], run_dir.root / "results.json")
+        pictures = sorted((run_dir.root / "predictions").glob("step_*.png"))
+        push_run(self.accelerator, self.args, run_dir.root, "segmentation", summary, pictures[-1] if pictures else None)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     config, pretrained_state = resolve_defaults(args)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
     try:
-        train(args, config, pretrained_state, run_dir, accelerator)
+        Trainer(args, accelerator, run_dir, Segmentation(args, config, pretrained_state, run_dir)).fit()
     finally:
         accelerator.end_training()
-
-
-def train(args, config: dict, pretrained_state: dict | None, run_dir: RunDir, accelerator) -> None:
-    with accelerator.main_process_first():
-        train_base, train_samples = segmentation_samples(args, "train", train=True, max_samples=args.max_samples)
-        _, val_samples = segmentation_samples(args, "val", train=False, max_samples=args.max_val_samples)
-    class_names = list(getattr(train_base, "classes", ()) or []) or [str(k) for k in range(args.num_classes)]
-    if len(class_names) != args.num_classes:
-        class_names = [str(k) for k in range(args.num_classes)]
-    if accelerator.is_main_process:
-        save_args(args, run_dir)
-    normalize = Normalize(*data_stats(args)).to(accelerator.device)
-
-    model = ViTUperNet(args.num_classes, **config, out_indices=args.out_indices, decoder_channels=args.decoder_channels,
-                       aux_channels=args.aux_channels, drop_path_rate=args.drop_path)
-    if pretrained_state is not None:  # every encoder tensor must load; only the final norm / a head may go unused
-        report = load_encoder(model.backbone, pretrained_state, new_ok=(), unused_ok=("norm.", "fc_norm.", "head."))
-        logger.info("pretrained backbone: %s", report.summary())
-        if accelerator.is_main_process:
-            (run_dir.root / "weights_report.json").write_text(json.dumps(vars(report), indent=2))
-    sync_bn = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # a few crops per GPU: BN statistics over all
-    micro_batch = args.per_gpu_batch_size // args.gradient_accumulation_steps
-    if micro_batch * (accelerator.num_processes if sync_bn else 1) < 2:
-        raise UserError(f"micro-batches of {micro_batch} crop: the heads' BatchNorm needs at least 2 per step (or "
-                        "SyncBatchNorm across GPUs): raise --per_gpu_batch_size or lower --gradient_accumulation_steps")
-    model.to(accelerator.device)
-
-    sampler = StepBatchSampler(len(train_samples), args.per_gpu_batch_size, args.gradient_accumulation_steps,
-                               accelerator.num_processes, accelerator.process_index, args.seed)
-    loader = build_loader(train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = args.max_train_steps or args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.1 * total_steps)
-    eval_every = args.eval_every or steps_per_epoch
-    schedule = warmup_poly if args.lr_schedule == "poly" else warmup_cosine
-    groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay, vit_prefix="backbone.")
-    optimizer = build_adamw(groups, args.learning_rate, betas=(0.9, 0.999), device=accelerator.device)
-    apply_speed_options(model, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain_model = accelerator.unwrap_model(model)
-    metric = SegmentationMetric(args.num_classes, IGNORE_INDEX, accelerator.device)
-
-    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch,
-             "num_processes": accelerator.num_processes, "best_mIoU": 0.0,
-             "loss_sum": 0.0, "loss_steps": 0}
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch))
-        logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    step = state["step"]
-    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
-    logger.info("%d training images, %d validation images, %d classes, %d steps/epoch, %d steps, global batch %d, "
-                "peak lr %.3g", len(train_samples), len(val_samples), args.num_classes, steps_per_epoch, total_steps,
-                sampler.global_batch, args.learning_rate)
-
-    def run_eval() -> dict:
-        broadcast_buffers(accelerator, plain_model)
-        result, panels = evaluate(accelerator, plain_model, val_samples, normalize, metric, args, args.num_pictures)
-        if panels is not None and accelerator.is_main_process:
-            picture = panels_to_picture(panels, min_side=96, columns=3)
-            save_picture(picture, run_dir.subdir("predictions") / f"step_{step:08d}.png")
-            metrics.log_image("predictions", picture, step)
-        model.train()
-        return result
-
-    guard = BadStepGuard(args.max_bad_steps, "finetune_segmentation.py", run_dir.checkpoints, accelerator.device,
-                         state.get("bad_steps_in_a_row", 0))
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="segmentation")
-    throughput = Throughput()
-    averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"])
-    result, last_batch, lr = {}, None, 0.0
-    accumulation = args.gradient_accumulation_steps
-
-    def checkpoint_now() -> None:
-        guard.check(step)
-        state.update(step=step, **averages.state(), bad_steps_in_a_row=guard.in_a_row)
-        save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, None)
-
-    stop, stopping = StopSignal(), False
-    with progress:  # closed before an error is printed, so the error stays the last line
-        model.train()
-        loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
-        micro_batches = iter(loader) if step < total_steps else None  # (its workers work on during an evaluation)
-        while step < total_steps and not stopping:
-            for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
-                lr = schedule(step, total_steps, warmup_steps, args.learning_rate, args.min_learning_rate)
-                set_learning_rate(optimizer, lr)
-                step_loss = torch.zeros((), device=accelerator.device)
-                for micro in range(accumulation):
-                    batch, weight = readable_batch(next(micro_batches), last_batch)
-                    last_batch = batch
-                    check_labels(batch["mask"], args.num_classes)  # on the CPU copy: no device synchronisation
-                    batch = move_to_device(batch, accelerator.device)
-                    with sync_context(accelerator, model, micro, accumulation):
-                        output = model(normalize(batch["pixel_values"]))
-                        loss = segmentation_loss(output.logits, batch["mask"])
-                        if output.aux_logits is not None:
-                            loss = loss + args.aux_loss_weight * segmentation_loss(output.aux_logits, batch["mask"])
-                        accelerator.backward(loss * weight / accumulation)
-                    step_loss += loss.detach() * weight / accumulation
-                    throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
-                # (nothing read back to the host until the next log: skipped steps are counted on the device)
-                skipped, _, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss, args.max_grad_norm)
-                step += 1
-                progress.update(1)
-                guard.update(skipped)
-                averages.add({"loss": step_loss}, skipped)  # (a skipped step still evaluates on schedule below)
-                if step % args.log_every == 0 and not guard.check(step):
-                    progress.set_postfix(loss=f"{averages.read()[1]['loss']:.4f}", lr=f"{lr:.2e}")
-                evaluate_now = step % eval_every == 0 or step == total_steps
-                if evaluate_now:
-                    images_per_sec = round(throughput.rate(), 2)
-                    result = run_eval()
-                    state["best_mIoU"] = max(state["best_mIoU"], result["mIoU"])
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                           "train_loss": averages.read()[1]["loss"], "lr": lr, "images_per_sec": images_per_sec,
-                           "mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"]}
-                    metrics.log(row)
-                    logger.info("step %d (epoch %.2f): train loss %.4f, mIoU %.2f%%, pixel accuracy %.2f%%", step,
-                                row["epoch"], row["train_loss"], result["mIoU"], result["pixel_acc"])
-                    averages.reset()
-                    throughput = Throughput()
-                epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
-                scheduled = epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0)
-                if step == total_steps or (scheduled and not guard.check(step)):  # the last step always checkpoints
-                    checkpoint_now()
-                if stop.requested(accelerator):
-                    stopping = True
-                    break
-    if stopping and step < total_steps:
-        if state["step"] != step:
-            checkpoint_now()
-        stop.exit_preempted(step, total_steps, run_dir.checkpoints)
-    if not result:  # resumed from the last checkpoint: nothing trained, evaluate what was loaded
-        result = run_eval()
-    save_final_weights(accelerator, model, run_dir.final)
-    if accelerator.is_main_process:
-        summary = {"mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"],
-                   "best_mIoU": max(state["best_mIoU"], result["mIoU"]), "step": step,
-                   "per_class_iou": dict(zip(class_names, result["per_class_iou"])), "args": vars(args)}
-        (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-        logger.info("results: mIoU %.2f%%, pixel accuracy %.2f%%; written to %s", summary["mIoU"],
-                    summary["pixel_acc"], run_dir.root / "results.json")
-        pictures = sorted((run_dir.root / "predictions").glob("step_*.png"))
-        push_run(accelerator, args, run_dir.root, "segmentation", summary, pictures[-1] if pictures else None)
 
 
 if __name__ == "__main__":

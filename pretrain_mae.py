@@ -16,31 +16,24 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from engine import Task, Trainer
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from models.losses import high_frequency_loss, uniformity_loss
 from models.pca import TARGETS, PCABasis, eigenspace_errors, fit_pca, pca_target
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
 from models.weights import read_weights
-from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from utils.data import (
     Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, build_image_dataset,
     EpochChain, channel_stats, collate_skipping_bad, decodes_on_device,
 )
-from utils.training import (
-    BadStepGuard, StepAverages, StopSignal, apply_speed_options, build_loader, guarded_optimizer_step, readable_batch,
-    sync_context,
-)
+from utils.training import build_loader
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import reconstruction_metrics
 from utils.optim import build_adamw, param_groups_weight_decay
-from utils.run import (
-    DeviceBatches, MetricsLog, RunDir, Throughput, add_data_args, add_run_args, default_dataset, save_args,
-    save_final_weights, start_run,
-)
-from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+from utils.run import MetricsLog, RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
+from utils.schedule import scaled_learning_rate, warmup_cosine
 from utils.shards import build_step_sampler
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
 
@@ -313,6 +306,86 @@ def save_reconstructions(accelerator, model, vis_batch: dict, normalize: Normali
     return path
 
 
+class Pretraining(Task):
+    """The MAE objective: masked-patch reconstruction (pixels or a PCA-filtered target), the optional Laplacian and
+    uniformity terms, curriculum masking; reconstruction grids as its evaluation."""
+
+    name, script = "pretrain", "pretrain_mae.py"
+
+    def __init__(self, args, config: dict, run_dir: RunDir):
+        self.args, self.config, self.run_dir, self.model_config = args, config, run_dir, config
+        self.loss_weights = {"hf": args.hf_loss_weight, "uniformity": args.uniformity_weight}
+        self.picture = None
+
+    def build(self, accelerator):
+        args = self.args
+        if args.resume_from_pretrained:
+            model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, **self.config)
+            logger.info("continuing pretraining from %s", args.resume_from_pretrained)
+        else:
+            model = MaskedAutoencoder(**self.config)
+        with accelerator.main_process_first():  # a Hub data set is downloaded once, then read from the cache
+            loader, sampler = build_train_loader(args, model.num_patches, model.grid_size, accelerator)
+            self.vis_batch = fixed_vis_batch(args, model.num_patches, model.grid_size)
+        self.accelerator = accelerator
+        self.normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
+        needs_pca = args.target != "pixels" or args.eigenspace_metrics
+        self.pca = pca_basis(args, self.run_dir, self.normalize, accelerator) if needs_pca else None
+        self.eigenspace = (self.pca, args.pca_variance) if args.eigenspace_metrics else None
+        self.peak_lr = scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size, accelerator.num_processes)
+        optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), self.peak_lr,
+                                device=accelerator.device)
+        return model, optimizer, sampler, loader
+
+    def prepared(self, model, accelerator) -> None:
+        self.plain_mae = accelerator.unwrap_model(model)
+
+    def started(self) -> None:
+        trainer, args, accelerator = self.trainer, self.args, self.accelerator
+        logger.info("%d samples, %d steps/epoch, %d steps in all, global batch %d (micro-batch %d x %d accumulation x "
+                    "%d processes), peak lr %.3g, %s precision", len(trainer.loader.dataset), trainer.steps_per_epoch,
+                    trainer.total_steps, trainer.sampler.global_batch, trainer.sampler.micro_batch,
+                    args.gradient_accumulation_steps, accelerator.num_processes, self.peak_lr,
+                    accelerator.mixed_precision)
+
+    def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = round(self.args.warmup_epochs * steps_per_epoch)
+        return warmup_cosine(step, total_steps, warmup, self.peak_lr, self.args.min_learning_rate)
+
+    def step_values(self, step: int, steps_per_epoch: int) -> dict:
+        args = self.args
+        return {"mask_ratio": curriculum_ratio(step, steps_per_epoch, args.mask_ratio, args.mask_ratio_start,
+                                               args.mask_curriculum_epochs)}
+
+    def loss(self, model, batch: dict, values: dict):
+        args = self.args
+        images = self.normalize(batch["pixel_values"])
+        targets = pca_target(images, self.pca, args.target, args.pca_variance) if args.target != "pixels" else None
+        output = model(images, noise=batch["noise"], mask_ratio=values["mask_ratio"], target_images=targets)
+        if not any(weight > 0 for weight in self.loss_weights.values()):
+            return output.loss, {}
+        terms = extra_loss_terms(args, self.plain_mae, images if targets is None else targets, output)
+        loss = output.loss + sum(self.loss_weights[name] * value for name, value in terms.items())
+        return loss, {f"loss_{name}": value for name, value in {"pixel": output.loss, **terms}.items()}
+
+    def eval_every(self, steps_per_epoch: int) -> int:
+        return self.args.vis_every * steps_per_epoch
+
+    def evaluate(self, model, step: int) -> dict:
+        self.picture = save_reconstructions(self.accelerator, model, self.vis_batch, self.normalize, self.run_dir,
+                                            self.trainer.metrics, step,
+                                            math.ceil(step / self.trainer.steps_per_epoch), eigenspace=self.eigenspace)
+        return {}
+
+    def finish(self, model, step: int, result: dict) -> None:
+        args, run_dir = self.args, self.run_dir
+        logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, self.picture)
+        if args.push_to_hub and self.accelerator.is_main_process:
+            rows = run_dir.metrics.read_text().splitlines() if run_dir.metrics.exists() else []
+            push_run(self.accelerator, args, run_dir.root, "pretraining", json.loads(rows[-1]) if rows else {},
+                     self.picture)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = resolve_defaults(args)
@@ -321,159 +394,9 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         save_args(args, run_dir)
     try:
-        train(args, config, run_dir, accelerator)
+        Trainer(args, accelerator, run_dir, Pretraining(args, config, run_dir)).fit()
     finally:
         accelerator.end_training()
-
-
-def train(args, config: dict, run_dir: RunDir, accelerator) -> None:
-    if args.resume_from_pretrained:
-        model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, **config)
-        logger.info("continuing pretraining from %s", args.resume_from_pretrained)
-    else:
-        model = MaskedAutoencoder(**config)
-    with accelerator.main_process_first():  # a Hub data set is downloaded once, then read from the cache
-        loader, sampler = build_train_loader(args, model.num_patches, model.grid_size, accelerator)
-        vis_batch = fixed_vis_batch(args, model.num_patches, model.grid_size)
-    normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
-    needs_pca = args.target != "pixels" or args.eigenspace_metrics
-    pca = pca_basis(args, run_dir, normalize, accelerator) if needs_pca else None
-    eigenspace = (pca, args.pca_variance) if args.eigenspace_metrics else None
-
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = args.max_train_steps or args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    peak_lr = scaled_learning_rate(args.base_learning_rate, args.per_gpu_batch_size, accelerator.num_processes)
-    optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), peak_lr, device=accelerator.device)
-    apply_speed_options(model, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # What the run carries between steps; saved in every checkpoint so that a resumed run logs the same rows.
-    state = {"step": 0, "steps_per_epoch": steps_per_epoch, "global_batch": sampler.global_batch,
-             "num_processes": accelerator.num_processes,
-             "log_loss_sum": 0.0, "log_steps": 0, "skipped_images": 0}
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir.checkpoints) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        state.update(resume_from(accelerator, checkpoint, run_dir.checkpoints, steps_per_epoch, sampler.global_batch))
-        logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"], state["step"] // steps_per_epoch)
-    elif args.resume_from_checkpoint in ("latest", "auto"):
-        logger.info("no checkpoint under %s yet: starting fresh", run_dir.checkpoints)
-    step = state["step"]
-    metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
-    logger.info("%d samples, %d steps/epoch, %d steps in all, global batch %d (micro-batch %d x %d accumulation x %d "
-                "processes), peak lr %.3g, %s precision", len(loader.dataset), steps_per_epoch, total_steps,
-                sampler.global_batch, sampler.micro_batch, args.gradient_accumulation_steps, accelerator.num_processes,
-                peak_lr, accelerator.mixed_precision)
-
-    def count_skipped() -> int:
-        """Unreadable images so far, over all processes (a collective: call it on every process)."""
-        nonlocal skipped_images
-        skipped_images += int(accelerator.reduce(skipped_pending, reduction="sum"))
-        skipped_pending.zero_()
-        return skipped_images
-
-    def checkpoint_now() -> None:
-        guard.check(step)
-        count_skipped()
-        interval = averages.state()
-        state.update(step=step, epoch=step // steps_per_epoch, log_loss_sum=interval["loss_sum"],
-                     log_steps=interval["loss_steps"], log_term_sums=interval["term_sums"],
-                     bad_steps_in_a_row=guard.in_a_row, skipped_images=skipped_images, **sampler.state_dict(step))
-        save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, config)
-
-    accumulation = args.gradient_accumulation_steps
-    guard = BadStepGuard(args.max_bad_steps, "pretrain_mae.py", run_dir.checkpoints, accelerator.device,
-                         state.get("bad_steps_in_a_row", 0))
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
-    throughput = Throughput()
-    averages = StepAverages(accelerator.device, state["log_loss_sum"], state["log_steps"], state.get("log_term_sums"))
-    skipped_images = state["skipped_images"]
-    last_saved_step, last_batch = step, None
-    skipped_pending = torch.zeros((), device=accelerator.device)
-    loss_weights = {"hf": args.hf_loss_weight, "uniformity": args.uniformity_weight}
-    extra_losses = any(weight > 0 for weight in loss_weights.values())
-    plain_mae, last_vis_step = accelerator.unwrap_model(model), None
-    model.train()
-    stop, stopping = StopSignal(), False
-    loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run, across epochs
-    device_batches = DeviceBatches(loader, accelerator.device, ahead=args.decode_ahead)
-    micro_batches = iter(device_batches) if step < total_steps else None  # (no workers for a finished run)
-    while step < total_steps and not stopping:
-        for _ in range(min(steps_per_epoch - step % steps_per_epoch, total_steps - step)):
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.min_learning_rate)
-            set_learning_rate(optimizer, lr)
-            mask_ratio = curriculum_ratio(step, steps_per_epoch, args.mask_ratio, args.mask_ratio_start,
-                                          args.mask_curriculum_epochs)
-            step_loss, step_terms = torch.zeros((), device=accelerator.device), {}
-            for micro in range(accumulation):
-                batch = next(micro_batches)  # on the device
-                skipped_pending += batch["num_skipped"]
-                batch, weight = readable_batch(batch, last_batch)
-                last_batch = batch
-                with sync_context(accelerator, model, micro, accumulation):
-                    images = normalize(batch["pixel_values"])
-                    targets = (pca_target(images, pca, args.target, args.pca_variance) if args.target != "pixels"
-                               else None)
-                    output = model(images, noise=batch["noise"], mask_ratio=mask_ratio, target_images=targets)
-                    loss = output.loss
-                    if extra_losses:
-                        terms = extra_loss_terms(args, plain_mae, images if targets is None else targets, output)
-                        loss = loss + sum(loss_weights[name] * value for name, value in terms.items())
-                        for name, value in {"pixel": output.loss, **terms}.items():
-                            step_terms[f"loss_{name}"] = step_terms.get(f"loss_{name}", 0.0) + value.detach() / accumulation
-                    loss = loss * weight
-                    accelerator.backward(loss / accumulation)
-                step_loss += loss.detach() / accumulation
-                throughput.add(batch["pixel_values"].shape[0] * accelerator.num_processes)
-            # (nothing read back to the host until the next log: skipped steps are counted on the device)
-            skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss,
-                                                                   args.max_grad_norm)
-            step += 1
-            progress.update(1)
-            guard.update(skipped)
-            averages.add({"loss": step_loss, **step_terms}, skipped)  # (terms: this process's; the loss: the mean)
-            # A skipped step (its update not applied) gets no row (the next applied one logs its interval) and no
-            # scheduled checkpoint.
-            if (step % args.log_every == 0 or step == total_steps) and not guard.check(step):
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **averages.read()[1],
-                       "lr": lr, "mask_ratio": mask_ratio, "grad_norm": float(grad_norm),
-                       "images_per_sec": round(throughput.rate(), 2),
-                       "skipped_images": count_skipped()}
-                metrics.log(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
-                averages.reset()
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and not guard.check(step):
-                checkpoint_now()
-                last_saved_step = step
-            if stop.requested(accelerator):  # (the epoch-end work below still runs if this step ended an epoch)
-                stopping = True
-                break
-        if step % steps_per_epoch == 0:  # an epoch ended
-            finished_epochs = step // steps_per_epoch
-            if args.vis_every and finished_epochs % args.vis_every == 0:
-                save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step, finished_epochs,
-                                     eigenspace=eigenspace)
-                last_vis_step = step
-            if finished_epochs % args.save_checkpoint_interval == 0 and last_saved_step != step:
-                checkpoint_now()
-                last_saved_step = step
-    progress.close()
-    device_batches.close()
-
-    if last_saved_step != step:
-        checkpoint_now()
-    if stopping and step < total_steps:
-        stop.exit_preempted(step, total_steps, run_dir.checkpoints)
-    save_final_weights(accelerator, model, run_dir.final)
-    picture = save_reconstructions(accelerator, model, vis_batch, normalize, run_dir, metrics, step,
-                                   math.ceil(step / steps_per_epoch), log_metrics=last_vis_step != step,
-                                   eigenspace=eigenspace)
-    logger.info("done: %d steps; weights in %s, reconstructions in %s", step, run_dir.final, picture)
-    if args.push_to_hub and accelerator.is_main_process:
-        rows = run_dir.metrics.read_text().splitlines() if run_dir.metrics.exists() else []
-        push_run(accelerator, args, run_dir.root, "pretraining", json.loads(rows[-1]) if rows else {}, picture)
-    if skipped_images:
-        logger.warning("%d unreadable images were skipped", skipped_images)
 
 
 if __name__ == "__main__":

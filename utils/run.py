@@ -283,26 +283,24 @@ def move_to_device(batch: dict, device: torch.device, fence: str = "device") -> 
 
 
 class DeviceBatches:
-    """A loader's batches, each on the device (:func:`move_to_device`).
+    """A loader's batches, each on the device (:func:`move_to_device`); ``check`` sees each one on the host first.
 
     With ``ahead``, a thread makes the next batch while the current one trains: on a GPU it copies and decodes on a
-    CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``: the
-    nvJPEG decode overlaps the step instead of running between steps behind device-wide fences). One batch is made
-    ahead; an error in the thread is raised where the batch is taken. Iterating again first stops the thread of the
-    previous iteration, so two threads never share the loader's (persistent) iterator. The scripts iterate once per
-    run, over an :class:`~utils.data.EpochChain`; :meth:`close` stops the thread at the end.
+    CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``). One
+    batch is made ahead; an error in the thread is raised where the batch is taken. Iterating again first stops the
+    previous iteration's thread; :meth:`close` stops it at the end.
     """
 
     _END = object()
 
-    def __init__(self, loader, device: torch.device, ahead: bool = False):
-        self.loader, self.device, self.ahead = loader, device, ahead
+    def __init__(self, loader, device: torch.device, ahead: bool = False, check=None):
+        self.loader, self.device, self.ahead, self.check = loader, device, ahead, check
         self._thread, self._stop, self._stream = None, None, None
 
     def __iter__(self):
         self.close()
         if not self.ahead:
-            return (move_to_device(batch, self.device) for batch in self.loader)
+            return (move_to_device(self._checked(batch), self.device) for batch in self.loader)
         import queue
         import threading
 
@@ -313,6 +311,11 @@ class DeviceBatches:
                                         name="DeviceBatches")  # (the loader's iterator is made here, in this thread)
         self._thread.start()
         return self._take(batches, self._thread, self._stop)
+
+    def _checked(self, batch: dict) -> dict:
+        if self.check is not None:
+            self.check(batch)
+        return batch
 
     def close(self) -> None:
         """Stop the thread of the last iteration (it finishes the batch it is reading, then exits)."""
@@ -339,7 +342,7 @@ class DeviceBatches:
                 for batch in loader_iter:
                     if stop.is_set():
                         return
-                    batch = move_to_device(batch, self.device, fence="stream")
+                    batch = move_to_device(self._checked(batch), self.device, fence="stream")
                     event = None
                     if self._stream is not None:
                         event = torch.cuda.Event()

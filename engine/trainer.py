@@ -1,0 +1,239 @@
+"""The one training loop of the three scripts. A script builds a :class:`Task` (its model, data, loss and evaluation)
+and hands it to :class:`Trainer`, which owns everything else: ``accelerator.prepare``, the learning-rate schedule,
+gradient accumulation, the guarded optimizer step, loss averages and throughput, logging, evaluation and checkpoint
+cadence, resume, preemption, the final weights and the Hub push."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
+from utils.run import DeviceBatches, MetricsLog, RunDir, Throughput, save_final_weights
+from utils.schedule import set_learning_rate
+from utils.training import (
+    BadStepGuard, StepAverages, StopSignal, apply_speed_options, guarded_optimizer_step, readable_batch, sync_context,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Task:
+    """What a script supplies. ``build`` returns (module to train, optimizer, step sampler, loader); ``loss`` returns
+    one micro-batch's loss and the terms to average and log; ``evaluate`` returns the metrics of an evaluation."""
+
+    name = "train"  # the progress bar's label
+    script = "train.py"  # named in the message of a run stopped by non-finite losses
+    log_train_rows = True  # a metrics row every --log_every steps; else one row per evaluation, with the train loss
+    model_config: dict | None = None  # written as config.json beside each checkpoint's weights
+
+    def build(self, accelerator):
+        raise NotImplementedError
+
+    def prepared(self, model, accelerator) -> None:
+        """The module as ``accelerator.prepare`` returned it, before a resume (register extra state to checkpoint)."""
+
+    def started(self) -> None:
+        """After a resume, before the first step: say what the run is (``self.trainer`` has the step counts)."""
+
+    def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        raise NotImplementedError
+
+    def step_values(self, step: int, steps_per_epoch: int) -> dict:
+        """Values this optimizer step uses (e.g. a curriculum's mask ratio), logged with its row."""
+        return {}
+
+    def check_batch(self, batch: dict) -> None:
+        """Validate a loader batch on the host, before it moves to the device (a one-line error, no sync)."""
+
+    def loss(self, model, batch: dict, values: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def batch_images(self, batch: dict) -> int:
+        return batch["pixel_values"].shape[0]
+
+    def after_step(self, model) -> None:
+        """After every optimizer step, a skipped one included (an EMA update)."""
+
+    def train_mode(self, model) -> None:
+        model.train()
+
+    def eval_every(self, steps_per_epoch: int) -> int:
+        """Steps between evaluations (0: only at the end of the run)."""
+        return steps_per_epoch
+
+    def evaluate(self, model, step: int) -> dict:
+        return {}
+
+    def report(self, row: dict) -> None:
+        """Log an evaluation row's line."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def final_model(self, model):
+        """The module whose weights are saved as the run's final weights."""
+        return model
+
+    def finish(self, model, step: int, result: dict) -> None:
+        """After the final weights are written: results files, pictures, the Hub push."""
+
+
+class Trainer:
+    def __init__(self, args, accelerator, run_dir: RunDir, task: Task):
+        self.args, self.accelerator, self.run_dir, self.task = args, accelerator, run_dir, task
+        task.trainer = self
+        self.metrics: MetricsLog | None = None
+
+    def prepare(self):
+        """Build the task's parts and prepare them; resume from --resume_from_checkpoint. Returns the trainer state."""
+        args, accelerator, task = self.args, self.accelerator, self.task
+        model, optimizer, sampler, loader = task.build(accelerator)
+        apply_speed_options(model, args)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.sampler, self.loader = sampler, loader
+        self.steps_per_epoch = sampler.steps_per_epoch
+        self.total_steps = args.max_train_steps or args.epochs * self.steps_per_epoch
+        task.prepared(self.model, accelerator)
+        state = {"step": 0, "steps_per_epoch": self.steps_per_epoch, "global_batch": sampler.global_batch,
+                 "num_processes": accelerator.num_processes, "loss_sum": 0.0, "loss_steps": 0, "term_sums": {},
+                 "skipped_images": 0, "bad_steps_in_a_row": 0}
+        resume = args.resume_from_checkpoint
+        checkpoint = resolve_checkpoint(resume, self.run_dir.checkpoints) if resume else None
+        if checkpoint is not None:
+            state.update(resume_from(accelerator, checkpoint, self.run_dir.checkpoints, self.steps_per_epoch,
+                                     sampler.global_batch, set_aside=not getattr(args, "eval_only", False)))
+            for old, new in (("log_loss_sum", "loss_sum"), ("log_steps", "loss_steps"), ("log_term_sums", "term_sums")):
+                if old in state:  # (checkpoints written before the loop was shared)
+                    state[new] = state.pop(old)
+            logger.info("resumed from %s at step %d (epoch %d)", checkpoint, state["step"],
+                        state["step"] // self.steps_per_epoch)
+        elif resume in ("latest", "auto"):
+            logger.info("no checkpoint under %s yet: starting fresh", self.run_dir.checkpoints)
+        task.load_state_dict(state.get("task", state))
+        self.state = state
+        task.started()
+        return state
+
+    def evaluate_only(self) -> dict:
+        """Evaluate the prepared model (the checkpoint's, with --resume_from_checkpoint) without training."""
+        self.prepare()
+        return self.task.evaluate(self.model, self.state["step"])
+
+    def fit(self) -> None:
+        args, accelerator, task, run_dir = self.args, self.accelerator, self.task, self.run_dir
+        state = self.prepare()
+        model, optimizer, sampler = self.model, self.optimizer, self.sampler
+        steps_per_epoch, total_steps = self.steps_per_epoch, self.total_steps
+        step = state["step"]
+        self.metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
+        eval_every = task.eval_every(steps_per_epoch)
+        accumulation, processes = args.gradient_accumulation_steps, accelerator.num_processes
+        guard = BadStepGuard(args.max_bad_steps, task.script, run_dir.checkpoints, accelerator.device,
+                             state["bad_steps_in_a_row"])
+        averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"], state["term_sums"])
+        throughput = Throughput()
+        skipped_images, skipped_pending = state["skipped_images"], torch.zeros((), device=accelerator.device)
+        last_saved, last_evaluated, last_batch, result, lr = step, None, None, {}, 0.0
+
+        def count_skipped() -> int:
+            """Unreadable images so far, over all processes (a collective: every process calls it)."""
+            nonlocal skipped_images
+            skipped_images += int(accelerator.reduce(skipped_pending, reduction="sum"))
+            skipped_pending.zero_()
+            return skipped_images
+
+        def checkpoint_now() -> None:
+            nonlocal last_saved
+            guard.check(step)
+            count_skipped()
+            state.update(step=step, **averages.state(), bad_steps_in_a_row=guard.in_a_row,
+                         skipped_images=skipped_images, task=task.state_dict(), **sampler.state_dict(step))
+            save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, task.model_config)
+            last_saved = step
+
+        def evaluate_now() -> dict:
+            nonlocal last_evaluated, throughput
+            images_per_sec = None if task.log_train_rows else round(throughput.rate(), 2)  # (before evaluating)
+            values = task.evaluate(model, step)
+            last_evaluated = step
+            if values and not task.log_train_rows:
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                       "train_loss": averages.read()[1]["loss"], "lr": lr, "images_per_sec": images_per_sec, **values}
+                self.metrics.log(row)
+                task.report(row)
+                averages.reset()
+                throughput = Throughput()  # the next interval's rate starts after this evaluation
+            task.train_mode(model)
+            return values
+
+        stop, stopping = StopSignal(), False
+        progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=task.name)
+        self.loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run
+        batches = DeviceBatches(self.loader, accelerator.device, ahead=getattr(args, "decode_ahead", False),
+                                check=task.check_batch)
+        micro_batches = iter(batches) if step < total_steps else None  # (no workers for a finished run)
+        task.train_mode(model)
+        with progress:  # closed before an error is printed, so the error stays the last line
+            while step < total_steps and not stopping:
+                lr = task.learning_rate(step, total_steps, steps_per_epoch)
+                set_learning_rate(optimizer, lr)
+                values = task.step_values(step, steps_per_epoch)
+                step_loss, step_terms = torch.zeros((), device=accelerator.device), {}
+                for micro in range(accumulation):
+                    batch = next(micro_batches)  # on the device
+                    if "num_skipped" in batch:
+                        skipped_pending += batch["num_skipped"]
+                    batch, weight = readable_batch(batch, last_batch)
+                    last_batch = batch
+                    with sync_context(accelerator, model, micro, accumulation):
+                        loss, terms = task.loss(model, batch, values)
+                        loss = loss * weight
+                        accelerator.backward(loss / accumulation)
+                    step_loss += loss.detach() / accumulation
+                    for name, value in terms.items():
+                        step_terms[name] = step_terms.get(name, 0.0) + value.detach() / accumulation
+                    throughput.add(task.batch_images(batch) * processes)
+                # (nothing read back to the host until the next log: skipped steps are counted on the device)
+                skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss,
+                                                                       args.max_grad_norm)
+                step += 1
+                progress.update(1)
+                guard.update(skipped)
+                averages.add({"loss": step_loss, **step_terms}, skipped)  # (terms: this process's; loss: the mean)
+                task.after_step(model)
+                # A skipped step (its update not applied) gets no row and no scheduled checkpoint.
+                if (step % args.log_every == 0 or (task.log_train_rows and step == total_steps)) and not guard.check(step):
+                    if task.log_train_rows:
+                        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **averages.read()[1], "lr": lr,
+                               **values, "grad_norm": float(grad_norm), "images_per_sec": round(throughput.rate(), 2),
+                               "skipped_images": count_skipped()}
+                        self.metrics.log(row)
+                        averages.reset()
+                        progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                                             img_s=f"{row['images_per_sec']:.0f}")
+                    else:
+                        progress.set_postfix(loss=f"{averages.read()[1]['loss']:.4f}", lr=f"{lr:.2e}")
+                if (eval_every and step % eval_every == 0) or step == total_steps:
+                    result = evaluate_now() or result
+                epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
+                scheduled = epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0)
+                if step == total_steps or (scheduled and not guard.check(step)):  # the last step always checkpoints
+                    checkpoint_now()
+                if stop.requested(accelerator):
+                    stopping = True
+        batches.close()
+        if stopping and step < total_steps:
+            if last_saved != step:
+                checkpoint_now()
+            stop.exit_preempted(step, total_steps, run_dir.checkpoints)
+        if last_evaluated != step:  # resumed at the end: nothing trained, evaluate what was loaded
+            result = task.evaluate(model, step) or result
+        save_final_weights(accelerator, task.final_model(model), run_dir.final)
+        task.finish(model, step, result)
+        if skipped_images:
+            logger.warning("%d unreadable images were skipped", skipped_images)
