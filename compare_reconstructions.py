@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from models import MaskedAutoencoder
-from utils.data import Normalize, ResizeCenterCrop, SeededSamples, build_image_dataset, channel_stats, collate_skipping_bad
+from pipeline.datasets import build_image_dataset
+from pipeline.samples import SeededSamples, collate_skipping_bad
+from pipeline.transforms import Normalize, ResizeCenterCrop, channel_stats
 from utils.errors import UserError, run_cli
 from utils.metrics import reconstruction_metrics
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture

@@ -22,7 +22,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from models import MaskedAutoencoder, VisionTransformer
-from models.convert import load_pretrained, read_checkpoint, to_timm, to_transformers
+from models.convert import read_checkpoint, to_timm, to_transformers
+from models.pretrained import load_pretrained
 from utils.errors import run_cli
 
 logger = logging.getLogger("convert_checkpoint")

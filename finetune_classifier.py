@@ -21,18 +21,20 @@ from tqdm.auto import tqdm
 from engine import Task, Trainer
 from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.data import (
-    ClassifierTrainTransform, EpochChain, HubImageDataset, Normalize, ResizeCenterCrop, SeededSamples,
-    TensorSamples, build_image_dataset, channel_stats, dataset_classes,
-)
+from pipeline.datasets import build_image_dataset
+from pipeline.loading import build_loader, move_to_device
+from pipeline.samples import SeededSamples, TensorSamples
+from pipeline.sampling import EpochChain
+from pipeline.shards import build_step_sampler
+from pipeline.sources import HubImageDataset, dataset_classes
+from pipeline.transforms import ClassifierTrainTransform, Normalize, ResizeCenterCrop, channel_stats
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import topk_accuracy
 from utils.optim import build_adamw, param_groups_layer_decay
-from utils.run import RunDir, add_data_args, add_run_args, default_dataset, move_to_device, save_args, start_run
+from utils.run import RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
 from utils.schedule import scaled_learning_rate, warmup_cosine
-from utils.shards import build_step_sampler
-from utils.training import ModelEma, broadcast_buffers, build_loader
+from utils.training import ModelEma, broadcast_buffers
 
 logger = logging.getLogger("finetune_classifier")
 

@@ -24,19 +24,22 @@ from engine import Task, Trainer
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.upernet import ViTUperNet
 from models.weights import encoder_state, load_encoder, read_weights
-from utils.data import EpochChain, Normalize, channel_stats, collate_skipping_bad
+from pipeline.loading import build_loader, move_to_device
+from pipeline.samples import collate_skipping_bad
+from pipeline.sampling import EpochChain
+from pipeline.segmentation import (
+    ADE20K_NUM_CLASSES, IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationSamples,
+    SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
+)
+from pipeline.shards import build_step_sampler
+from pipeline.transforms import Normalize, channel_stats
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import SegmentationMetric
 from utils.optim import build_adamw, param_groups_layer_decay
-from utils.run import RunDir, add_data_args, add_run_args, default_dataset, move_to_device, save_args, start_run
+from utils.run import RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
 from utils.schedule import warmup_cosine, warmup_poly
-from utils.segmentation_data import (
-    ADE20K_NUM_CLASSES, IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationSamples,
-    SegmentationTrainTransform, build_segmentation_dataset, default_zero_is_ignore,
-)
-from utils.shards import build_step_sampler
-from utils.training import broadcast_buffers, build_loader
+from utils.training import broadcast_buffers
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 
 logger = logging.getLogger("finetune_segmentation")

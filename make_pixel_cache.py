@@ -10,7 +10,7 @@ pixel and at the same indices, so a run on the cache of a folder or 🤗 dataset
 order it would see on the source with ``--decode cpu``. A cache of tar shards holds the same images but is read as
 one data set, in a global shuffle, not shard by shard. The cache is big (every pixel of every image: ~700 GB for ImageNet-1k train at full size) and must be on a local disk,
 ideally one whose pages stay in RAM. ``--max_size`` shrinks images whose longer side exceeds it (then they are no
-longer the source's). See utils/pixel_cache.py for the format.
+longer the source's). See pipeline/pixel_cache.py for the format.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from utils.data import DataError, build_image_dataset, dataset_classes
-from utils.errors import run_cli
-from utils.pixel_cache import INDEX_NAME, CacheWriter
+from pipeline.datasets import build_image_dataset
+from pipeline.pixel_cache import INDEX_NAME, CacheWriter
+from pipeline.sources import dataset_classes
+from utils.errors import DataError, run_cli
 from utils.run import available_cores, default_dataset
 
 logger = logging.getLogger("make_pixel_cache")

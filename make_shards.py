@@ -20,9 +20,9 @@ import random
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from utils.data import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataError, ImageFolderDataset
-from utils.errors import run_cli
-from utils.shards import INDEX_NAME, filesystem
+from pipeline.shards import INDEX_NAME, filesystem
+from pipeline.sources import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, ImageFolderDataset
+from utils.errors import DataError, run_cli
 
 logger = logging.getLogger("make_shards")
 

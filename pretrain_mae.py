@@ -20,21 +20,22 @@ import torch
 from engine import Task, Trainer
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from models.losses import high_frequency_loss, uniformity_loss
-from models.pca import TARGETS, PCABasis, eigenspace_errors, fit_pca, pca_target
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
+from models.pca import TARGETS, PCABasis, eigenspace_errors, fit_pca, pca_target
 from models.weights import read_weights
-from utils.data import (
-    Normalize, RandomResizedCropFlip, ResizeCenterCrop, SeededSamples, build_image_dataset,
-    EpochChain, channel_stats, collate_skipping_bad, decodes_on_device,
-)
-from utils.training import build_loader
+from pipeline.datasets import build_image_dataset
+from pipeline.device_decode import decodes_on_device
+from pipeline.loading import build_loader
+from pipeline.samples import SeededSamples, collate_skipping_bad
+from pipeline.sampling import EpochChain
+from pipeline.shards import build_step_sampler
+from pipeline.transforms import Normalize, RandomResizedCropFlip, ResizeCenterCrop, channel_stats
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import reconstruction_metrics
 from utils.optim import build_adamw, param_groups_weight_decay
 from utils.run import MetricsLog, RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
 from utils.schedule import scaled_learning_rate, warmup_cosine
-from utils.shards import build_step_sampler
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
 
 logger = logging.getLogger("pretrain_mae")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import MAE_PRESETS, MaskedAutoencoder, VisionTransformer, encoder_config, mae_config  # noqa: E402
 from models.mae import visible_count  # noqa: E402
 from models.vit import Block  # noqa: E402
-from utils.data import decodes_on_device  # noqa: E402
+from pipeline.device_decode import decodes_on_device  # noqa: E402
 from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 from utils.run import set_gpu_math  # noqa: E402
 from utils.training import apply_speed_options  # noqa: E402
@@ -306,7 +306,9 @@ def profile_steps(trainers, inputs: tuple, device: torch.device, top: int) -> No
 
 def training_samples(args, config: dict, decode_on_device: bool):
     """pretrain_mae.py's training samples (same dataset classes and transform)."""
-    from utils.data import RandomResizedCropFlip, SeededSamples, build_image_dataset
+    from pipeline.datasets import build_image_dataset
+    from pipeline.samples import SeededSamples
+    from pipeline.transforms import RandomResizedCropFlip
 
     base = build_image_dataset(args.dataset, args.path_to_data, "train", config["in_chans"], config["img_size"],
                                args.max_samples, None, encoded_jpeg=decode_on_device)
@@ -316,10 +318,10 @@ def training_samples(args, config: dict, decode_on_device: bool):
 
 def build_pipeline(args, config: dict, device: torch.device):
     """pretrain_mae.py's training loader (same samples, sampler, epochs chained in one iterator, loader settings)."""
-    from utils.data import EpochChain
+    from pipeline.loading import build_loader
+    from pipeline.sampling import EpochChain
+    from pipeline.shards import build_step_sampler
     from utils.run import default_num_workers
-    from utils.shards import build_step_sampler
-    from utils.training import build_loader
 
     samples = training_samples(args, config, decodes_on_device(args.decode, device))
     sampler = build_step_sampler(samples.base, args.batch_size, 1, 1, 0, 0)
@@ -330,8 +332,8 @@ def build_pipeline(args, config: dict, device: torch.device):
 def decode_paths_difference(args, config: dict, device: torch.device, count: int = 64) -> dict:
     """The same samples' views made by the on-device path and by the CPU path (PIL in the workers): the largest
     and the mean absolute difference, in uint8 levels."""
-    from utils.data import collate_skipping_bad
-    from utils.run import move_to_device
+    from pipeline.loading import move_to_device
+    from pipeline.samples import collate_skipping_bad
 
     views = []
     for on_device in (True, False):
@@ -374,8 +376,8 @@ def worker_ms_per_image(samples, count: int = 64) -> float:
 
 
 def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool) -> list[dict]:
-    from utils.data import Normalize, channel_stats
-    from utils.run import DeviceBatches
+    from pipeline.loading import DeviceBatches
+    from pipeline.transforms import Normalize, channel_stats
 
     if args.make_jpegs:
         if not args.path_to_data:

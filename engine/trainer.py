@@ -9,8 +9,9 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.loading import DeviceBatches
 from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
-from utils.run import DeviceBatches, MetricsLog, RunDir, Throughput, save_final_weights
+from utils.run import MetricsLog, RunDir, Throughput, save_final_weights
 from utils.schedule import set_learning_rate
 from utils.training import (
     BadStepGuard, StepAverages, StopSignal, apply_speed_options, guarded_optimizer_step, readable_batch, sync_context,
@@ -130,6 +131,8 @@ class Trainer:
         model, optimizer, sampler = self.model, self.optimizer, self.sampler
         steps_per_epoch, total_steps = self.steps_per_epoch, self.total_steps
         step = state["step"]
+        if accelerator.is_main_process:
+            run_dir.root.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
         eval_every = task.eval_every(steps_per_epoch)
         accumulation, processes = args.gradient_accumulation_steps, accelerator.num_processes

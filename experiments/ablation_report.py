@@ -56,7 +56,7 @@ def logistic_regression(max_samples: int, max_val_samples: int, weight_decay: fl
     """Multinomial logistic regression on standardised raw pixels, full-batch L-BFGS (no sklearn needed)."""
     import torch
 
-    from utils.data import load_fashion_mnist
+    from pipeline.sources import load_fashion_mnist
 
     def split(name: str, limit: int):
         images, labels = load_fashion_mnist(name)

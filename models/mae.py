@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from .masking import MASK_STRATEGIES, mask_noise
-from .vit import Block, ConvertingHubMixin, VisionTransformer, init_weights_official, run_blocks, sincos_pos_embed_2d
+from .pos_embed import sincos_pos_embed_2d
+from .vit import Block, ConvertingHubMixin, VisionTransformer, init_weights_official, run_blocks
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .convert import read_checkpoint
+
 ENCODER_PREFIX = "encoder."
 NOT_ENCODER = ("decoder_", "mask_token")
 
@@ -15,8 +17,6 @@ NOT_ENCODER = ("decoder_", "mask_token")
 def read_weights(path: str | Path, revision: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict in this project's naming) of any supported checkpoint: this project's folders and
     files, 🤗 transformers ViTMAE/ViT, facebookresearch/mae ``.pth``, timm; local or a Hub repo id."""
-    from .convert import read_checkpoint
-
     checkpoint = read_checkpoint(path, revision)
     return checkpoint.config, checkpoint.state
 

@@ -54,8 +54,8 @@ def run_in_process(script: str, *args) -> tuple[int, str]:
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
+    from pipeline.loading import STOP_SIGNALS
     from utils.errors import run_cli
-    from utils.training import STOP_SIGNALS
 
     module = importlib.import_module(Path(script).stem)
     stderr, program = io.StringIO(), sys.argv[0]

@@ -4,10 +4,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data import (
-    DataError, ImageFolderDataset, RandomResizedCropFlip, SeededSamples, StepBatchSampler, build_image_dataset,
-    collate_skipping_bad, load_fashion_mnist, resolve_image_folder, to_channels,
-)
+from pipeline.datasets import build_image_dataset
+from pipeline.samples import SeededSamples, collate_skipping_bad
+from pipeline.sampling import StepBatchSampler
+from pipeline.sources import ImageFolderDataset, load_fashion_mnist, resolve_image_folder
+from pipeline.transforms import RandomResizedCropFlip, to_channels
+from utils.errors import DataError
 
 
 def test_fashion_mnist_is_read_from_the_idx_files(fashion_mnist_dir):
@@ -189,7 +191,7 @@ def photo_like_jpegs(root, count, rng):
 
 def views(folder, encoded: bool, count: int):
     """The first ``count`` training samples of pretrain_mae.py's pipeline, made on the CPU device."""
-    from utils.run import move_to_device
+    from pipeline.loading import move_to_device
 
     base = build_image_dataset("folder", str(folder), "train", 3, 32, encoded_jpeg=encoded)
     samples = SeededSamples(base, RandomResizedCropFlip(32), 7, 16)
@@ -204,7 +206,7 @@ def test_jpegs_decode_to_pils_pixels(variant):
     be exactly PIL's, whose decode the rest (CMYK, ...) keeps."""
     import io
 
-    from utils.data import image_from_bytes
+    from pipeline.sources import image_from_bytes
 
     rng = np.random.default_rng(5)
     size = (37, 53) if variant == "odd_size" else (96, 128)
@@ -249,8 +251,8 @@ def test_deferred_decode_drops_a_broken_jpeg_with_its_label_and_handles_mixed_fo
 def test_epoch_chain_is_the_samplers_epochs_from_a_step_in_one_iterator(tmp_path):
     """EpochChain (the scripts' training loaders): the sampler's epochs in order, the first from the resumed step,
     and through a loader with 2 workers the same batches as the loader read epoch by epoch."""
-    from utils.data import EpochChain
-    from utils.training import build_loader
+    from pipeline.loading import build_loader
+    from pipeline.sampling import EpochChain
 
     sampler = StepBatchSampler(10, 4, 2, seed=3)  # 2 steps of 2 micro-batches per epoch
     expected = []
@@ -285,9 +287,8 @@ def test_epoch_chain_is_the_samplers_epochs_from_a_step_in_one_iterator(tmp_path
 def test_batches_made_ahead_in_a_thread_are_the_batches_made_inline(tmp_path):
     """DeviceBatches(ahead=True) (--decode_ahead): the same batches in the same order, across epochs, an epoch left
     half read (a stop, a run's last partial epoch) and persistent workers; errors in the thread reach the caller."""
-    from utils.data import EpochChain
-    from utils.run import DeviceBatches
-    from utils.training import build_loader
+    from pipeline.loading import DeviceBatches, build_loader
+    from pipeline.sampling import EpochChain
 
     photo_like_jpegs(tmp_path, 24, np.random.default_rng(2))
     (tmp_path / "class1" / "broken.jpg").write_bytes((tmp_path / "class0" / "000.jpg").read_bytes()[:300])

@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics, run_script, without_timing
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import read_metrics, run_script, without_timing
-from make_pixel_cache import main as make_pixel_cache
 from test_shards import image_folder
-from utils.data import DataError, build_image_dataset
-from utils.pixel_cache import PixelCacheDataset
+
+from make_pixel_cache import main as make_pixel_cache
+from pipeline.datasets import build_image_dataset
+from pipeline.pixel_cache import PixelCacheDataset
+from utils.errors import DataError
 
 TINY = ["--model", "mae_vit_tiny_patch4", "--img_size", 16, "--patch_size", 4, "--input_channels", 3,
         "--encoder_embed_dim", 32, "--encoder_depth", 1, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,

@@ -9,17 +9,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import read_metrics, run_script, sigterm_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script, sigterm_script
 from models.upernet import ViTUperNet
-from utils.data import DataError, Normalize, channel_stats
-from utils.metrics import SegmentationMetric
-from utils.segmentation_data import (
+from pipeline.segmentation import (
     IGNORE_INDEX, FashionMNISTCanvases, SegmentationEvalTransform, SegmentationTrainTransform,
     build_segmentation_dataset, default_zero_is_ignore,
 )
+from pipeline.transforms import Normalize, channel_stats
+from utils.errors import DataError
+from utils.metrics import SegmentationMetric
 
 RUN = ["--log_with", "none", "--img_size", 32, "--per_gpu_batch_size", 16, "--max_val_samples", 128,
        "--num_pictures", 4]

@@ -8,13 +8,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import copy_stopped_after, read_metrics, run_script, without_timing
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import copy_stopped_after, read_metrics, run_script, without_timing
 from make_shards import main as make_shards
-from utils.data import DataError, build_image_dataset
-from utils.shards import ShardStepSampler, TarShardDataset, assign_shards
+from pipeline.datasets import build_image_dataset
+from pipeline.shards import ShardStepSampler, TarShardDataset, assign_shards
+from utils.errors import DataError
 
 
 def image_folder(root, counts=(("train", 30), ("val", 6)), seed=0):
@@ -92,8 +93,9 @@ def test_reindexing_keeps_class_names_and_held_out_splits_are_required(tmp_path)
 
 
 def test_jpegs_from_shards_decoded_on_the_device_give_the_folder_views(tmp_path):
-    from utils.data import RandomResizedCropFlip, SeededSamples, collate_skipping_bad
-    from utils.run import move_to_device
+    from pipeline.loading import move_to_device
+    from pipeline.samples import SeededSamples, collate_skipping_bad
+    from pipeline.transforms import RandomResizedCropFlip
 
     folder = image_folder(tmp_path / "images", counts=(("train", 10),), seed=4)
     make_shards(["--input_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--samples_per_shard", "4",
@@ -203,7 +205,9 @@ def test_a_batch_of_shard_images_is_read_with_one_request(tmp_path, monkeypatch)
     (fsspec's cat_ranges, concurrent on s3fs/gcsfs), and give what one-by-one reads give."""
     from torch.utils.data import DataLoader
 
-    from utils.data import RandomResizedCropFlip, SeededSamples, StepBatchSampler, collate_skipping_bad
+    from pipeline.samples import SeededSamples, collate_skipping_bad
+    from pipeline.sampling import StepBatchSampler
+    from pipeline.transforms import RandomResizedCropFlip
 
     make_shards(["--input_dir", str(image_folder(tmp_path / "images", counts=(("train", 24),))), "--output_dir",
                  str(tmp_path / "shards"), "--samples_per_shard", "5"])

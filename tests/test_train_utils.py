@@ -161,8 +161,8 @@ def test_a_process_exits_with_a_loader_whose_workers_are_still_alive(tmp_path):
     script.write_text(
         "import sys, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from utils.data import DataError, StepBatchSampler\n"
-        "from utils.training import build_loader\n"
+        "from pipeline.sampling import StepBatchSampler\nfrom utils.errors import DataError\n"
+        "from pipeline.loading import build_loader\n"
         "class Unreadable(torch.utils.data.Dataset):\n"
         "    def __len__(self): return 16\n"
         "    def __getitem__(self, key): raise DataError('cannot be read')\n"

@@ -9,6 +9,10 @@ class UserError(ValueError):
     """An input the user can fix; the message names the problem and the fix."""
 
 
+class DataError(UserError):
+    """Bad data input; the message names the problem and the fix (the scripts print it as one line)."""
+
+
 def run_cli(main) -> None:
     """Call ``main()``; a ValueError from bad input becomes one line on stderr and exit code 2
     (set MAE_DEBUG=1 to see the traceback instead)."""

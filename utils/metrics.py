@@ -55,7 +55,7 @@ def reconstruction_metrics(model, mae, images: torch.Tensor, noise: torch.Tensor
                            mask_ratio: float | None = None) -> dict:
     """An MAE on fixed images and masks: the loss, the PSNR of the masked pixels (dB, de-normalised images in
     [0, 1]) and the Laplacian (high-frequency) error there. ``model`` runs the forward (it may be wrapped),
-    ``mae`` is the plain MaskedAutoencoder, ``normalize`` a utils.data.Normalize."""
+    ``mae`` is the plain MaskedAutoencoder, ``normalize`` a pipeline.transforms.Normalize."""
     was_training = model.training
     model.eval()
     output = model(images, noise=noise, mask_ratio=mask_ratio)

@@ -15,7 +15,6 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, ProjectConfiguration
 from safetensors.torch import save_file
 
-from .data import decode_deferred
 from .errors import UserError
 from .hub import add_hub_args, check_hub_args
 
@@ -96,8 +95,8 @@ def default_dataset(args, built_in: str = "fashion_mnist", shards: bool = True) 
         return args.dataset
     if not args.path_to_data or not shards:
         return built_in if not args.path_to_data else "folder"
-    from .pixel_cache import is_pixel_cache
-    from .shards import is_sharded
+    from pipeline.pixel_cache import is_pixel_cache
+    from pipeline.shards import is_sharded
 
     if "://" in args.path_to_data or is_sharded(args.path_to_data):
         return "shards"
@@ -273,112 +272,6 @@ def save_final_weights(accelerator: Accelerator, model, directory: Path) -> None
                   metadata={"format": "pt"})
         (directory / "config.json").write_text(json.dumps(unwrapped._hub_mixin_config, indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
-
-
-def move_to_device(batch: dict, device: torch.device, fence: str = "device") -> dict:
-    """A loader batch on the device; JPEGs left encoded (``--decode device``) are decoded and cropped there."""
-    if "jpeg" in batch:
-        batch = decode_deferred(batch, device, fence)
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-class DeviceBatches:
-    """A loader's batches, each on the device (:func:`move_to_device`); ``check`` sees each one on the host first.
-
-    With ``ahead``, a thread makes the next batch while the current one trains: on a GPU it copies and decodes on a
-    CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``). One
-    batch is made ahead; an error in the thread is raised where the batch is taken. Iterating again first stops the
-    previous iteration's thread; :meth:`close` stops it at the end.
-    """
-
-    _END = object()
-
-    def __init__(self, loader, device: torch.device, ahead: bool = False, check=None):
-        self.loader, self.device, self.ahead, self.check = loader, device, ahead, check
-        self._thread, self._stop, self._stream = None, None, None
-
-    def __iter__(self):
-        self.close()
-        if not self.ahead:
-            return (move_to_device(self._checked(batch), self.device) for batch in self.loader)
-        import queue
-        import threading
-
-        if self.device.type == "cuda" and self._stream is None:  # one stream for the run: the caching allocator
-            self._stream = torch.cuda.Stream(self.device)  # keeps freed blocks for the stream that freed them
-        batches, self._stop = queue.Queue(maxsize=1), threading.Event()
-        self._thread = threading.Thread(target=self._make, args=(iter(self.loader), batches, self._stop), daemon=True,
-                                        name="DeviceBatches")  # (the loader's iterator is made here, in this thread)
-        self._thread.start()
-        return self._take(batches, self._thread, self._stop)
-
-    def _checked(self, batch: dict) -> dict:
-        if self.check is not None:
-            self.check(batch)
-        return batch
-
-    def close(self) -> None:
-        """Stop the thread of the last iteration (it finishes the batch it is reading, then exits)."""
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-
-    def _make(self, loader_iter, batches, stop) -> None:
-        import contextlib
-        import queue
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    batches.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                for batch in loader_iter:
-                    if stop.is_set():
-                        return
-                    batch = move_to_device(self._checked(batch), self.device, fence="stream")
-                    event = None
-                    if self._stream is not None:
-                        event = torch.cuda.Event()
-                        event.record(self._stream)
-                    if not put((batch, event)):
-                        return
-            put(self._END)
-        except BaseException as error:  # raised again in the training thread, where the batch is taken
-            put(error)
-
-    def _take(self, batches, thread, stop):
-        import queue
-
-        try:
-            while True:
-                try:
-                    item = batches.get(timeout=1.0)
-                except queue.Empty:
-                    if not thread.is_alive() and batches.empty():
-                        raise RuntimeError("the thread making batches ahead (--decode_ahead) died without a word: "
-                                           "run without --decode_ahead to see the error") from None
-                    continue
-                if item is self._END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                batch, event = item
-                if event is not None:
-                    stream = torch.cuda.current_stream(self.device)
-                    stream.wait_event(event)
-                    for value in batch.values():  # freed blocks wait for this stream before the thread's reuses them
-                        if isinstance(value, torch.Tensor) and value.is_cuda:
-                            value.record_stream(stream)
-                yield batch
-        finally:  # left early (a stop, an error in the loop): the thread stops at its next batch
-            stop.set()
 
 
 def cpu_has_native(precision: str) -> bool:

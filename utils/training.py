@@ -1,7 +1,6 @@
-"""The pieces of a training step that every script shares: loader, accumulation, the guarded optimizer step."""
+"""The pieces of a training step that every script shares: accumulation, the guarded optimizer step, stop signals."""
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
@@ -10,61 +9,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from .data import collate_skipping_bad
+from pipeline.loading import STOP_SIGNALS
+
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-def build_loader(samples, batch_sampler, num_workers: int, device: torch.device) -> DataLoader:
-    """A loader over ``(index, epoch)`` keys. Its private generator keeps the global RNG untouched, so a run
-    resumed from a checkpoint (which restores the global RNG) draws the same mixup/erasing as one never stopped."""
-    return WorkerLoader(samples, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_skipping_bad,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
-
-
-class WorkerLoader(DataLoader):
-    """A DataLoader whose worker processes are killed at exit if they are still running (their iterator is held by an
-    exception's traceback, or was dropped while a worker was busy): they ignore SIGTERM (see ignore_stop_signals), so
-    multiprocessing's own clean-up, SIGTERM then join, would wait for them forever."""
-
-    def close(self) -> None:
-        """Stop the persistent workers now (not while a DeviceBatches thread still reads them: close that first).
-        Left to the garbage collector, an iterator caught in a reference cycle is finalised after its index queues'
-        feeder threads have stopped: the workers never hear the shutdown, torch waits 10 s for each of them, and
-        they live on until the process exits (they ignore SIGTERM)."""
-        iterator, self._iterator = getattr(self, "_iterator", None), None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-
-    def _get_iterator(self):
-        iterator = super()._get_iterator()
-        workers = list(getattr(iterator, "_workers", []))
-        if workers:  # (registered after multiprocessing's clean-up, so it runs first)
-            atexit.register(kill_workers_left, workers, os.getpid())
-        return iterator
-
-
-def kill_workers_left(workers: list, parent_pid: int) -> None:
-    left = [worker for worker in workers if os.getpid() == parent_pid and worker.is_alive()]
-    if left and hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report each kill as a worker failure
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in left:
-        worker.kill()
-
-
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL ("try again"): stopped by a signal after writing a checkpoint; requeue the job
 PREEMPTED_MARKER = "PREEMPTED"  # written into checkpoints/ by such a stop (holds the step)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave stop signals to the main process, which checkpoints and then shuts them down."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
 
 
 class StopSignal:

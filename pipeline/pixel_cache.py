@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import DataError
+from utils.errors import DataError
 
 INDEX_NAME = "cache.json"
 FORMAT = "mae-accelerate pixel cache"

@@ -21,7 +21,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from .data import DataError, StepSampler, image_from_bytes
+from utils.errors import DataError
+
+from .sampling import StepBatchSampler, StepSampler
+from .sources import image_from_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +252,6 @@ def build_step_sampler(dataset, per_process_batch: int, accumulation_steps: int,
                        seed: int, resume: dict | None = None) -> StepSampler:
     """The training sampler for ``dataset``: ShardStepSampler for tar shards (each process reads its own; ``resume``:
     the checkpoint's trainer state, see keep_global_batch), StepBatchSampler (a global permutation) otherwise."""
-    from .data import StepBatchSampler
-
     if isinstance(dataset, TarShardDataset):
         return ShardStepSampler(dataset.shard_ranges, per_process_batch, accumulation_steps, num_processes, rank, seed,
                                 resume)

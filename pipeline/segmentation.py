@@ -18,10 +18,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from .data import (
-    FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, DataError, HubImageDataset, list_files, load_fashion_mnist, load_hub_split,
-    sample_seed, to_channels,
+from utils.errors import DataError
+
+from .samples import sample_seed
+from .sources import (
+    FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, HubImageDataset, list_files, load_fashion_mnist, load_hub_split,
 )
+from .transforms import to_channels
 
 logger = logging.getLogger(__name__)
 

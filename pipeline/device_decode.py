@@ -1,0 +1,62 @@
+"""JPEGs decoded on the training device (``--decode device``): nvJPEG on a GPU, then cropped there."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .transforms import crop_view
+
+logger = logging.getLogger(__name__)
+
+
+def decodes_on_device(decode: str, device: torch.device) -> bool:
+    """``--decode``: ``device``, or ``auto`` on a GPU, leaves JPEGs encoded for :func:`decode_deferred`."""
+    return decode == "device" or (decode == "auto" and device.type == "cuda")
+
+
+def decode_deferred(batch: dict, device: torch.device, fence: str = "device") -> dict:
+    """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU) and make their views there:
+    ``batch["jpeg"]`` (the JPEGs' bytes end to end, cut by ``batch["jpeg_sizes"]``) + ``batch["crop"]`` become
+    ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
+    that does not decode is dropped with its label and noise and counted in ``num_skipped``.
+
+    ``fence`` (a GPU): torchvision's nvJPEG decoder writes its outputs from its own stream without waiting for the
+    caller's, into blocks the caching allocator may hand out while queued kernels still read them (pytorch/vision
+    PR 9606; seen here on an H100 as a device-side assert, CUDA error 710). ``device`` synchronises the whole device
+    before and after the decode (no overlap with the training step); ``stream`` only the current stream, for
+    :class:`utils.run.DeviceBatches`, which decodes on a stream of its own while the step runs on another."""
+    sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
+    datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
+
+    def sync() -> None:
+        if device.type != "cuda":
+            return
+        if fence == "device":
+            torch.cuda.synchronize(device)
+        else:
+            torch.cuda.current_stream(device).synchronize()
+
+    sync()
+    try:
+        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the batched call: decode them one by one to find it
+        images = []
+        for data in datas:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as error:
+                logger.warning("skipping a JPEG that does not decode (%s)", str(error).splitlines()[0])
+                images.append(None)
+    sync()
+    keep = [image is not None for image in images]
+    views = [crop_view(image, crop) for image, crop in zip(images, crops) if image is not None]
+    if not all(keep):
+        mask = torch.tensor(keep)
+        batch = {k: v[mask] if isinstance(v, torch.Tensor) and v.ndim and len(v) == len(keep) else v
+                 for k, v in batch.items()}
+        batch["num_skipped"] = batch.get("num_skipped", 0) + keep.count(False)
+    if views:
+        batch["pixel_values"] = torch.stack(views)
+    return batch

@@ -1,0 +1,159 @@
+"""engine.Trainer on a toy task, in this process, in seconds: exact resume after a preemption, accumulation equal to
+one big batch, skipped non-finite steps and the stop after too many, the checkpoint cadence."""
+import argparse
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from huggingface_hub import PyTorchModelHubMixin
+from accelerate.state import AcceleratorState, GradientState
+
+from engine import Task, Trainer
+from pipeline.loading import STOP_SIGNALS, build_loader
+from pipeline.samples import TensorSamples
+from pipeline.sampling import EpochChain
+from pipeline.shards import build_step_sampler
+from utils.optim import build_adamw
+from utils.run import RunDir
+from utils.schedule import warmup_cosine
+from utils.training import EXIT_PREEMPTED, PREEMPTED_MARKER
+
+
+class Regression(Task):
+    """Fit y = x @ w + noise with a linear layer; a NaN loss at the steps in ``bad_steps``; SIGTERM to this process
+    after step ``stop_after``."""
+
+    name, script = "toy", "toy.py"
+
+    def __init__(self, args, bad_steps=(), stop_after=None):
+        self.args, self.bad_steps, self.stop_after, self.step = args, set(bad_steps), stop_after, 0
+        self.evaluations = []
+
+    def build(self, accelerator):
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(64, 4, generator=generator)
+        targets = inputs @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(64, generator=generator)
+        self.samples = TensorSamples(inputs, torch.zeros(64))
+        self.targets = targets
+        torch.manual_seed(0)
+        model = Linear(4, 1)
+        args = self.args
+        sampler = build_step_sampler(self.samples, args.per_gpu_batch_size, args.gradient_accumulation_steps,
+                                     accelerator.num_processes, accelerator.process_index, args.seed)
+        loader = build_loader(IndexedSamples(self.samples), EpochChain(sampler), 0, accelerator.device)
+        return model, build_adamw([{"params": model.parameters(), "weight_decay": 0.0}], 0.1), sampler, loader
+
+    def learning_rate(self, step, total_steps, steps_per_epoch):
+        return warmup_cosine(step, total_steps, 2, 0.5)
+
+    def step_values(self, step, steps_per_epoch):
+        self.step = step + 1
+        return {}
+
+    def loss(self, model, batch, values):
+        loss = F.mse_loss(model(batch["pixel_values"]).squeeze(-1), self.targets[batch["index"]])
+        if self.step in self.bad_steps:
+            loss = loss * float("nan")
+        return loss, {}
+
+    def after_step(self, model):
+        if self.step == self.stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def evaluate(self, model, step):
+        self.evaluations.append(step)
+        return {}
+
+
+class Linear(torch.nn.Linear, PyTorchModelHubMixin):
+    """A linear layer that saves like the project's models (config.json + model.safetensors)."""
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    """The samples with their index, so the loss can look up the target."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        return {**self.samples[key], "index": key[0]}
+
+
+def toy_args(tmp_path, **overrides):
+    args = dict(per_gpu_batch_size=8, gradient_accumulation_steps=1, epochs=2, max_train_steps=None, seed=0,
+                log_every=1, checkpointing_steps=None, save_checkpoint_interval=1, keep_checkpoints=0,
+                max_bad_steps=20, max_grad_norm=0.0, resume_from_checkpoint=None, push_to_hub=False, compile=False,
+                gradient_checkpointing=False)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def fit(tmp_path, name, **kwargs):
+    """One run of the toy task in this process; returns (exit code, metrics rows, final weights, task)."""
+    task_kwargs = {key: kwargs.pop(key) for key in ("bad_steps", "stop_after") if key in kwargs}
+    args = toy_args(tmp_path, **kwargs)
+    run_dir = RunDir(tmp_path / name)
+    handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+    task = Regression(args, **task_kwargs)
+    code = 0
+    try:
+        Trainer(args, Accelerator(cpu=True), run_dir, task).fit()
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    rows = [json.loads(line) for line in run_dir.metrics.read_text().splitlines()] if run_dir.metrics.exists() else []
+    weights = None
+    if (run_dir.final / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        weights = load_file(run_dir.final / "model.safetensors")
+    return code, [{k: v for k, v in row.items() if k != "images_per_sec"} for row in rows], weights, task
+
+
+def test_a_preempted_run_resumes_to_the_same_weights_and_rows(tmp_path):
+    _, whole_rows, whole, task = fit(tmp_path, "whole")
+    assert len(whole_rows) == 16 and whole_rows[-1]["loss"] < whole_rows[0]["loss"] / 4  # it learns
+    assert task.evaluations == [8, 16]  # once per epoch
+    code, _, weights, _ = fit(tmp_path, "stopped", stop_after=5)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert code == EXIT_PREEMPTED and weights is None
+    assert (checkpoints / PREEMPTED_MARKER).read_text() == "5\n"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000005"]
+    code, rows, again, task = fit(tmp_path, "stopped", resume_from_checkpoint="auto")
+    assert code == 0 and rows == whole_rows and task.evaluations == [8, 16]
+    assert all(torch.equal(whole[key], again[key]) for key in whole)
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000005", "step_00000008", "step_00000016"]
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    _, rows, whole, _ = fit(tmp_path, "one")
+    _, accumulated_rows, accumulated, _ = fit(tmp_path, "two", gradient_accumulation_steps=2)
+    for row, other in zip(rows, accumulated_rows):
+        assert row["loss"] == pytest.approx(other["loss"], rel=1e-5)
+    for key in whole:
+        torch.testing.assert_close(whole[key], accumulated[key])
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
+    _, rows, _, _ = fit(tmp_path, "skips", bad_steps={3, 4}, checkpointing_steps=1)
+    assert [row["step"] for row in rows] == [1, 2, *range(5, 17)]  # a skipped step gets no row
+    checkpoints = sorted(p.name for p in (tmp_path / "skips" / "checkpoints").glob("step_*"))
+    assert "step_00000003" not in checkpoints and "step_00000004" not in checkpoints and "step_00000005" in checkpoints
+    _, clean_rows, _, _ = fit(tmp_path, "clean")
+    assert rows[:2] == clean_rows[:2] and rows[2]["loss"] != clean_rows[4]["loss"]  # two updates fewer
+    code, rows, weights, _ = fit(tmp_path, "boom", bad_steps=set(range(3, 17)), max_bad_steps=3, checkpointing_steps=1)
+    assert "3 consecutive steps had a non-finite loss" in str(code) and weights is None
+    assert [row["step"] for row in rows] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "boom" / "checkpoints").glob("step_*")) == ["step_00000001",
+                                                                                         "step_00000002"]
