@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Base lr per 256 images (defaults per mode: 5e-4 fine-tune, 0.1 linear probe, 1e-3 MLP).")
     optim.add_argument("--min_learning_rate", type=float, default=1e-6, help="Floor of the cosine decay.")
     optim.add_argument("--layer_decay", type=float, default=None,
-                       help="Layer-wise lr decay (0.75 ViT-B in the issue's recipe, 0.65 official ViT-B/L; 1 = off).")
+                       help="Layer-wise lr decay (0.75 ViT-B in the small-set recipe, 0.65 official ViT-B/L; 1 = off).")
     optim.add_argument("--max_bad_steps", type=int, default=20, help="Stop after this many non-finite steps in a row.")
     aug = parser.add_argument_group("augmentation (fine-tuning)")
     aug.add_argument("--random_aug_magnitude", type=int, default=None, help="RandAugment magnitude (0 = off).")

@@ -45,7 +45,7 @@ logger = logging.getLogger("pretrain_mae")
 PAPER_DEFAULTS = dict(epochs=800, warmup_epochs=40, per_gpu_batch_size=64, base_learning_rate=1.5e-4)
 DEMO_DEFAULTS = dict(epochs=2, warmup_epochs=0.25, per_gpu_batch_size=128, base_learning_rate=1.5e-3)
 SMALL_DATASETS = ("fashion_mnist", "synthetic")
-# Seed 004's "improved MAE" (weights chosen here: the Laplacian term at about the pixel loss's scale on
+# The "improved MAE" recipe (weights chosen here: the Laplacian term at about the pixel loss's scale on
 # normalised pixels, the uniformity term small enough not to dominate early training).
 IMPROVED = dict(mask_ratio_start=0.5, hf_loss_weight=0.5, uniformity_weight=0.05)
 ORIGINAL = dict(hf_loss_weight=0.0, uniformity_weight=0.0)
@@ -114,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "the top eigenspace (components holding 1 - --pca_variance) and the bottom one (fits or "
                             "loads the PCA as --target pca_* does).")
     model.add_argument("--recipe", type=str, default="original", choices=["original", "improved"],
-                       help="original: the plain MAE; improved: seed 004's variant (curriculum 0.5 -> --mask_ratio "
-                            "over the first quarter of the epochs, Laplacian loss, uniformity); flags still override.")
+                       help="original: the plain MAE; improved: curriculum masking 0.5 -> --mask_ratio over the first "
+                            "quarter of the epochs, Laplacian loss and uniformity; flags still override.")
     model.add_argument("--norm_pix_loss", action="store_true",
                        help="Predict per-patch normalised pixels (the paper's better-features setting).")
     model.add_argument("--custom_weight_init", action=argparse.BooleanOptionalAction, default=True,

@@ -21,11 +21,11 @@ METRICS = {  # results.json key: (table heading, higher is better)
     "hf_error": ("HF error", False),
     "pretrain_minutes": ("pretraining (min)", False),
 }
-# The seeds' claims: (claim, variant that should win, variant it should beat, metric[, claimed minimum gain]).
+# The claims: (claim, variant that should win, variant it should beat, metric[, claimed minimum gain]).
 CLAIMS = [
-    ("MAE pretraining beats training from scratch (seed 002)", "mae", "scratch", "finetune_top1"),
+    ("MAE pretraining beats training from scratch (MAE paper)", "mae", "scratch", "finetune_top1"),
     ("MAE features beat a random encoder's (linear probe)", "mae", "random_probe", "linear_probe_top1"),
-    ("mask ratio 0.75 beats 0.5 (paper, seed 003)", "mae", "ratio_0.5", "linear_probe_top1"),
+    ("mask ratio 0.75 beats 0.5 (MAE paper)", "mae", "ratio_0.5", "linear_probe_top1"),
     ("mask ratio 0.75 beats 0.5, fine-tuned", "mae", "ratio_0.5", "finetune_top1"),
     ("mask ratio 0.75 beats 0.9", "mae", "ratio_0.9", "linear_probe_top1"),
     ("mask ratio 0.75 beats 0.9, fine-tuned", "mae", "ratio_0.9", "finetune_top1"),
@@ -33,16 +33,16 @@ CLAIMS = [
     ("random masking beats block masking, fine-tuned", "mae", "block", "finetune_top1"),
     ("random masking beats grid masking (paper)", "mae", "grid", "linear_probe_top1"),
     ("random masking beats grid masking, fine-tuned", "mae", "grid", "finetune_top1"),
-    ("bottom-PCA targets beat pixel targets (seed 000)", "pca_bottom", "mae", "linear_probe_top1"),
+    ("bottom-PCA targets beat pixel targets (Balestriero & LeCun)", "pca_bottom", "mae", "linear_probe_top1"),
     ("bottom-PCA targets beat pixel targets, fine-tuned", "pca_bottom", "mae", "finetune_top1"),
-    ("bottom-PCA targets beat top-PCA targets (seed 000)", "pca_bottom", "pca_top", "linear_probe_top1"),
+    ("bottom-PCA targets beat top-PCA targets (Balestriero & LeCun)", "pca_bottom", "pca_top", "linear_probe_top1"),
     ("norm_pix_loss gives better features (paper)", "mae", "mae_raw_pixels", "linear_probe_top1"),
-    ("improved recipe beats the original by > 5 points (seed 004)", "improved", "mae", "linear_probe_top1", 5.0),
+    ("improved recipe beats the original by > 5 points", "improved", "mae", "linear_probe_top1", 5.0),
     ("improved recipe beats the original by > 5 points, fine-tuned", "improved", "mae", "finetune_top1", 5.0),
-    ("curriculum masking alone helps (seed 004)", "curriculum", "mae", "linear_probe_top1"),
-    ("HF loss alone helps (seed 004)", "hf_loss", "mae", "linear_probe_top1"),
-    ("uniformity regulariser alone helps (seed 004)", "uniformity", "mae", "linear_probe_top1"),
-    ("HF loss lowers the high-frequency error (seed 004)", "hf_loss", "mae", "hf_error"),
+    ("curriculum masking alone helps (improved-MAE recipe)", "curriculum", "mae", "linear_probe_top1"),
+    ("HF loss alone helps (improved-MAE recipe)", "hf_loss", "mae", "linear_probe_top1"),
+    ("uniformity regulariser alone helps (improved-MAE recipe)", "uniformity", "mae", "linear_probe_top1"),
+    ("HF loss lowers the high-frequency error (improved-MAE recipe)", "hf_loss", "mae", "hf_error"),
 ]
 BASELINES = {
     "logistic_regression": "baseline: logistic regression on raw pixels",
@@ -328,7 +328,7 @@ README_START, README_END = "<!-- ablations:start -->", "<!-- ablations:end -->"
 
 
 def update_readme(readme: Path, block: str) -> None:
-    """Replace what stands between the README's ablation markers with `block` (the README's table is generated too)."""
+    """Replace what stands between a Markdown file's ablation markers with `block` (its table is generated too)."""
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_START} ... {README_END} markers: add them where the table goes")
@@ -386,7 +386,7 @@ def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict
         "",
         table(summary, order),
         "",
-        "## The seeds' claims at this scale",
+        "## The claims at this scale",
         "",
         "A difference within the spread over seeds (the larger std of the two; a one-seed variant borrows the "
         "other's) counts as no difference.",

@@ -1,4 +1,4 @@
-"""Do the seeds' claims hold on Fashion-MNIST? Every MAE variant is pretrained, linear-probed and fine-tuned
+"""Do the claims hold on Fashion-MNIST? Every MAE variant is pretrained, linear-probed and fine-tuned
 through this project's own scripts with the same encoder, data, budget and evaluation, next to three baselines
 (logistic regression on raw pixels, the ViT trained from scratch, a linear probe of a random encoder).
 
@@ -56,10 +56,10 @@ class Variant:
 
 
 def variants(epochs: float) -> list[Variant]:
-    """The pretraining variants; each differs from `mae` in one thing, except `improved` (seed 004's recipe)."""
+    """The pretraining variants; each differs from `mae` in one thing, except `improved` (the improved-MAE recipe)."""
     return [
         Variant("mae", "plain MAE: 75% random masking, pixel targets, norm_pix_loss", (), headline=True),
-        Variant("improved", "seed 004: curriculum + HF loss + uniformity (--recipe improved)", ("--recipe", "improved"),
+        Variant("improved", "curriculum + HF loss + uniformity (--recipe improved)", ("--recipe", "improved"),
                 headline=True),
         Variant("mae_raw_pixels", "plain MAE without norm_pix_loss", (), norm_pix_loss=False),
         Variant("ratio_0.5", "mask ratio 0.5", ("--mask_ratio", "0.5"), mask_ratio=0.5),
@@ -70,10 +70,11 @@ def variants(epochs: float) -> list[Variant]:
                 ("--target", "pca_bottom", "--pca_variance", "0.25")),
         Variant("pca_top", "target: PCA-filtered, top components (75% of the variance)",
                 ("--target", "pca_top", "--pca_variance", "0.25")),
-        Variant("curriculum", "seed 004's curriculum alone (ratio 0.5 -> 0.75 over the first quarter)",
+        Variant("curriculum", "the improved recipe's curriculum alone (ratio 0.5 -> 0.75 over the first quarter)",
                 ("--mask_ratio_start", "0.5", "--mask_curriculum_epochs", f"{epochs / 4:g}")),
-        Variant("hf_loss", "seed 004's Laplacian loss alone (weight 0.5)", ("--hf_loss_weight", "0.5")),
-        Variant("uniformity", "seed 004's uniformity regulariser alone (weight 0.05)", ("--uniformity_weight", "0.05")),
+        Variant("hf_loss", "the improved recipe's Laplacian loss alone (weight 0.5)", ("--hf_loss_weight", "0.5")),
+        Variant("uniformity", "the improved recipe's uniformity regulariser alone (weight 0.05)",
+                ("--uniformity_weight", "0.05")),
     ]
 
 
@@ -176,13 +177,14 @@ def run_chain(chain: list[Stage], out: Path, env: dict) -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke",
-                        help="smoke: minutes, a pipeline check; cpu: the README's table (~1.5 h on 2 cores with --jobs "
-                             "2); gpu: a longer one for a GPU.")
+                        help="smoke: minutes, a pipeline check; cpu: the table in docs/variants.md (~1.5 h on 2 cores "
+                             "with --jobs 2); gpu: a longer one for a GPU.")
     parser.add_argument("--out", default=None, help="Folder of the runs (default: runs/ablations_<budget>).")
     parser.add_argument("--report_dir", default=None, help="Where results.json, RESULTS.md and the plots go "
                                                            "(default: --out).")
     parser.add_argument("--readme", default=None,
-                        help="Also write the table into this README, between its <!-- ablations:start/end --> markers.")
+                        help="Also write the table into this Markdown file (docs/variants.md), between its "
+                             "<!-- ablations:start/end --> markers.")
     parser.add_argument("--seeds", type=int, default=None,
                         help="Seeds of the headline runs: plain MAE, improved recipe, scratch (default: the budget's; "
                              "the other variants get one).")

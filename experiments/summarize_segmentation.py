@@ -1,5 +1,5 @@
 """Write the Fashion-MNIST canvas segmentation table (markdown) from the runs' results.json and stages.jsonl, and
-copy the MAE run's last prediction picture for the README."""
+copy the MAE run's last prediction picture for docs/segmentation.md."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Extra MAE objectives from seed 004's "Improved MAE": a high-frequency (Laplacian) reconstruction loss on the
+"""Extra MAE objectives from the "improved MAE" recipe: a high-frequency (Laplacian) reconstruction loss on the
 masked patches and the uniformity regulariser of Wang & Isola (2020) on the encoder's embeddings."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PCA-filtered reconstruction targets (seed 000, after Balestriero & LeCun, "Learning by Reconstruction Produces
+"""PCA-filtered reconstruction targets (after Balestriero & LeCun, "Learning by Reconstruction Produces
 Uninformative Features For Perception"): reconstruct only the high-variance (``pca_top``) or the low-variance
 (``pca_bottom``) part of each image.
 
@@ -91,7 +91,7 @@ def eigenspace_errors(reconstruction: torch.Tensor, images: torch.Tensor, pixel_
                       share: float) -> tuple[float, float]:
     """Squared reconstruction error of the masked pixels split between the top eigenspace (the components holding
     ``1 - share`` of the variance) and the bottom one (the rest), each per masked pixel value: the two curves of
-    seed 000's paper (which part a model learns first). All (B, C, H, W), in the space the PCA was fitted in."""
+    Balestriero & LeCun's paper (which part a model learns first). All (B, C, H, W), in the PCA's space."""
     error = ((reconstruction.float() - images.float()) * pixel_mask).flatten(1)
     top = basis.components[: basis.count_for_share(1.0 - share)]
     in_top = (error @ top.T) @ top

@@ -136,3 +136,7 @@ def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     query, _, value = tensor.chunk(3)
     return torch.cat([query, value])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: whole-script runs beyond one per script (CI runs them: pytest -q tests)")

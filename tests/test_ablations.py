@@ -49,6 +49,7 @@ def test_every_variant_command_is_accepted_by_pretrain_mae(tmp_path):
         assert {key: getattr(args, key) for key in expected} == expected, name
 
 
+@pytest.mark.slow
 def test_smoke_budget_runs_a_variant_of_each_kind_and_writes_table_and_plots(tmp_path, fashion_mnist_dir):
     out, report = tmp_path / "runs", tmp_path / "report"
     run_script("experiments/run_ablations.py", "--budget", "smoke", "--out", out, "--report_dir", report,

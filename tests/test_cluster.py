@@ -66,6 +66,7 @@ def run_nodes(nodes: int, script_args: list, log_dir) -> list[tuple[int, str]]:
     return [(agent.returncode, log.read_text()) for agent, log in zip(agents, logs)]
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_one_process(tmp_path, fashion_mnist_dir, monkeypatch):
     # 128 samples, global batch 16: 8 steps per epoch, 16 steps in two epochs; 2 micro-batches per step.
     common = ["--working_directory", tmp_path, "--max_samples", 128, "--max_train_steps", 16, "--warmup_epochs", 0.25,

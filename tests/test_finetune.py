@@ -115,6 +115,7 @@ def test_short_finetune_ends_well_above_chance(tmp_path, pretrained):
     assert classifier.global_pool and classifier.head.out_features == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["--cache_features", "--no-cache_features"])
 def test_linear_probe_leaves_the_encoder_unchanged(tmp_path, pretrained, cache):
     run_script("finetune_classifier.py", "--path_to_pretrained_mae_weights", pretrained, "--working_directory", tmp_path,
@@ -131,6 +132,7 @@ def test_linear_probe_leaves_the_encoder_unchanged(tmp_path, pretrained, cache):
     assert json.loads((tmp_path / "probe" / "results.json").read_text())["top1"] > 30.0  # chance: 10%
 
 
+@pytest.mark.slow
 def test_resumed_finetune_equals_uninterrupted(tmp_path, pretrained):
     common = ["--path_to_pretrained_mae_weights", pretrained, "--working_directory", tmp_path, "--max_samples", 96,
               "--per_gpu_batch_size", 16, "--gradient_accumulation_steps", 2, "--epochs", 2, "--mixup_alpha", 0.8,
@@ -192,6 +194,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, pretrained):
     assert lines[0].startswith("finetune_classifier.py: error:") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_only_keeps_the_run_records(tmp_path, pretrained):
     common = ["--path_to_pretrained_mae_weights", pretrained, "--working_directory", tmp_path, "--experiment_name", "ft",
               "--max_samples", 256, "--epochs", 1, "--per_gpu_batch_size", 64, "--max_val_samples", 300,
@@ -227,6 +230,7 @@ def test_linear_probe_optimizer_is_lars_with_momentum():
     assert not torch.allclose(weight.detach() - before, -0.1 * grad)
 
 
+@pytest.mark.slow
 def test_sigterm_then_auto_resume_equals_an_uninterrupted_finetune(tmp_path, fashion_mnist_dir):
     """SIGTERM stops fine-tuning after the current step with a checkpoint (exit 75); the requeued command continues
     and ends with the uninterrupted run's metrics and weights."""

@@ -97,6 +97,7 @@ os._exit(0)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speed", ["eager", "compiled"])
 def test_fsdp2_on_two_cpu_processes_trains_like_one_unsharded_model(tmp_path, speed):
     """``compiled``: the sharded model with --compile's regions and blocks (the unsharded one stays eager)."""

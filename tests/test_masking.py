@@ -75,6 +75,7 @@ def test_the_model_draws_its_strategy_without_noise():
         MaskedAutoencoder(mask_strategy="checkerboard")
 
 
+@pytest.mark.slow
 def test_block_curriculum_run_logs_the_ratio_and_resumes_exactly(tmp_path, fashion_mnist_dir):
     common = ["--max_samples", 256, "--per_gpu_batch_size", 32, "--max_train_steps", 8, "--log_every", 1,
               "--mask_strategy", "block", "--mask_ratio_start", 0.5, "--mask_curriculum_epochs", 1,

@@ -124,6 +124,7 @@ def test_bad_mask_ratio_is_refused():
         tiny_mae(mask_ratio=1.0)
 
 
+@pytest.mark.slow
 def test_compiled_regions_match_eager_and_a_changing_mask_ratio_stops_recompiling():
     """--compile (each block, plus the MAE's encoder input, decoder input, and prediction with the loss) gives the
     eager model's loss, prediction and gradients. The mask-ratio curriculum changes the count of visible patches

@@ -48,6 +48,7 @@ def test_basis_round_trips_through_safetensors(tmp_path):
     assert torch.equal(loaded.components, basis.components)
 
 
+@pytest.mark.slow
 def test_pca_bottom_pretraining_fits_saves_and_reuses_the_basis(tmp_path, fashion_mnist_dir):
     common = ["--target", "pca_bottom", "--pca_samples", 500, "--max_samples", 256, "--per_gpu_batch_size", 64,
               "--encoder_embed_dim", 32, "--encoder_depth", 1, "--encoder_num_heads", 2, "--decoder_embed_dim", 16,

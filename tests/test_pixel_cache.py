@@ -61,6 +61,7 @@ def test_max_size_shrinks_the_longer_side_and_keeps_the_shape(tmp_path):
             assert max(image_h, image_w) == 22 and abs(image_h / image_w - height / width) < 0.05
 
 
+@pytest.mark.slow
 def test_pretraining_on_the_cache_is_pretraining_on_the_folder(tmp_path):
     folder = image_folder(tmp_path / "images", counts=(("train", 40),), seed=3)
     make_pixel_cache(["--path_to_data", str(folder), "--output_dir", str(tmp_path / "cache"), "--num_workers", "1"])
@@ -75,6 +76,7 @@ def test_pretraining_on_the_cache_is_pretraining_on_the_folder(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_fine_tuning_on_the_cache_is_fine_tuning_on_the_folder(tmp_path):
     folder = folder_with_a_bad_jpeg(tmp_path / "images", counts=(("train", 32), ("val", 12)))
     make_pixel_cache(["--path_to_data", str(folder), "--output_dir", str(tmp_path / "cache"), "--num_workers", "1"])
@@ -89,6 +91,7 @@ def test_fine_tuning_on_the_cache_is_fine_tuning_on_the_folder(tmp_path):
     assert without_timing(read_metrics(tmp_path / "cache")) == without_timing(read_metrics(tmp_path / "folder"))
 
 
+@pytest.mark.slow
 def test_bad_caches_get_one_line_errors(tmp_path):
     folder = image_folder(tmp_path / "images", counts=(("train", 6),))
     make_pixel_cache(["--path_to_data", str(folder), "--output_dir", str(tmp_path / "cache"), "--num_workers", "0"])
@@ -128,6 +131,7 @@ def test_a_hub_dataset_with_unnamed_labels_caches_with_the_label_numbers_as_clas
     assert all(torch.equal(cached[i][0], plain[i][0]) and cached[i][1] == plain[i][1] for i in range(8))
 
 
+@pytest.mark.slow
 def test_in_memory_data_sets_are_not_cached(tmp_path):
     for args in ([], ["--dataset", "synthetic", "--path_to_data", str(tmp_path)]):
         result = run_script("make_pixel_cache.py", "--output_dir", tmp_path / "cache", *args, check=False)

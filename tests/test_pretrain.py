@@ -42,6 +42,7 @@ def test_loss_decreases_on_fashion_mnist_and_outputs_are_written(tmp_path, fashi
     assert all(torch.equal(final_weights[k], checkpoint[k]) for k in final_weights)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
     # 32 samples, 8 per step: 4 steps per epoch; 10 steps cross two epoch boundaries; step 6 is mid-epoch.
     common = ["--working_directory", tmp_path, "--max_samples", 32, "--per_gpu_batch_size", 8,
@@ -61,6 +62,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fashion_mnist_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, fashion_mnist_dir):
     common = ["--working_directory", tmp_path, "--max_samples", 64, "--max_train_steps", 6, "--warmup_epochs", 0.5,
               "--log_every", 1, "--vis_every", 0, "--gradient_accumulation_steps", 2, *SMALL]
@@ -174,6 +176,7 @@ def test_a_corrupt_image_is_skipped_during_a_run(tmp_path, suffix, decode):
     assert "skipping unreadable image" in result.stderr and "1 unreadable images were skipped" in result.stderr
 
 
+@pytest.mark.slow
 def test_pretraining_continues_from_an_official_checkpoint(tmp_path, fashion_mnist_dir):
     """--resume_from_pretrained with a facebookresearch/mae-style .pth: the run starts from those weights (at a
     learning rate of ~0 they come out unchanged) with the checkpoint's sizes, not the preset's."""
@@ -192,6 +195,7 @@ def test_pretraining_continues_from_an_official_checkpoint(tmp_path, fashion_mni
         torch.testing.assert_close(continued.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_compiled_and_checkpointed_runs_match_eager(tmp_path, fashion_mnist_dir):
     """--compile (torch.compile of the blocks and the regions between them) and --gradient_checkpointing change speed
     and memory, not results: the losses of a short run match the eager run's, and the saved weights keep their
@@ -212,6 +216,7 @@ def test_compiled_and_checkpointed_runs_match_eager(tmp_path, fashion_mnist_dir)
         torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_repeated_sigterms_and_auto_resumes_equal_an_uninterrupted_run(tmp_path, fashion_mnist_dir):
     """SIGTERM mid-run, three times: each time the run finishes its optimizer step, writes a checkpoint and exits
     with code 75; the same command with --resume_from_checkpoint auto continues, and in the end the rows and the

@@ -44,6 +44,7 @@ def final_weights(run) -> dict:
     return load_file(run / "final" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, fashion_mnist_dir):
     # 64 samples, 8 per step: 8 steps; checkpoints at steps 2, 4, 6 and 8; the kill hits the write of step 4's
     common = ["--working_directory", tmp_path, "--max_samples", 64, "--per_gpu_batch_size", 8, "--epochs", 1,
@@ -67,6 +68,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
     assert without_timing(read_metrics(tmp_path / "killed")) == without_timing(read_metrics(tmp_path / "whole"))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_the_last_good_one(tmp_path, fashion_mnist_dir):
     # 8 steps, checkpoints at 2, 4, 6, 8, all kept; then step 8's weights are cut short and one byte of step 6's
     # optimizer state is changed, as a disk or a copy could do long after the saves completed
@@ -113,6 +115,7 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_afres
     assert resolve_checkpoint("auto", tmp_path / "elsewhere") is None  # no checkpoint yet: a fresh start
 
 
+@pytest.mark.slow
 def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fashion_mnist_dir):
     # 2 processes x 8 (2 micro-batches of 4) = 16 per step, 4 steps per epoch; checkpoints at 2, 4, 6; step 2 is
     # mid-epoch

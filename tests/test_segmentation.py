@@ -158,6 +158,7 @@ def _metric_worker(rank, world, port, result_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_miou_is_summed_over_processes(tmp_path):
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
@@ -209,6 +210,7 @@ def test_short_run_beats_a_constant_prediction_and_writes_the_run(tmp_path, pret
     assert model.num_classes == 11 and model.backbone.patch_embed.img_size == (32, 32)
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     common = ["--dataset", "fashion_mnist_seg", "--from_scratch", "--max_samples", 64, "--max_train_steps", 4,
               "--eval_every", 2, "--per_gpu_batch_size", 8, "--gradient_accumulation_steps", 2,
@@ -230,6 +232,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert curve(resumed) == curve(tmp_path / "straight") and len(curve(resumed)) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_then_auto_resume_equals_an_uninterrupted_run(tmp_path):
     common = ["--dataset", "fashion_mnist_seg", "--from_scratch", "--max_samples", 64, "--max_train_steps", 60,
               "--eval_every", 10, "--per_gpu_batch_size", 8, "--working_directory", tmp_path, "--log_with", "none",
@@ -266,6 +269,7 @@ def test_hub_dataset_with_image_and_annotation_columns(tmp_path):
     assert pixels.shape == (3, 16, 20) and labels[0, 0] == IGNORE_INDEX and labels[0, -1] == 3
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_the_whole_split_once(tmp_path):
     """Each process predicts its share of the validation canvases; the summed confusion matrix must equal a
     single-process evaluation of the final weights over all of them."""

@@ -154,6 +154,7 @@ def test_unequal_shards_give_every_process_the_same_number_of_steps():
         ShardStepSampler(ranges[:1], 5, 1, num_processes=2)
 
 
+@pytest.mark.slow
 def test_pretraining_streams_shards_and_resumes_mid_epoch(tmp_path):
     folder = image_folder(tmp_path / "images", counts=(("train", 48),), seed=2)
     url = f"file://{tmp_path}/shards"
@@ -252,6 +253,7 @@ def test_a_resume_on_another_process_count_keeps_the_epoch_in_progress():
         assert set(seen) <= set(range(80)) and sum(seen.values()) == old[0].steps_per_epoch * 8
 
 
+@pytest.mark.slow
 def test_pretraining_from_shards_resumed_on_one_process_continues_the_epoch(tmp_path):
     url = f"file://{tmp_path}/shards"
     make_shards(["--input_dir", str(image_folder(tmp_path / "images", counts=(("train", 48),), seed=2)),
@@ -274,6 +276,7 @@ def test_pretraining_from_shards_resumed_on_one_process_continues_the_epoch(tmp_
     assert all(np.isfinite(row["loss"]) for row in rows[3:])  # epoch 1: the shards split over one process
 
 
+@pytest.mark.slow
 def test_fine_tuning_reads_labelled_shards_and_evaluates_on_their_val_split(tmp_path):
     folder = image_folder(tmp_path / "images", counts=(("train", 48), ("val", 15)))
     make_shards(["--input_dir", str(folder), "--output_dir", str(tmp_path / "shards"), "--samples_per_shard", "8"])
