@@ -28,6 +28,7 @@ from pipeline.sampling import EpochChain
 from pipeline.shards import build_step_sampler
 from pipeline.sources import HubImageDataset, dataset_classes
 from pipeline.transforms import ClassifierTrainTransform, Normalize, ResizeCenterCrop, channel_stats
+from utils.config import HelpFormatter, apply_recipe, parse_with_config
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import topk_accuracy
@@ -38,28 +39,12 @@ from utils.training import ModelEma, broadcast_buffers
 
 logger = logging.getLogger("finetune_classifier")
 
-SMALL_DATASETS = ("fashion_mnist", "synthetic")
-# Per mode: (small built-in sets, real image sets). The real-set values are facebookresearch/mae's recipes
-# (FINETUNE.md / LINPROBE.md); the small-set ones are short CPU schedules. Explicit flags win.
-DEFAULTS = {
-    "finetune": (dict(epochs=3, warmup_epochs=0.5, per_gpu_batch_size=128, base_learning_rate=1e-3, layer_decay=0.75,
-                      drop_path=0.1, random_aug_magnitude=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1,
-                      random_erasing=0.0, min_crop_scale=0.5, weight_decay=0.05),
-                 dict(epochs=100, warmup_epochs=5, per_gpu_batch_size=128, base_learning_rate=5e-4, layer_decay=0.65,
-                      drop_path=0.1, random_aug_magnitude=9, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
-                      random_erasing=0.25, min_crop_scale=0.08, weight_decay=0.05)),
-    # Small sets: batch 1024 with base lr 1.6 gives the official recipe's absolute peak lr (6.4 = 0.1 x 16384 / 256);
-    # LARS's steps are relative to the weight norm, so the scaled 0.4 under-trains (80.1% vs 83.5% on Fashion-MNIST).
-    "linear_probe": (dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024, base_learning_rate=1.6, min_crop_scale=0.5),
-                     dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024, base_learning_rate=0.1, min_crop_scale=0.08)),
-    "freeze_encoder": (dict(epochs=30, warmup_epochs=2, per_gpu_batch_size=256, base_learning_rate=1e-3, min_crop_scale=0.5),
-                       dict(epochs=30, warmup_epochs=2, per_gpu_batch_size=256, base_learning_rate=1e-3, min_crop_scale=0.08)),
-}
+SMALL_DATASETS = ("fashion_mnist", "synthetic")  # their defaults: recipes/defaults/<mode>_builtin.yaml
 FROZEN_MODES = ("linear_probe", "freeze_encoder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     mode = parser.add_argument_group("mode (default: fine-tune the whole ViT)")
     mode.add_argument("--linear_probe", action="store_true",
                       help="Frozen encoder, BatchNorm (no affine) + linear head, LARS, no weight decay.")
@@ -112,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     aug.add_argument("--model_ema_decay", type=float, default=0.9999, help="EMA decay per optimizer step.")
     add_run_args(parser)
     parser.set_defaults(weight_decay=None)
-    return parser.parse_args(argv)
+    return parse_with_config(parser, argv)
 
 
 def run_mode(args) -> str:
@@ -127,10 +112,9 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     mode = run_mode(args)
     args.dataset = default_dataset(args)
     small = args.dataset in SMALL_DATASETS
-    for key, value in DEFAULTS[mode][0 if small else 1].items():
-        if getattr(args, key, None) is None:
-            # Layer decay is a transfer-learning device: random weights train every layer at the full rate.
-            setattr(args, key, 1.0 if key == "layer_decay" and args.from_scratch else value)
+    if mode == "finetune" and args.from_scratch and args.layer_decay is None:
+        args.layer_decay = 1.0  # a transfer-learning device: random weights train every layer at the full rate
+    apply_recipe(args, f"defaults/{mode}_builtin" if small else f"defaults/{mode}")
     if mode in FROZEN_MODES:
         args.weight_decay = 0.0 if mode == "linear_probe" else (args.weight_decay or 0.0)
         args.drop_path = 0.0

@@ -33,6 +33,7 @@ from pipeline.segmentation import (
 )
 from pipeline.shards import build_step_sampler
 from pipeline.transforms import Normalize, channel_stats
+from utils.config import HelpFormatter, parse_with_config, read_config
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import SegmentationMetric
@@ -45,19 +46,8 @@ from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 logger = logging.getLogger("finetune_segmentation")
 
 BUILT_IN = "fashion_mnist_seg"
-# (built-in canvases, real data). The real-data values are MMSegmentation's MAE ViT-B ADE20K recipe
-# (48.1 mIoU): 160k steps of 16 crops of 512, AdamW lr 1e-4, layer decay 0.65, 1500 warmup steps, poly decay.
-DEFAULTS = (
-    dict(epochs=2, per_gpu_batch_size=16, learning_rate=1e-3, layer_decay=0.75, drop_path=0.1, warmup_steps=None,
-         img_size=48, scale_range=(0.75, 1.5), decoder_channels=64, aux_channels=64, eval_batch_size=64),
-    dict(epochs=None, max_train_steps=160_000, per_gpu_batch_size=16, learning_rate=1e-4, layer_decay=0.65,
-         drop_path=0.1, warmup_steps=1500, img_size=512, scale_range=(0.5, 2.0), decoder_channels=None,
-         aux_channels=256, eval_batch_size=1, eval_every=16_000),
-)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = add_data_args(parser, "ADEChallengeData2016/ (images/ and annotations/, {training,validation}), or a "
                                  "folder with images/{train,val}/ and same-named masks in annotations/{train,val}/.",
                          built_in=f"{BUILT_IN} (built in: Fashion-MNIST canvases)")
@@ -112,14 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                             help="Sliding-window stride for images larger than the crop (default: 2/3 of it, 341 for 512).")
     evaluation.add_argument("--num_pictures", type=int, default=8, help="Validation images drawn with their prediction.")
     add_run_args(parser)
-    return parser.parse_args(argv)
+    return parse_with_config(parser, argv)
 
 
 def resolve_defaults(args) -> tuple[dict, dict | None]:
     """Fill data-dependent defaults; return (backbone config, pretrained encoder state or None)."""
     args.dataset = default_dataset(args, BUILT_IN, shards=False)
     small = args.dataset == BUILT_IN
-    defaults = dict(DEFAULTS[0 if small else 1])
+    defaults = read_config("defaults/segmentation_builtin" if small else "defaults/segmentation")
     if args.epochs is not None:
         defaults.pop("max_train_steps", None)  # an explicit --epochs sets the length
     # The recipes' batch of 16 is global: each process contributes its share.

@@ -15,6 +15,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, ProjectConfiguration
 from safetensors.torch import save_file
 
+from .config import save_config
 from .errors import UserError
 from .hub import add_hub_args, check_hub_args
 
@@ -208,8 +209,10 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
 
 
 def save_args(args, run_dir: RunDir) -> None:
+    """args.json (every argument, defaults filled in) and config.yaml (the flags, for ``--config``)."""
     run_dir.root.mkdir(parents=True, exist_ok=True)
     (run_dir.root / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    save_config(args, run_dir.root)
 
 
 class MetricsLog:
