@@ -1,8 +1,8 @@
 """Pretraining (and fine-tuning) speed and memory, measured side by side.
 
-    --mode model   the training step (forward, backward, AdamW) of this project's MAE and of 🤗 transformers'
-                   ViTMAEForPreTraining with the same config, in the same process, in alternating rounds, on
-                   synthetic images already on the device: images/s, step time, step memory, the ratio, and the
+    --mode model   the scripts' training step (engine.train_step: forward, backward, the guarded AdamW step) with
+                   this project's MAE and with 🤗 transformers' ViTMAEForPreTraining of the same config, in the same
+                   process, in alternating rounds, on synthetic images already on the device: images/s, step time, step memory, the ratio, and the
                    model FLOP utilisation (model FLOPs per image counted from the shapes x images/s / peak).
     --mode finetune  the same for fine-tuning: finetune_classifier.py's ViT classifier (global pooling, drop
                    path) against timm's VisionTransformer built the same way.
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.trainer import train_step  # noqa: E402
 from models import MAE_PRESETS, MaskedAutoencoder, VisionTransformer, encoder_config, mae_config  # noqa: E402
 from models.mae import visible_count  # noqa: E402
 from models.vit import Block  # noqa: E402
@@ -128,11 +129,11 @@ def sync(device: torch.device) -> None:
 
 
 class Trainer:
-    """One model + AdamW + the step, as the scripts run it (autocast, GradScaler under fp16); ``call(model, *inputs)``
-    returns the loss."""
+    """One model + AdamW, prepared by the run's Accelerator, stepped by ``engine.train_step``: the scripts' own step
+    (autocast, GradScaler under fp16, the guarded optimizer step). ``call(model, *inputs)`` returns the loss."""
 
-    def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, call, scope: str | None = None):
-        self.name, self.model, self.call, self.device = name, model.to(device), call, device
+    def __init__(self, name: str, model: torch.nn.Module, args, call, scope: str | None = None):
+        self.name, self.call, self.accelerator = name, call, args.accelerator
         if scope is not None:  # --mode scope
             apply_speed_options(model, argparse.Namespace(compile=scope in ("blocks", "regions"),
                                                           gradient_checkpointing=args.gradient_checkpointing))
@@ -148,19 +149,16 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if args.compile:
                 model.compile()
-        self.optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device=device)
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        device = self.accelerator.device
+        optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device=device)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.loss_sum = torch.zeros((), device=device)
 
     def step(self, *inputs: torch.Tensor) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.call(self.model, *inputs)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss_sum += loss.detach()  # no .item(): no host-device synchronisation inside the step
+        batch = {"pixel_values": inputs[0], "inputs": inputs}
+        out, _ = train_step(self.accelerator, self.model, self.optimizer, iter([batch]),
+                            lambda model, batch: (self.call(model, *batch["inputs"]), {}), 1, 0.0)
+        self.loss_sum += out.loss  # no .item(): no host-device synchronisation inside the step
 
     def static_bytes(self) -> int:
         """Weights, and AdamW's two moments, resident between steps (gradients are freed after each step)."""
@@ -187,9 +185,9 @@ def run_model_mode(args, device: torch.device, config: dict) -> list[dict]:
     torch.manual_seed(0)
     trainers = []
     if args.impl in ("ours", "both"):
-        trainers.append(Trainer("ours", MaskedAutoencoder(**config), args, device, our_mae_loss))
+        trainers.append(Trainer("ours", MaskedAutoencoder(**config), args, our_mae_loss))
     if args.impl in ("hf", "both"):
-        trainers.append(Trainer("hf", build_hf_mae(config), args, device,
+        trainers.append(Trainer("hf", build_hf_mae(config), args,
                                 lambda model, images, noise: model(pixel_values=images, noise=noise).loss))
     return time_trainers(trainers, mae_inputs(args, config, device), args, device,
                          mae_flops_per_image(config, config["mask_ratio"]), "model", "hf")
@@ -205,7 +203,7 @@ def run_scope_mode(args, device: torch.device, config: dict) -> list[dict]:
     trainers = []
     for scope in COMPILE_SCOPES:
         torch.manual_seed(0)
-        trainers.append(Trainer(scope, MaskedAutoencoder(**config), args, device, our_mae_loss, scope=scope))
+        trainers.append(Trainer(scope, MaskedAutoencoder(**config), args, our_mae_loss, scope=scope))
     rows = time_trainers(trainers, mae_inputs(args, config, device), args, device,
                          mae_flops_per_image(config, config["mask_ratio"]), "scope", "eager")
     return [{**row, "compile": row["impl"] != "eager"} for row in rows]
@@ -224,9 +222,9 @@ def run_finetune_mode(args, device: torch.device, config: dict) -> list[dict]:
     trainers = []
     if args.impl in ("ours", "both"):
         trainers.append(Trainer("ours", VisionTransformer(**encoder, num_classes=args.num_classes, global_pool=True,
-                                                          drop_path_rate=args.drop_path), args, device, call))
+                                                          drop_path_rate=args.drop_path), args, call))
     if args.impl in ("timm", "both"):
-        trainers.append(Trainer("timm", build_timm_vit(encoder, args.num_classes, args.drop_path), args, device, call))
+        trainers.append(Trainer("timm", build_timm_vit(encoder, args.num_classes, args.drop_path), args, call))
     images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     rows = time_trainers(trainers, (images, labels), args, device, vit_flops_per_image(encoder, args.num_classes),
@@ -386,7 +384,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
 
     loader = build_pipeline(args, config, device)
     normalize = Normalize(*channel_stats(config["in_chans"], args.dataset)).to(device)
-    trainer = Trainer("ours", MaskedAutoencoder(**config), args, device, our_mae_loss) if with_model else None
+    trainer = Trainer("ours", MaskedAutoencoder(**config), args, our_mae_loss) if with_model else None
     seen, start, steps = 0, None, 0
     # The workers fill their prefetch queues during the warm-up; timing starts once those are drained, so the timed
     # window measures the steady rate and not batches made before it began.
@@ -476,7 +474,7 @@ def run_memory_mode(args, device: torch.device, config: dict) -> list[dict]:
     trainer_args = argparse.Namespace(**{**vars(args), "compile": False})
     for ckpt in (False, True):
         trainer_args.gradient_checkpointing = ckpt
-        trainer = Trainer("ours", MaskedAutoencoder(**config), trainer_args, device, our_mae_loss)
+        trainer = Trainer("ours", MaskedAutoencoder(**config), trainer_args, our_mae_loss)
         for batch in batches:
             images = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"], device=device)
             noise = torch.rand(batch, patches, device=device)
@@ -493,6 +491,7 @@ def run_memory_mode(args, device: torch.device, config: dict) -> list[dict]:
                          "gradient_checkpointing": ckpt, "memory_gib": peak, "kind": "measured peak allocated"})
             del images, noise
         del trainer
+        args.accelerator.free_memory()  # (it holds what it prepared)
     return rows
 
 
@@ -596,9 +595,20 @@ def parse_args(argv=None):
     return args
 
 
+def build_accelerator(args):
+    """The process's Accelerator with --precision (a fresh one: main() may run several times in one process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(cpu=args.device == "cpu", mixed_precision={"fp32": "no"}.get(args.precision, args.precision))
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    args.accelerator = build_accelerator(args)
     set_gpu_math(device, args.tf32)  # as the scripts set it
     config = mae_config(args.model, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
     if args.mode in ("data", "both") and args.dataset == "fashion_mnist":

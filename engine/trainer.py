@@ -5,6 +5,7 @@ cadence, resume, preemption, the final weights and the Hub push."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -82,6 +83,40 @@ class Task:
 
     def finish(self, model, step: int, result: dict) -> None:
         """After the final weights are written: results files, pictures, the Hub push."""
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # the step's loss, averaged over micro-batches and processes (on the device)
+    terms: dict  # this process's loss terms, averaged over its micro-batches
+    skipped: torch.Tensor  # True where the loss or the gradients were not finite: the update was not applied
+    grad_norm: torch.Tensor
+    images: int  # images this process trained on
+    unreadable: torch.Tensor | int  # images of this step's batches that could not be read
+
+
+def train_step(accelerator, model, optimizer, micro_batches, loss_fn, accumulation: int, max_grad_norm: float,
+               last_batch: dict | None = None, count_images=lambda batch: batch["pixel_values"].shape[0]):
+    """One optimizer step as every script takes it (and the benchmark times it): ``accumulation`` micro-batches, the
+    gradient all-reduced on the last one only, ``loss_fn(model, batch) -> (loss, terms)``, then the guarded optimizer
+    step (clipping, a non-finite step skipped on the device). Returns the step's output and its last readable batch."""
+    step_loss, step_terms, images, unreadable = torch.zeros((), device=accelerator.device), {}, 0, 0
+    for micro in range(accumulation):
+        batch = next(micro_batches)  # on the device
+        unreadable = unreadable + batch.get("num_skipped", 0)
+        batch, weight = readable_batch(batch, last_batch)  # (all unreadable: the last batch again, at weight 0)
+        last_batch = batch
+        with sync_context(accelerator, model, micro, accumulation):
+            loss, terms = loss_fn(model, batch)
+            loss = loss * weight
+            accelerator.backward(loss / accumulation)
+        step_loss += loss.detach() / accumulation
+        for name, value in terms.items():
+            step_terms[name] = step_terms.get(name, 0.0) + value.detach() / accumulation
+        images += count_images(batch)
+    # (nothing read back to the host: skipped steps are counted on the device)
+    skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss, max_grad_norm)
+    return StepOutput(step_loss, step_terms, skipped, grad_norm, images, unreadable), last_batch
 
 
 class Trainer:
@@ -186,24 +221,12 @@ class Trainer:
                 lr = task.learning_rate(step, total_steps, steps_per_epoch)
                 set_learning_rate(optimizer, lr)
                 values = task.step_values(step, steps_per_epoch)
-                step_loss, step_terms = torch.zeros((), device=accelerator.device), {}
-                for micro in range(accumulation):
-                    batch = next(micro_batches)  # on the device
-                    if "num_skipped" in batch:
-                        skipped_pending += batch["num_skipped"]
-                    batch, weight = readable_batch(batch, last_batch)
-                    last_batch = batch
-                    with sync_context(accelerator, model, micro, accumulation):
-                        loss, terms = task.loss(model, batch, values)
-                        loss = loss * weight
-                        accelerator.backward(loss / accumulation)
-                    step_loss += loss.detach() / accumulation
-                    for name, value in terms.items():
-                        step_terms[name] = step_terms.get(name, 0.0) + value.detach() / accumulation
-                    throughput.add(task.batch_images(batch) * processes)
-                # (nothing read back to the host until the next log: skipped steps are counted on the device)
-                skipped, grad_norm, step_loss = guarded_optimizer_step(accelerator, model, optimizer, step_loss,
-                                                                       args.max_grad_norm)
+                out, last_batch = train_step(accelerator, model, optimizer, micro_batches,
+                                             lambda model, batch: task.loss(model, batch, values), accumulation,
+                                             args.max_grad_norm, last_batch, task.batch_images)
+                skipped_pending += out.unreadable
+                throughput.add(out.images * processes)
+                skipped, grad_norm, step_loss, step_terms = out.skipped, out.grad_norm, out.loss, out.terms
                 step += 1
                 progress.update(1)
                 guard.update(skipped)

@@ -88,12 +88,13 @@ def test_scope_mode_compiles_what_each_scope_names(monkeypatch):
     monkeypatch.setattr(models.mae, "_COMPILED", {})  # (what region() compiles is kept there, for every model)
     args = bench.parse_args(["--mode", "scope", "--batch_size", "8", "--steps", "1", "--rounds", "2",
                              "--warmup_steps", "1", "--peak_tflops", "1.0", "--device", "cpu"])
+    args.accelerator = bench.build_accelerator(args)
     config = mae_config("mae_vit_tiny_patch4")
     seen = {}
     for scope in bench.COMPILE_SCOPES:
         model = MaskedAutoencoder(**config)
         before = len(compiled)
-        bench.Trainer(scope, model, args, torch.device("cpu"), lambda m, x, noise: m(x, noise=noise).loss, scope=scope)
+        bench.Trainer(scope, model, args, lambda m, x, noise: m(x, noise=noise).loss, scope=scope)
         images = torch.randn(2, config["in_chans"], config["img_size"], config["img_size"])
         model(images)  # region() compiles on first use
         blocks = [m for m in model.modules() if isinstance(m, Block)]
