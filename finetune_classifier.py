@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine import Task, Trainer
+from engine.flags import add_data_args, add_run_args, default_dataset
+from engine.optim import build_adamw, param_groups_layer_decay
+from engine.schedule import scaled_learning_rate, warmup_cosine
+from engine.setup import RunDir, save_args, start_run
+from engine.step import ModelEma, broadcast_buffers
 from models import MAE_PRESETS, VisionTransformer, encoder_config, mae_config
 from models.weights import encoder_state, load_encoder, read_weights
 from pipeline.datasets import build_image_dataset
@@ -32,10 +37,6 @@ from utils.config import HelpFormatter, apply_recipe, parse_with_config
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import topk_accuracy
-from utils.optim import build_adamw, param_groups_layer_decay
-from utils.run import RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
-from utils.schedule import scaled_learning_rate, warmup_cosine
-from utils.training import ModelEma, broadcast_buffers
 
 logger = logging.getLogger("finetune_classifier")
 

@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from engine import Task, Trainer
+from engine.flags import add_data_args, add_run_args, default_dataset
+from engine.optim import build_adamw, param_groups_layer_decay
+from engine.schedule import warmup_cosine, warmup_poly
+from engine.setup import RunDir, save_args, start_run
+from engine.step import broadcast_buffers
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.upernet import ViTUperNet
 from models.weights import encoder_state, load_encoder, read_weights
@@ -37,10 +42,6 @@ from utils.config import HelpFormatter, parse_with_config, read_config
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import SegmentationMetric
-from utils.optim import build_adamw, param_groups_layer_decay
-from utils.run import RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
-from utils.schedule import warmup_cosine, warmup_poly
-from utils.training import broadcast_buffers
 from utils.visualize import panels_to_picture, save_picture, segmentation_panels
 
 logger = logging.getLogger("finetune_segmentation")

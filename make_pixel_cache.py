@@ -25,11 +25,12 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
+from engine.flags import default_dataset
+from engine.setup import available_cores
 from pipeline.datasets import build_image_dataset
 from pipeline.pixel_cache import INDEX_NAME, CacheWriter
 from pipeline.sources import dataset_classes
 from utils.errors import DataError, run_cli
-from utils.run import available_cores, default_dataset
 
 logger = logging.getLogger("make_pixel_cache")
 

@@ -18,6 +18,11 @@ from pathlib import Path
 import torch
 
 from engine import Task, Trainer
+from engine.flags import add_data_args, add_run_args, default_dataset
+from engine.optim import build_adamw, param_groups_weight_decay
+from engine.records import MetricsLog
+from engine.schedule import scaled_learning_rate, warmup_cosine
+from engine.setup import RunDir, save_args, start_run
 from models import MAE_PRESETS, MaskedAutoencoder, mae_config
 from models.losses import high_frequency_loss, uniformity_loss
 from models.masking import MASK_STRATEGIES, curriculum_ratio, grid_cell, mask_noise
@@ -34,9 +39,6 @@ from utils.config import HelpFormatter, apply_recipe, parse_with_config
 from utils.errors import UserError, run_cli
 from utils.hub import push_run
 from utils.metrics import reconstruction_metrics
-from utils.optim import build_adamw, param_groups_weight_decay
-from utils.run import MetricsLog, RunDir, add_data_args, add_run_args, default_dataset, save_args, start_run
-from utils.schedule import scaled_learning_rate, warmup_cosine
 from utils.visualize import panels_to_picture, reconstruction_panels, save_picture
 
 logger = logging.getLogger("pretrain_mae")

@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from engine.setup import set_gpu_math  # noqa: E402
+from engine.step import apply_speed_options  # noqa: E402
 from engine.trainer import train_step  # noqa: E402
 from models import MAE_PRESETS, MaskedAutoencoder, VisionTransformer, encoder_config, mae_config  # noqa: E402
 from models.mae import visible_count  # noqa: E402
 from models.vit import Block  # noqa: E402
 from pipeline.device_decode import decodes_on_device  # noqa: E402
-from utils.optim import build_adamw, param_groups_weight_decay  # noqa: E402
-from utils.run import set_gpu_math  # noqa: E402
-from utils.training import apply_speed_options  # noqa: E402
 
 # Dense peak FLOP/s per device and precision (vendor datasheets, without sparsity). fp32 means plain fp32 matmuls
 # (--no-tf32, PyTorch's default), tf32 the fp32 rows on TF32 tensor cores (--tf32, the scripts' default on a GPU).
@@ -316,10 +316,10 @@ def training_samples(args, config: dict, decode_on_device: bool):
 
 def build_pipeline(args, config: dict, device: torch.device):
     """pretrain_mae.py's training loader (same samples, sampler, epochs chained in one iterator, loader settings)."""
+    from engine.setup import default_num_workers
     from pipeline.loading import build_loader
     from pipeline.sampling import EpochChain
     from pipeline.shards import build_step_sampler
-    from utils.run import default_num_workers
 
     samples = training_samples(args, config, decodes_on_device(args.decode, device))
     sampler = build_step_sampler(samples.base, args.batch_size, 1, 1, 0, 0)
@@ -582,7 +582,7 @@ def parse_args(argv=None):
                              "(torch.profiler, three steps per model; 0: no profile).")
     parser.add_argument("--output", default=None, help="Also append each result row as a JSON line to this file.")
     args = parser.parse_args(argv)
-    from utils.run import default_dataset
+    from engine.flags import default_dataset
 
     args.dataset = default_dataset(args)
     if args.mode == "scope" and (args.compile or args.impl != "both"):

@@ -194,7 +194,7 @@ def main(argv=None) -> None:
             "## Memory against micro-batch", "",
             *memory_table([r for r in rows if r.get("mode") == "memory"], commands), "",
             "## AdamW's step alone", "",
-            "`--mode optimizer`: the fused kernel the scripts use (`utils.optim.build_adamw`) against torch's default "
+            "`--mode optimizer`: the fused kernel the scripts use (`engine.optim.build_adamw`) against torch's default "
             "implementation, random gradients, median of alternating rounds.", "",
             *optimizer_table([r for r in rows if r.get("mode") == "optimizer"], commands), "",
             "## Commands", "", *[f"{i}. `{command}`" for i, command in enumerate(commands, 1)], ""]

@@ -11,12 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.loading import DeviceBatches
-from utils.checkpoint import resolve_checkpoint, resume_from, save_checkpoint
-from utils.run import MetricsLog, RunDir, Throughput, save_final_weights
-from utils.schedule import set_learning_rate
-from utils.training import (
-    BadStepGuard, StepAverages, StopSignal, apply_speed_options, guarded_optimizer_step, readable_batch, sync_context,
-)
+
+from .checkpoint import resolve_checkpoint, resume_from, save_checkpoint
+from .preemption import StopSignal
+from .records import MetricsLog, Throughput, save_final_weights
+from .schedule import set_learning_rate
+from .setup import RunDir
+from .step import BadStepGuard, StepAverages, apply_speed_options, guarded_optimizer_step, readable_batch, sync_context
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ def decode_deferred(batch: dict, device: torch.device, fence: str = "device") ->
     caller's, into blocks the caching allocator may hand out while queued kernels still read them (pytorch/vision
     PR 9606; seen here on an H100 as a device-side assert, CUDA error 710). ``device`` synchronises the whole device
     before and after the decode (no overlap with the training step); ``stream`` only the current stream, for
-    :class:`utils.run.DeviceBatches`, which decodes on a stream of its own while the step runs on another."""
+    :class:`pipeline.loading.DeviceBatches`, which decodes on a stream of its own while the step runs on another."""
     sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
     datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
 

@@ -4,13 +4,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import read_metrics, run_in_process, run_script, sigterm_script, without_timing
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_in_process, run_script, sigterm_script, without_timing
+from engine.optim import param_groups_layer_decay
 from models import MaskedAutoencoder, VisionTransformer
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.metrics import topk_accuracy
-from utils.optim import param_groups_layer_decay
 
 SMALL_MAE = ["--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
              "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--seed", 1]

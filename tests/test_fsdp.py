@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 from test_cluster import free_port
 
@@ -23,8 +22,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from models import MaskedAutoencoder, mae_config
-from utils.optim import build_adamw, param_groups_weight_decay
-from utils.training import BadStepGuard, StepAverages, apply_speed_options, guarded_optimizer_step
+from engine.optim import build_adamw, param_groups_weight_decay
+from engine.step import BadStepGuard, StepAverages, apply_speed_options, guarded_optimizer_step
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

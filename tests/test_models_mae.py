@@ -133,7 +133,7 @@ def test_compiled_regions_match_eager_and_a_changing_mask_ratio_stops_recompilin
 
     from torch._dynamo.utils import counters
 
-    from utils.training import apply_speed_options
+    from engine.step import apply_speed_options
 
     torch._dynamo.reset()  # (no compiled code from earlier tests in this process: count this test's compilations)
     eager, compiled = tiny_mae(), tiny_mae()

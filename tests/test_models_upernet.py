@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from engine.optim import param_groups_layer_decay
 from finetune_segmentation import predict
 from models import MaskedAutoencoder
 from models.upernet import SegmentationOutput, ViTUperNet, default_out_indices
 from models.weights import encoder_state, load_encoder, read_weights
 from utils.metrics import SegmentationMetric, iou_from_confusion
-from utils.optim import param_groups_layer_decay
 
 
 def small_upernet(patch_size=16, depth=4, img_size=64, **overrides) -> ViTUperNet:

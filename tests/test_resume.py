@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, copy_stopped_after, read_metrics, run_script, without_timing
+from safetensors.torch import load_file
 
 SMALL = ["--encoder_embed_dim", 64, "--encoder_depth", 2, "--encoder_num_heads", 2, "--decoder_embed_dim", 32,
          "--decoder_depth", 1, "--decoder_num_heads", 2, "--log_with", "none", "--seed", 1, "--vis_every", 0]
@@ -97,7 +96,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_the_last_goo
 
 
 def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_afresh(tmp_path):
-    from utils.checkpoint import DAMAGED_DIR, resolve_checkpoint, write_manifest
+    from engine.checkpoint import DAMAGED_DIR, resolve_checkpoint, write_manifest
     from utils.errors import UserError
 
     for step in (2, 4):
@@ -151,7 +150,7 @@ def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
     import argparse
     import json
 
-    from utils.checkpoint import COMPLETE_MARKER, TRAINER_STATE, keep_global_batch
+    from engine.checkpoint import COMPLETE_MARKER, TRAINER_STATE, keep_global_batch
     from utils.errors import UserError
 
     checkpoint = tmp_path / "step_00000002"

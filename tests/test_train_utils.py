@@ -9,14 +9,14 @@ import torch
 from accelerate import Accelerator
 from conftest import ROOT
 
-from models import MaskedAutoencoder
-from utils.checkpoint import (
+from engine.checkpoint import (
     complete_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint, set_aside_newer,
 )
-from utils.training import sync_context
+from engine.optim import param_groups_weight_decay
+from engine.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
+from engine.step import sync_context
+from models import MaskedAutoencoder
 from utils.errors import UserError
-from utils.optim import param_groups_weight_decay
-from utils.schedule import scaled_learning_rate, set_learning_rate, warmup_cosine
 
 
 def test_warmup_then_cosine():
@@ -78,7 +78,7 @@ def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
 def test_a_checkpoint_of_an_unfused_adamw_resumes_fused_with_the_same_update(tmp_path):
     """A loaded optimizer state brings its writer's implementation flag (torch); load_checkpoint keeps this run's:
     a CPU checkpoint from before AdamW was fused there resumes fused, and takes the step the unfused one takes."""
-    from utils.optim import build_adamw
+    from engine.optim import build_adamw
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_stop_signal_once_asks_to_stop_twice_exits_at_once():
     script = (
         "import os, signal, time\n"
         "from accelerate import Accelerator\n"
-        "from utils.training import StopSignal\n"
+        "from engine.preemption import StopSignal\n"
         "stop, accelerator = StopSignal(), Accelerator(cpu=True)\n"
         "assert not stop.requested(accelerator)\n"
         "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -181,7 +181,7 @@ def test_emulated_mixed_precision_on_a_cpu_is_named_with_the_fix(monkeypatch, ca
     """A GPU command's --mixed_precision bf16 on a CPU without native bf16 (about 15x slower than fp32 here)."""
     import types
 
-    import utils.run as run
+    import engine.setup as run
 
     assert isinstance(run.cpu_has_native("bf16"), bool)
     cpu_bf16 = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16", is_main_process=True)
@@ -203,7 +203,7 @@ def test_an_fsdp_config_that_fell_back_to_ddp_is_named(monkeypatch, caplog):
 
     from accelerate.utils import DistributedType
 
-    import utils.run as run
+    import engine.setup as run
 
     for use_fsdp, distributed_type, warning in (("true", DistributedType.MULTI_CPU, "this run on cpu is DDP over gloo"),
                                                 ("True", DistributedType.NO, "this run on cpu is one process"),
@@ -224,7 +224,7 @@ def test_tf32_is_on_for_a_gpu_only_and_torch_compile_can_still_read_the_precisio
     """--tf32 (the default) sets the legacy flags on a GPU: torch.compile reads the precision through the legacy API,
     which raises once it is mixed with the newer fp32_precision one. A CPU keeps PyTorch's settings."""
     import pretrain_mae
-    from utils.run import set_gpu_math
+    from engine.setup import set_gpu_math
 
     assert pretrain_mae.parse_args([]).tf32 is True and pretrain_mae.parse_args(["--no-tf32"]).tf32 is False
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
@@ -269,8 +269,8 @@ def test_a_non_finite_step_is_skipped_on_the_device_by_the_fused_adamw():
     """guarded_optimizer_step gives the fused AdamW the non-finite flag as found_inf: a NaN step leaves the weights
     and the optimizer state as they were, a finite one takes the same update as a plain AdamW, and neither reads a
     value back to the host; the guard and the running averages count on the device, and are read at check/read."""
-    from utils.optim import build_adamw
-    from utils.training import BadStepGuard, StepAverages, guarded_optimizer_step
+    from engine.optim import build_adamw
+    from engine.step import BadStepGuard, StepAverages, guarded_optimizer_step
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -321,7 +321,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_by_the_fused_adamw():
 def test_the_model_ema_matches_its_formula_without_reading_the_device():
     """ModelEma: the first update copies, later ones move each float weight and buffer towards the model's by
     1 - min(decay, (1 + n) / (10 + n)) (timm/MAE's warm-up), in one foreach call that reads nothing back."""
-    from utils.training import ModelEma
+    from engine.step import ModelEma
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
@@ -356,7 +356,7 @@ def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_pat
         "import json, os, signal, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from accelerate import Accelerator\n"
-        "from utils.training import StopSignal\n"
+        "from engine.preemption import StopSignal\n"
         "accelerator = Accelerator(cpu=True)\n"
         "stop, answers = StopSignal(), []\n"
         "for call in range(5):\n"
@@ -374,7 +374,7 @@ def test_a_stop_signal_on_one_process_stops_every_process_one_call_later(tmp_pat
 def test_running_sums_and_the_bad_step_run_resume_from_a_checkpoint_state():
     """What a checkpoint keeps of StepAverages (every sum, loss terms included, and the applied steps) and of
     BadStepGuard (the skipped steps in a row): rebuilt from it, both go on as the uninterrupted ones."""
-    from utils.training import BadStepGuard, StepAverages
+    from engine.step import BadStepGuard, StepAverages
 
     cpu = torch.device("cpu")
     values = [{"loss": torch.tensor(v), "loss_hf": torch.tensor(v / 10)} for v in (1.0, float("nan"), 3.0, 5.0)]

@@ -9,18 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from huggingface_hub import PyTorchModelHubMixin
 from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import PyTorchModelHubMixin
 
 from engine import Task, Trainer
+from engine.optim import build_adamw
+from engine.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+from engine.schedule import warmup_cosine
+from engine.setup import RunDir
 from pipeline.loading import STOP_SIGNALS, build_loader
 from pipeline.samples import TensorSamples
 from pipeline.sampling import EpochChain
 from pipeline.shards import build_step_sampler
-from utils.optim import build_adamw
-from utils.run import RunDir
-from utils.schedule import warmup_cosine
-from utils.training import EXIT_PREEMPTED, PREEMPTED_MARKER
 
 
 class Regression(Task):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
