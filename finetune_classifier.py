@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engine import Task, Trainer
+from engine import Task, TrainConfig, Trainer
 from engine.flags import add_data_args, add_run_args, default_dataset
 from engine.optim import build_adamw, param_groups_layer_decay
 from engine.schedule import scaled_learning_rate, warmup_cosine
@@ -50,8 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--linear_probe", action="store_true",
                       help="Frozen encoder, BatchNorm (no affine) + linear head, LARS, no weight decay.")
     mode.add_argument("--freeze_encoder", action="store_true", help="Frozen encoder + a small MLP head (AdamW).")
-    mode.add_argument("--from_scratch", action="store_true", help="No pretrained weights: the baseline. With --linear_probe / --freeze_encoder: "
-                           "a randomly initialised, frozen encoder (the random-features baseline).")
+    mode.add_argument("--from_scratch", action="store_true",
+                      help="No pretrained weights, the baseline (with --linear_probe / --freeze_encoder: a randomly "
+                           "initialised, frozen encoder, the random-features baseline).")
     mode.add_argument("--eval_only", action="store_true",
                       help="Only evaluate the model (from --resume_from_checkpoint or the pretrained weights).")
     mode.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
@@ -63,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max_val_samples", type=int, default=None, help="Evaluate on the first N validation images only.")
     model = parser.add_argument_group("model")
     model.add_argument("--path_to_pretrained_mae_weights", type=str, default=None,
-                       help="pretrain_mae.py output: its final/ folder, a checkpoints/step_* folder or a .safetensors "
-                            "file. The encoder's sizes come from its config.json.")
+                       help="pretrain_mae.py output (its final/ folder, a checkpoints/step_* folder or a .safetensors "
+                            "file); the encoder's sizes come from its config.json.")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
                        help="Encoder preset when there are no pretrained weights to read it from "
                             "(default: mae_vit_tiny_patch4 for the small built-in sets, else mae_vit_base_patch16).")
@@ -395,7 +396,8 @@ def main(argv=None) -> None:
     mode, config, pretrained_state = resolve_defaults(args)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint and not args.eval_only)
     try:
-        trainer = Trainer(args, accelerator, run_dir, Classification(args, mode, config, pretrained_state, run_dir))
+        task = Classification(args, mode, config, pretrained_state, run_dir)
+        trainer = Trainer(TrainConfig.from_args(args), accelerator, run_dir, task)
         if not args.eval_only:
             trainer.fit()
             return

@@ -1,13 +1,12 @@
 """Semantic segmentation with a pretrained MAE encoder: ViT + pyramid neck + UperNet (the MAE paper's ADE20K
-transfer), with 🤗 Accelerate.
+transfer), with 🤗 Accelerate; without --path_to_data, on built-in Fashion-MNIST canvases (11 classes).
 
     accelerate launch finetune_segmentation.py --path_to_backbone_checkpoint work_dir/<pretraining run>/final
     accelerate launch finetune_segmentation.py --from_scratch                      # the baseline
     accelerate launch finetune_segmentation.py --path_to_data data/ADEChallengeData2016 \\
         --path_to_backbone_checkpoint <ViT-B/16 MAE>/final          # ADE20K, MMSegmentation's MAE recipe
 
-Without --path_to_data the data are Fashion-MNIST canvases (built in, offline): garments on a background,
-11 classes. Everything a run writes goes to <working_directory>/<experiment_name>/: checkpoints/, final/
+Everything a run writes goes to <working_directory>/<experiment_name>/: checkpoints/, final/
 (ViTUperNet.from_pretrained), predictions/ (overlays), metrics.jsonl, results.json and args.json.
 """
 from __future__ import annotations
@@ -20,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine import Task, Trainer
+from engine import Task, TrainConfig, Trainer
 from engine.flags import add_data_args, add_run_args, default_dataset
 from engine.optim import build_adamw, param_groups_layer_decay
 from engine.schedule import warmup_cosine, warmup_poly
@@ -360,7 +359,8 @@ def main(argv=None) -> None:
     config, pretrained_state = resolve_defaults(args)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
     try:
-        Trainer(args, accelerator, run_dir, Segmentation(args, config, pretrained_state, run_dir)).fit()
+        task = Segmentation(args, config, pretrained_state, run_dir)
+        Trainer(TrainConfig.from_args(args), accelerator, run_dir, task).fit()
     finally:
         accelerator.end_training()
 

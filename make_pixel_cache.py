@@ -5,12 +5,10 @@
     python make_pixel_cache.py --path_to_data s3://bucket/imagenet-shards --output_dir /nvme/imagenet-pixels
     python make_pixel_cache.py --dataset hf:user/photos --output_dir /nvme/photos-pixels
 
-It reads the sources the scripts read from files (folder, tar shards, 🤗 dataset) and keeps their images, pixel for
-pixel and at the same indices, so a run on the cache of a folder or 🤗 dataset sees exactly the views, labels and
-order it would see on the source with ``--decode cpu``. A cache of tar shards holds the same images but is read as
-one data set, in a global shuffle, not shard by shard. The cache is big (every pixel of every image: ~700 GB for ImageNet-1k train at full size) and must be on a local disk,
-ideally one whose pages stay in RAM. ``--max_size`` shrinks images whose longer side exceeds it (then they are no
-longer the source's). See pipeline/pixel_cache.py for the format.
+It keeps a folder's, tar shards' or 🤗 dataset's images pixel for pixel at the same indices, so a run on it sees the
+source's views, labels and order with ``--decode cpu`` (but shards' images in one global shuffle). It needs a local
+disk, ideally one whose pages stay in RAM (~700 GB for full-size ImageNet-1k train; ``--max_size`` shrinks it); see
+pipeline/pixel_cache.py for the format.
 """
 from __future__ import annotations
 
@@ -38,8 +36,8 @@ logger = logging.getLogger("make_pixel_cache")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=None,
-                        help="folder, shards or hf:<hub name or path>, as in the training scripts. Default: shards or "
-                             "folder as --path_to_data holds.")
+                        help="folder, shards or hf:<hub name or path>, as in the training scripts (default: shards "
+                             "or folder as --path_to_data holds).")
     parser.add_argument("--path_to_data", default=None, help="The source: an image folder (train/ and val/ kept "
                         "apart), a folder or fsspec URL of tar shards, or a 🤗 dataset's folder.")
     parser.add_argument("--image_column", default=None, help="Image column of a 🤗 dataset (default: guessed).")

@@ -1,13 +1,12 @@
-"""Turn an image folder into webdataset-style tar shards (plus the shards.json index the training scripts read),
-or index shards written elsewhere. The shards can then live on any fsspec URL: train with
-``--path_to_data s3://bucket/imagenet-shards`` (each process reads its own shards, by byte range).
+"""Turn an image folder into webdataset-style tar shards plus the shards.json index the training scripts read (or
+index shards written elsewhere); they can live on any fsspec URL (``--path_to_data s3://bucket/imagenet-shards``).
 
     python make_shards.py --input_dir /data/imagenet --output_dir /data/imagenet-shards    # train/ and val/ kept apart
     python make_shards.py --input_dir photos/ --output_dir s3://bucket/photos-shards --samples_per_shard 5000
     python make_shards.py --index_only s3://bucket/existing-webdataset/train                 # shards made by others
 
-Images are copied byte for byte (no re-encoding), in a shuffled order (``--seed``) so that every shard mixes the
-classes; each becomes ``<key>.<ext>`` with its class index in ``<key>.cls``, as webdataset does.
+Images are copied byte for byte, in a shuffled order (``--seed``) so that every shard mixes the classes, as
+``<key>.<ext>`` with the class index in ``<key>.cls``.
 """
 from __future__ import annotations
 

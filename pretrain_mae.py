@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine import Task, Trainer
+from engine import Task, TrainConfig, Trainer
 from engine.flags import add_data_args, add_run_args, default_dataset
 from engine.optim import build_adamw, param_groups_weight_decay
 from engine.records import MetricsLog
@@ -57,18 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     data = add_data_args(parser, "Folder of images (ImageNet layout with train/ and val/, class subfolders, or loose "
                                  "images); for fashion_mnist, a folder with its IDX files.")
     data.add_argument("--decode", type=str, default="auto", choices=["auto", "cpu", "device"],
-                      help="Where a folder's JPEGs are decoded: cpu (loader workers, libjpeg-turbo), device (the workers only "
-                           "read the bytes and draw the crop; the batch is decoded on the training device with "
-                           "torchvision's decode_jpeg, nvJPEG on a GPU, then cropped and resized there). auto: device "
-                           "when training on a GPU. Both cut the same crops of the same samples (nvJPEG's pixels "
-                           "differ from PIL's by about one level).")
+                      help="Where a folder's JPEGs are decoded: cpu (loader workers), device (decode_jpeg on the "
+                           "training device, nvJPEG on a GPU) or auto (device when training on a GPU); both cut the "
+                           "same crops, with pixels within about one level of each other.")
     data.add_argument("--decode_ahead", action="store_true",
-                      help="With JPEGs decoded on a GPU: decode the next batch in a thread, on a CUDA stream of its "
-                           "own, while the current step trains (by default the decode runs between steps, behind "
-                           "device-wide fences). Same batches; not yet measured on a GPU (bench/gpu_checks.sh step 8).")
+                      help="With JPEGs decoded on a GPU, decode the next batch on its own CUDA stream while the "
+                           "current step trains (same batches; by default the decode runs between steps).")
     model = parser.add_argument_group("model (a preset, overridable flag by flag)")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
-                       help="Preset. Default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, mae_vit_base_patch16 otherwise.")
+                       help="Preset (default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, "
+                            "else mae_vit_base_patch16).")
     model.add_argument("--img_size", type=int, default=None, help="Input resolution (default: the preset's).")
     model.add_argument("--input_channels", type=int, default=None,
                        help="Image channels (default: 1 for fashion_mnist, else the preset's 3).")
@@ -79,10 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         model.add_argument(f"--{part}_num_heads", type=int, default=None, help=f"Attention heads of the {name}.")
         model.add_argument(f"--{part}_mlp_ratio", type=float, default=None, help=f"MLP width / embed dim in the {name}.")
     model.add_argument("--resume_from_pretrained", type=str, default=None,
-                       help="Continue pretraining from these weights: a folder, file or 🤗 Hub repo in any format "
-                            "from_pretrained reads (this project's, 🤗 ViTMAE, facebookresearch/mae .pth, timm); the "
-                            "sizes come from it (size flags still override, e.g. --img_size). An encoder-only "
-                            "checkpoint gets a fresh decoder.")
+                       help="Continue pretraining from these weights: a folder, file or 🤗 Hub repo (this project's, "
+                            "🤗 ViTMAE, facebookresearch/mae .pth or timm) whose sizes apply unless size flags "
+                            "override; an encoder-only checkpoint gets a fresh decoder.")
     model.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
     model.add_argument("--mask_strategy", type=str, default="random", choices=MASK_STRATEGIES,
                        help="random (MAE), block (BEiT-style rectangles) or grid (keep one patch per s x s cell; "
@@ -391,7 +388,7 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         save_args(args, run_dir)
     try:
-        Trainer(args, accelerator, run_dir, Pretraining(args, config, run_dir)).fit()
+        Trainer(TrainConfig.from_args(args), accelerator, run_dir, Pretraining(args, config, run_dir)).fit()
     finally:
         accelerator.end_training()
 

@@ -1,8 +1,6 @@
-"""JPEG decoding routes for the training loader, timed on the same files.
-
-Each route turns a batch of encoded JPEGs into the training crops (random-resized-crop windows drawn from a seeded
-generator, resized to --size, uint8, stacked on the device) and is timed over --batches batches after one warm-up
-batch. Routes:
+"""JPEG decoding routes for the training loader, timed on the same files: each turns a batch of JPEGs into the
+training crops (seeded random-resized-crop windows resized to --size, uint8, stacked on the device), timed over
+--batches batches after one warm-up batch. Routes:
 
     pil               PIL decode + crop + resize on one CPU thread (a loader worker's rate: multiply by the workers)
     tv_cpu            torchvision.io.decode_jpeg on one CPU thread, crop + resize there
@@ -13,7 +11,7 @@ batch. Routes:
     nvimgcodec_roi    every backend allowed, decoding only each crop's window (region-of-interest decode)
     nvimgcodec_cpu    nvImageCodec's CPU backend (libjpeg-turbo), crops resized on the CPU
 
-Rows give images/s and the host CPU time spent per image (what the decode takes from the loader's cores).
+Rows give images/s and the host CPU time per image (what the decode takes from the loader's cores).
 
     python bench/benchmark_decode.py --make_jpegs 1024 --path_to_data /tmp/jpegs --output bench/results.jsonl
 """

@@ -1,18 +1,13 @@
 """Pretraining (and fine-tuning) speed and memory, measured side by side.
 
-    --mode model   the scripts' training step (engine.train_step: forward, backward, the guarded AdamW step) with
-                   this project's MAE and with 🤗 transformers' ViTMAEForPreTraining of the same config, in the same
-                   process, in alternating rounds, on synthetic images already on the device: images/s, step time, step memory, the ratio, and the
-                   model FLOP utilisation (model FLOPs per image counted from the shapes x images/s / peak).
-    --mode finetune  the same for fine-tuning: finetune_classifier.py's ViT classifier (global pooling, drop
-                   path) against timm's VisionTransformer built the same way.
-    --mode scope   what --compile's scope is worth: this project's MAE eager, with only its blocks compiled, with the
-                   blocks and the regions between them (what --compile does), and compiled whole, in alternating rounds.
-    --mode data    the input pipeline alone (read, decode, random-resized-crop + flip, collate, copy to the device,
-                   normalise there), as pretrain_mae.py builds it.
-    --mode both    the pipeline feeding this project's step: whichever is slower is the wall.
-    --mode memory  memory against micro-batch, with and without --gradient_checkpointing: measured peak on a GPU,
-                   estimated on a CPU from the tensors autograd saves for the backward pass.
+    --mode model     the scripts' training step with this project's MAE and 🤗 ViTMAEForPreTraining of the same config,
+                     alternating rounds on synthetic images on the device: images/s, step time and memory, ratio, MFU.
+    --mode finetune  the same for finetune_classifier.py's ViT classifier against timm's VisionTransformer.
+    --mode scope     what --compile's scope is worth: our MAE eager, blocks compiled, blocks and regions, whole model.
+    --mode data      the input pipeline alone (read, decode, crop + flip, collate, to the device), as pretrain_mae.py.
+    --mode both      the pipeline feeding this project's step: whichever is slower is the wall.
+    --mode memory    memory against micro-batch, with and without --gradient_checkpointing (peak on a GPU, estimated
+                     on a CPU from the tensors autograd saves for the backward pass).
 
 Examples:
 

@@ -3,10 +3,9 @@
     python bench/count_syncs.py pretrain_mae.py --dataset synthetic --model mae_vit_base_patch16 \
         --per_gpu_batch_size 64 --max_train_steps 60 --log_every 20 --vis_every 0 --log_with none
 
-torch.cuda.set_sync_debug_mode("warn") makes every synchronising CUDA call (``.item()``, ``bool(tensor)``, a blocking
-copy) warn from the Python line that made it. This prints those lines, most frequent first. A line counted about once
-per optimizer step (``--max_train_steps`` times or more) is a per-step synchronisation; setup, logging (every
-``--log_every`` steps) and checkpoints account for the rest. On a machine without CUDA it only runs the script.
+torch.cuda.set_sync_debug_mode("warn") makes every synchronising CUDA call warn from its Python line; this prints those
+lines, most frequent first (one counted ``--max_train_steps`` times or more syncs every step). Without CUDA it only
+runs the script.
 """
 from __future__ import annotations
 

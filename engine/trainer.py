@@ -5,12 +5,13 @@ cadence, resume, preemption, the final weights and the Hub push."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.loading import DeviceBatches
+from utils.errors import UserError
 
 from .checkpoint import resolve_checkpoint, resume_from, save_checkpoint
 from .preemption import StopSignal
@@ -86,6 +87,38 @@ class Task:
         """After the final weights are written: results files, pictures, the Hub push."""
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop's settings (the shared flags of engine/flags.py), checked once when made and never changed."""
+
+    epochs: int | None = None
+    max_train_steps: int | None = None  # wins over epochs
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 0.0  # 0: no clipping
+    log_every: int = 10
+    checkpointing_steps: int | None = None
+    save_checkpoint_interval: int = 1  # epochs
+    keep_checkpoints: int = 2  # 0: all
+    max_bad_steps: int = 20
+    resume_from_checkpoint: str | None = None  # a step_* folder, latest or auto
+    eval_only: bool = False
+    decode_ahead: bool = False
+    compile: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if not (self.epochs or self.max_train_steps):
+            raise UserError("the run has no length: pass --epochs or --max_train_steps")
+        for name in ("gradient_accumulation_steps", "log_every", "save_checkpoint_interval", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_args(cls, args) -> "TrainConfig":
+        """The loop's settings out of a script's parsed (and resolved) flags."""
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)})
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # the step's loss, averaged over micro-batches and processes (on the device)
@@ -121,29 +154,29 @@ def train_step(accelerator, model, optimizer, micro_batches, loss_fn, accumulati
 
 
 class Trainer:
-    def __init__(self, args, accelerator, run_dir: RunDir, task: Task):
-        self.args, self.accelerator, self.run_dir, self.task = args, accelerator, run_dir, task
+    def __init__(self, config: TrainConfig, accelerator, run_dir: RunDir, task: Task):
+        self.config, self.accelerator, self.run_dir, self.task = config, accelerator, run_dir, task
         task.trainer = self
         self.metrics: MetricsLog | None = None
 
     def prepare(self):
         """Build the task's parts and prepare them; resume from --resume_from_checkpoint. Returns the trainer state."""
-        args, accelerator, task = self.args, self.accelerator, self.task
+        config, accelerator, task = self.config, self.accelerator, self.task
         model, optimizer, sampler, loader = task.build(accelerator)
-        apply_speed_options(model, args)
+        apply_speed_options(model, config)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.sampler, self.loader = sampler, loader
         self.steps_per_epoch = sampler.steps_per_epoch
-        self.total_steps = args.max_train_steps or args.epochs * self.steps_per_epoch
+        self.total_steps = config.max_train_steps or config.epochs * self.steps_per_epoch
         task.prepared(self.model, accelerator)
         state = {"step": 0, "steps_per_epoch": self.steps_per_epoch, "global_batch": sampler.global_batch,
                  "num_processes": accelerator.num_processes, "loss_sum": 0.0, "loss_steps": 0, "term_sums": {},
                  "skipped_images": 0, "bad_steps_in_a_row": 0}
-        resume = args.resume_from_checkpoint
+        resume = config.resume_from_checkpoint
         checkpoint = resolve_checkpoint(resume, self.run_dir.checkpoints) if resume else None
         if checkpoint is not None:
             state.update(resume_from(accelerator, checkpoint, self.run_dir.checkpoints, self.steps_per_epoch,
-                                     sampler.global_batch, set_aside=not getattr(args, "eval_only", False)))
+                                     sampler.global_batch, set_aside=not config.eval_only))
             for old, new in (("log_loss_sum", "loss_sum"), ("log_steps", "loss_steps"), ("log_term_sums", "term_sums")):
                 if old in state:  # (checkpoints written before the loop was shared)
                     state[new] = state.pop(old)
@@ -162,7 +195,7 @@ class Trainer:
         return self.task.evaluate(self.model, self.state["step"])
 
     def fit(self) -> None:
-        args, accelerator, task, run_dir = self.args, self.accelerator, self.task, self.run_dir
+        config, accelerator, task, run_dir = self.config, self.accelerator, self.task, self.run_dir
         state = self.prepare()
         model, optimizer, sampler = self.model, self.optimizer, self.sampler
         steps_per_epoch, total_steps = self.steps_per_epoch, self.total_steps
@@ -171,8 +204,8 @@ class Trainer:
             run_dir.root.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(accelerator, run_dir.metrics, resume_step=step)
         eval_every = task.eval_every(steps_per_epoch)
-        accumulation, processes = args.gradient_accumulation_steps, accelerator.num_processes
-        guard = BadStepGuard(args.max_bad_steps, task.script, run_dir.checkpoints, accelerator.device,
+        accumulation, processes = config.gradient_accumulation_steps, accelerator.num_processes
+        guard = BadStepGuard(config.max_bad_steps, task.script, run_dir.checkpoints, accelerator.device,
                              state["bad_steps_in_a_row"])
         averages = StepAverages(accelerator.device, state["loss_sum"], state["loss_steps"], state["term_sums"])
         throughput = Throughput()
@@ -192,7 +225,7 @@ class Trainer:
             count_skipped()
             state.update(step=step, **averages.state(), bad_steps_in_a_row=guard.in_a_row,
                          skipped_images=skipped_images, task=task.state_dict(), **sampler.state_dict(step))
-            save_checkpoint(accelerator, run_dir.checkpoints, step, state, args.keep_checkpoints, task.model_config)
+            save_checkpoint(accelerator, run_dir.checkpoints, step, state, config.keep_checkpoints, task.model_config)
             last_saved = step
 
         def evaluate_now() -> dict:
@@ -213,7 +246,7 @@ class Trainer:
         stop, stopping = StopSignal(), False
         progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=task.name)
         self.loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run
-        batches = DeviceBatches(self.loader, accelerator.device, ahead=getattr(args, "decode_ahead", False),
+        batches = DeviceBatches(self.loader, accelerator.device, ahead=config.decode_ahead,
                                 check=task.check_batch)
         micro_batches = iter(batches) if step < total_steps else None  # (no workers for a finished run)
         task.train_mode(model)
@@ -224,7 +257,7 @@ class Trainer:
                 values = task.step_values(step, steps_per_epoch)
                 out, last_batch = train_step(accelerator, model, optimizer, micro_batches,
                                              lambda model, batch: task.loss(model, batch, values), accumulation,
-                                             args.max_grad_norm, last_batch, task.batch_images)
+                                             config.max_grad_norm, last_batch, task.batch_images)
                 skipped_pending += out.unreadable
                 throughput.add(out.images * processes)
                 skipped, grad_norm, step_loss, step_terms = out.skipped, out.grad_norm, out.loss, out.terms
@@ -234,7 +267,7 @@ class Trainer:
                 averages.add({"loss": step_loss, **step_terms}, skipped)  # (terms: this process's; loss: the mean)
                 task.after_step(model)
                 # A skipped step (its update not applied) gets no row and no scheduled checkpoint.
-                if (step % args.log_every == 0 or (task.log_train_rows and step == total_steps)) and not guard.check(step):
+                if (step % config.log_every == 0 or (task.log_train_rows and step == total_steps)) and not guard.check(step):
                     if task.log_train_rows:
                         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **averages.read()[1], "lr": lr,
                                **values, "grad_norm": float(grad_norm), "images_per_sec": round(throughput.rate(), 2),
@@ -247,8 +280,8 @@ class Trainer:
                         progress.set_postfix(loss=f"{averages.read()[1]['loss']:.4f}", lr=f"{lr:.2e}")
                 if (eval_every and step % eval_every == 0) or step == total_steps:
                     result = evaluate_now() or result
-                epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_checkpoint_interval == 0
-                scheduled = epoch_end or (args.checkpointing_steps and step % args.checkpointing_steps == 0)
+                epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.save_checkpoint_interval == 0
+                scheduled = epoch_end or (config.checkpointing_steps and step % config.checkpointing_steps == 0)
                 if step == total_steps or (scheduled and not guard.check(step)):  # the last step always checkpoints
                     checkpoint_now()
                 if stop.requested(accelerator):

@@ -4,10 +4,8 @@ through this project's own scripts with the same encoder, data, budget and evalu
 
     python experiments/run_ablations.py --budget smoke|cpu|gpu --out DIR [--seeds N] [--jobs J]
 
-Each stage is a normal run folder under DIR/<variant>/seed<k>/ and is skipped once finished, so a stopped run
-picks up where it was (an interrupted stage resumes from its last checkpoint). Every stage's command, wall time
-and machine go to DIR/stages.jsonl. The report (results.json, RESULTS.md and the plots) goes to --report_dir
-(default DIR); rerunning with every stage finished only rewrites the report.
+Each stage is a run folder under DIR/<variant>/seed<k>/, skipped once finished (an interrupted one resumes from its
+last checkpoint) and logged to DIR/stages.jsonl; the report (results.json, RESULTS.md, plots) goes to --report_dir.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Foreign checkpoints, converted at the edge: facebookresearch/mae ``.pth`` files, 🤗 transformers ViTMAE / ViT
-folders or Hub repos, timm ViT state dicts, and this project's own folders, all read into one form (this
-project's key names and config); and written back out to the transformers and timm layouts.
-
-The canonical form is a :class:`MaskedAutoencoder` state dict: the encoder under ``encoder.`` (with its
-``head``/``fc_norm`` if the checkpoint is a classifier) and, if present, the decoder at the top level. The
-model classes never see another format. ``.pth`` / ``.bin`` files are read with ``weights_only=True`` only.
+"""Checkpoints of facebookresearch/mae (.pth), 🤗 ViTMAE / ViT, timm and this project, read into one form and written
+back out to the transformers and timm layouts. The form is a :class:`MaskedAutoencoder` state dict (the encoder, with
+any ``head``/``fc_norm``, under ``encoder.``; any decoder at the top level); .pth / .bin load with weights_only=True.
 """
 from __future__ import annotations
 

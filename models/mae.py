@@ -1,9 +1,6 @@
-"""Masked Autoencoder (He et al., 2021) on top of :class:`models.vit.VisionTransformer`.
-
-The encoder is a ``VisionTransformer`` (saved under ``encoder.``) that sees only the visible patches;
-a lighter decoder of the same ``Block`` reconstructs the pixels of every patch from the encoded
-tokens plus a learned mask token. Masking follows facebookresearch/mae and 🤗 ViTMAE: patches are
-ranked by ``noise`` ascending and the first ``int(L * (1 - mask_ratio))`` are kept.
+"""Masked Autoencoder (He et al., 2021): a :class:`models.vit.VisionTransformer` encoder (under ``encoder.``) sees
+only the visible patches, a lighter decoder reconstructs every patch. As in facebookresearch/mae and 🤗 ViTMAE,
+patches are ranked by ``noise`` ascending and the first ``int(L * (1 - mask_ratio))`` are kept.
 """
 from __future__ import annotations
 
@@ -168,12 +165,9 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         return self.encoder.prepend_cls_token(visible), mask, restore_ids
 
     def region(self, method):
-        """``method`` (a function of this class, called with the model first) as torch.compile makes it when
-        ``compile_regions`` is on (--compile), else as it is. The encoder's input (patch embedding and masking), the
-        decoder's input, and its output with the loss are compiled this way, besides each ``Block``: the elementwise
-        work between the blocks fuses, and each block keeps its own backward graph (DDP overlaps the gradient
-        all-reduce with it). The mask's noise is drawn outside, and a changing count of visible patches makes the
-        shapes dynamic after one recompilation."""
+        """``method`` (a function of this class, called with the model first) compiled when ``compile_regions`` is
+        on (--compile), else as it is: the elementwise work between blocks fuses while each block keeps its own backward
+        graph (DDP overlaps the all-reduce with it); the mask's noise is drawn outside the compiled methods."""
         if not self.compile_regions:
             return partial(method, self)
         if method not in _COMPILED:  # one compiled function for every model: it guards on shapes, not on instances

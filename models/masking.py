@@ -1,9 +1,6 @@
-"""Mask sampling strategies (MAE paper, Fig. 6): random, block-wise (BEiT) and a regular grid.
-
-Every strategy is expressed as per-patch *noise*: :func:`models.mae.random_masking` keeps the
-``int(L * (1 - mask_ratio))`` patches with the smallest noise, so a strategy only has to give its masked
-patches the largest values. Masks therefore keep one convention ((B, L), 1 = masked), exactly
-``int(L * mask_ratio)`` masked patches per image whatever the strategy, and are a function of the generator.
+"""Mask sampling strategies (MAE paper, Fig. 6): random, block-wise (BEiT) and a regular grid, each as per-patch
+noise for :func:`models.mae.random_masking` that gives its masked patches the largest values, so every strategy
+yields masks (B, L) (1 = masked) with exactly ``int(L * mask_ratio)`` masked patches, a function of the generator.
 """
 from __future__ import annotations
 
@@ -50,10 +47,9 @@ def block_order(grid_size: tuple[int, int], mask_ratio: float, generator: torch.
 
 def mask_noise(strategy: str, grid_size: tuple[int, int], mask_ratio: float,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """(L,) noise for :func:`models.mae.random_masking` that realises ``strategy`` at ``mask_ratio``.
-
-    ``random`` is plain uniform noise (the MAE default). ``grid`` and ``block`` add an offset to the patches they
-    mask, above every visible patch's noise, so exactly their patches are masked (up to the exact count)."""
+    """(L,) noise for :func:`models.mae.random_masking` that realises ``strategy`` at ``mask_ratio``: uniform for
+    ``random`` (the MAE default); ``grid`` and ``block`` lift the patches they mask above every visible patch's
+    noise, so exactly their patches are masked (up to the exact count)."""
     height, width = grid_size
     noise = torch.rand(height * width, generator=generator)
     if strategy == "random":

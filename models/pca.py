@@ -1,9 +1,6 @@
-"""PCA-filtered reconstruction targets (after Balestriero & LeCun, "Learning by Reconstruction Produces
-Uninformative Features For Perception"): reconstruct only the high-variance (``pca_top``) or the low-variance
-(``pca_bottom``) part of each image.
-
-Only top components are ever computed (a randomized SVD for large inputs): the bottom target is the residual
-after removing the top components that explain the rest of the variance, so no D x D matrix is formed.
+"""PCA-filtered reconstruction targets (Balestriero & LeCun, "Learning by Reconstruction Produces Uninformative
+Features For Perception"): the high- (``pca_top``) or low-variance (``pca_bottom``) part of each image. Only top
+components are computed (the bottom target is the residual after those holding the rest), so no D x D matrix is formed.
 """
 from __future__ import annotations
 

@@ -6,11 +6,9 @@ import torch
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding, (1, [1 +] H*W, D), as in MAE / MoCo v3.
-
-    Half of the channels encode the row, half the column; each half is [sin(pos * w), cos(pos * w)]
-    with w = 1 / 10000^(k / (D/4)). The cls token (if any) gets zeros.
-    """
+    """Fixed 2-D sine-cosine position embedding, (1, [1 +] H*W, D), as in MAE / MoCo v3: half of the channels
+    encode the row, half the column, each half [sin(pos * w), cos(pos * w)] with w = 1 / 10000^(k / (D/4)); the cls
+    token (if any) gets zeros."""
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos position embeddings, got {embed_dim}")
     grid_h, grid_w = grid_size

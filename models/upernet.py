@@ -110,11 +110,8 @@ class SegmentationOutput:
 
 class ViTUperNet(nn.Module, StrictHubMixin):
     """ViT backbone (``backbone.*``, the MAE encoder's keys) + pyramid neck + UperNet head [+ auxiliary FCN head].
-
-    ``decoder_channels`` defaults to the ViT width (768 for ViT-B, as in MAE's ADE20K recipe);
-    ``aux_channels=0`` drops the auxiliary head. The backbone's final norm is unused (features come from
-    inside the blocks), so the backbone is built without one.
-    """
+    ``decoder_channels`` defaults to the ViT width (768 for ViT-B); ``aux_channels=0`` drops the auxiliary head; the
+    backbone has no final norm (the features come from inside the blocks)."""
 
     def __init__(
         self,

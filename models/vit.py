@@ -1,7 +1,6 @@
-"""A plain-PyTorch Vision Transformer: the encoder of the MAE and the backbone of every downstream task.
-
-Parameter names follow timm / facebookresearch/mae (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``,
-``fc_norm``, ``head``) so that foreign checkpoints map onto this model with few renames.
+"""A plain-PyTorch Vision Transformer, the MAE encoder and every downstream backbone; parameter names follow timm /
+facebookresearch/mae (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``norm``, ``fc_norm``, ``head``) so that foreign
+checkpoints map onto it with few renames.
 """
 from __future__ import annotations
 
@@ -173,13 +172,9 @@ def build_head(head_type: str, embed_dim: int, num_classes: int) -> nn.Module:
 
 
 class VisionTransformer(nn.Module, ConvertingHubMixin):
-    """ViT with a cls token and fixed 2-D sin-cos position embeddings.
-
-    ``global_pool=True`` averages the patch tokens and applies ``fc_norm`` (the MAE fine-tuning recipe);
-    otherwise the normalised cls token is the image feature. ``num_classes=0`` gives a feature extractor.
-    ``learned_pos_embed`` makes the position embeddings a trained parameter (starting from sin-cos), as in
-    official MAE fine-tuned models and timm; ``layer_norm_eps`` is 1e-6 as in MAE/timm (🤗 ViTMAE uses 1e-12).
-    """
+    """ViT with a cls token and 2-D sin-cos position embeddings (trained from there if ``learned_pos_embed``).
+    ``global_pool=True``: the mean patch token + ``fc_norm`` (MAE fine-tuning), else the normalised cls token, is the
+    feature; ``num_classes=0`` gives a feature extractor; ``layer_norm_eps``: 1e-6 in MAE/timm, 1e-12 in 🤗 ViTMAE."""
 
     def __init__(
         self,

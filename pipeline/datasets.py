@@ -18,12 +18,9 @@ from .sources import (
 def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int, img_size: int,
                         max_samples: int | None = None, image_column: str | None = None,
                         require_split: bool = False, encoded_jpeg: bool = False) -> Dataset:
-    """The uint8 image dataset (items ``(C, H, W) uint8, label`` or ``None``) for one split.
-
-    ``dataset``: ``folder`` (``--path_to_data``), ``shards`` (tar shards under ``--path_to_data``, a folder or fsspec
-    URL; see pipeline/shards.py), ``cache`` (decoded pixels; see pipeline/pixel_cache.py), ``fashion_mnist``, ``synthetic``
-    or ``hf:<name or path>``.
-    ``encoded_jpeg``: a folder's (or shards') RGB JPEGs come back as :class:`EncodedJpeg`, to be decoded on the device.
+    """The uint8 image dataset of one split (items ``(C, H, W) uint8, label`` or ``None``). ``dataset``: ``folder``,
+    ``shards`` (pipeline/shards.py), ``cache`` (pipeline/pixel_cache.py), ``fashion_mnist``, ``synthetic`` or
+    ``hf:<name or path>``; ``encoded_jpeg``: a folder's or shards' RGB JPEGs come back as :class:`EncodedJpeg`.
     """
     if dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(split, path_to_data)

@@ -17,16 +17,12 @@ def decodes_on_device(decode: str, device: torch.device) -> bool:
 
 
 def decode_deferred(batch: dict, device: torch.device, fence: str = "device") -> dict:
-    """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU) and make their views there:
-    ``batch["jpeg"]`` (the JPEGs' bytes end to end, cut by ``batch["jpeg_sizes"]``) + ``batch["crop"]`` become
-    ``batch["pixel_values"]``, uint8 (B, 3, S, S) on the device. An image
-    that does not decode is dropped with its label and noise and counted in ``num_skipped``.
-
-    ``fence`` (a GPU): torchvision's nvJPEG decoder writes its outputs from its own stream without waiting for the
-    caller's, into blocks the caching allocator may hand out while queued kernels still read them (pytorch/vision
-    PR 9606; seen here on an H100 as a device-side assert, CUDA error 710). ``device`` synchronises the whole device
-    before and after the decode (no overlap with the training step); ``stream`` only the current stream, for
-    :class:`pipeline.loading.DeviceBatches`, which decodes on a stream of its own while the step runs on another."""
+    """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU) and crop them there: ``jpeg`` (bytes end to end, cut by
+    ``jpeg_sizes``) + ``crop`` become ``pixel_values``, uint8 (B, 3, S, S); an image that does not decode is dropped
+    with its label and noise and counted in ``num_skipped``.
+    ``fence`` (GPU): nvJPEG writes from its own stream into blocks the caching allocator may reuse while queued kernels
+    still read them (pytorch/vision PR 9606), so ``device`` synchronises the whole device around the decode; ``stream``
+    only the current stream, for :class:`pipeline.loading.DeviceBatches`, which decodes on a stream of its own."""
     sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
     datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
 

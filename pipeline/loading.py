@@ -27,10 +27,9 @@ class WorkerLoader(DataLoader):
     multiprocessing's own clean-up, SIGTERM then join, would wait for them forever."""
 
     def close(self) -> None:
-        """Stop the persistent workers now (not while a DeviceBatches thread still reads them: close that first).
-        Left to the garbage collector, an iterator caught in a reference cycle is finalised after its index queues'
-        feeder threads have stopped: the workers never hear the shutdown, torch waits 10 s for each of them, and
-        they live on until the process exits (they ignore SIGTERM)."""
+        """Stop the persistent workers now (close a DeviceBatches thread that reads them first): left to the garbage
+        collector, an iterator in a reference cycle is finalised after its queues' feeder threads stopped, and the
+        workers never hear the shutdown and live on until the process exits (they ignore SIGTERM)."""
         iterator, self._iterator = getattr(self, "_iterator", None), None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
@@ -69,11 +68,8 @@ def move_to_device(batch: dict, device: torch.device, fence: str = "device") -> 
 
 class DeviceBatches:
     """A loader's batches, each on the device (:func:`move_to_device`); ``check`` sees each one on the host first.
-
-    With ``ahead``, a thread makes the next batch while the current one trains: on a GPU it copies and decodes on a
-    CUDA stream of its own, and the training stream waits for that batch's event only (``--decode_ahead``). One
-    batch is made ahead; an error in the thread is raised where the batch is taken. Iterating again first stops the
-    previous iteration's thread; :meth:`close` stops it at the end.
+    With ``ahead`` (``--decode_ahead``), a thread makes the next batch (on a GPU, on a CUDA stream of its own) while the
+    current one trains; its errors are raised where the batch is taken, and iterating again or :meth:`close` stops it.
     """
 
     _END = object()

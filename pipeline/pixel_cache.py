@@ -1,11 +1,7 @@
-"""A decoded pixel cache: every image of a data set decoded once, stored as uint8 end to end in one file per split
-and read through a memory map (``make_pixel_cache.py`` writes it; ``--path_to_data CACHE`` reads it).
-
-Decoding a JPEG is most of what a loader worker does (about three quarters of a 500x375 image's 2-3 ms on a 2-core
-CPU); a cached image costs a slice of the page cache and the crop. The images are those the source gives, pixel for pixel, at the same
-indices (an image that did not decode stays a gap, skipped as it would be), so a run on the cache sees exactly the
-views it would see on the source. The price is disk: full-size ImageNet-1k train is about 700 GB
-(``--max_size`` shrinks it, and then the images are no longer the source's).
+"""A decoded pixel cache, which spares loader workers the JPEG decoding: every image decoded once, uint8 end to end
+in one memory-mapped file per split (``make_pixel_cache.py`` writes it; ``--path_to_data CACHE`` reads it). Same images
+at the same indices as the source (undecodable ones stay gaps), so runs see the same views, unless ``--max_size``
+shrank them; the price is disk (full-size ImageNet-1k train: about 700 GB).
 
 Layout of a split folder: ``pixels.u8`` (each image (H, W, C) uint8, end to end), ``index.npy`` (int64 (N, 4): byte
 offset, height, width, label; height 0 for an image that did not decode) and ``cache.json`` (channels, classes).

@@ -43,15 +43,9 @@ class StepSampler(Sampler):
 
 
 class EpochChain(Sampler):
-    """A StepSampler's epochs one after another in one iterator, from optimizer step ``first_step`` on.
-
-    A loader over it never starts an epoch empty: its workers go on into the next epoch while the last steps of
-    this one train and the epoch-end work (evaluation, pictures, checkpoint) runs. Epoch by epoch, each epoch would
-    wait for one worker to make a whole micro-batch (about 2 s for 512 JPEGs decoded in a worker, against an
-    estimated 40 s ImageNet epoch on 8 H100s). The batches are the same, in the same order (each key carries its
-    epoch).
-    Infinite: the training loop takes the micro-batches it needs. The sampler's ``epoch`` runs ahead of the training
-    (the loader prefetches), so a checkpoint asks for the state at its step (:meth:`StepSampler.state_dict`).
+    """A StepSampler's epochs one after another in one infinite iterator, from optimizer step ``first_step`` on, so
+    loader workers go on into the next epoch during the epoch-end work (same batches, same order). Its ``epoch`` runs
+    ahead of training (prefetch): a checkpoint asks for the state at its step (:meth:`StepSampler.state_dict`).
     """
 
     def __init__(self, sampler: StepSampler, first_step: int = 0):
@@ -66,13 +60,9 @@ class EpochChain(Sampler):
 
 
 class StepBatchSampler(StepSampler):
-    """Yields this process's micro-batches of ``(index, epoch)`` keys, in optimizer-step order.
-
-    Each epoch is a permutation seeded by ``(seed, epoch)``, cut into global optimizer steps of
-    ``per_process_batch * num_processes`` samples (an incomplete last step is dropped). Process ``rank``
-    takes its slice of each step, split into ``accumulation_steps`` micro-batches. The samples of a step
-    are thus the same for 1 process x 8 and 2 processes x 4, and ``start_step`` resumes mid-epoch
-    without reading the skipped samples. Its state is nothing: the order is the same for any number of processes.
+    """Yields this process's micro-batches of ``(index, epoch)`` keys, in optimizer-step order: each epoch is a
+    permutation seeded by ``(seed, epoch)`` cut into global steps (an incomplete last one dropped), of which ``rank``
+    takes its slice, so a step's samples do not depend on the process count and ``start_step`` resumes mid-epoch.
     """
 
     def __init__(self, num_samples: int, per_process_batch: int, accumulation_steps: int, num_processes: int = 1,

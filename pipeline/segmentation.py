@@ -1,9 +1,6 @@
 """Segmentation data: image/mask sources (ADE20K's release layout, any folder of pairs, 🤗 datasets, Fashion-MNIST
-canvases) and joint transforms that keep the mask aligned with its image.
-
-Items of a source are ``(image uint8 (C, H, W), mask int64 (H, W))`` (``None`` for an unreadable pair); masks
-hold class ids in [0, num_classes) and ``IGNORE_INDEX`` (255) for pixels without a label. As for
-classification, each sample's random choices come from a generator seeded by ``(seed, epoch, index)``.
+canvases) and joint transforms that keep the mask aligned with its image. Items are ``(image uint8 (C, H, W), mask
+int64 (H, W))`` or ``None``; masks hold class ids in [0, num_classes) and ``IGNORE_INDEX`` (255) where unlabelled.
 """
 from __future__ import annotations
 
@@ -141,11 +138,9 @@ class HubSegmentationDataset(HubImageDataset):
 
 
 class FashionMNISTCanvases(Dataset):
-    """Real Fashion-MNIST garments pasted onto noisy canvases: the offline segmentation set.
-
-    Canvas ``index`` holds 2-3 garments (from the train split for training, the test split for validation) at
-    random places, later ones on top; a pixel's label is its garment's class + 1 where the garment has ink
-    (value > ``ink``), 0 (background) elsewhere. Canvases are a function of (split, index), so they never change.
+    """Fashion-MNIST garments pasted onto noisy canvases, the offline segmentation set: a canvas, a function of (split,
+    index), holds 2-3 garments (train split for training, test for validation), later ones on top; a pixel's label is
+    its garment's class + 1 where the garment has ink (value > ``ink``), else 0 (background).
     """
 
     classes = ("background", *FASHION_MNIST_CLASSES)

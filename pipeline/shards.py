@@ -1,14 +1,7 @@
-"""Sharded image data for data sets that do not fit on each node's disk: webdataset-style tar shards.
-
-A shard is a plain tar file holding ``<key>.<ext>`` images (jpg, png, npy, ...) and, for labelled data,
-``<key>.cls`` (the class index as text), as webdataset writes them. Beside the shards, ``shards.json`` records each
-image's byte range inside its shard (``make_shards.py`` writes it, and indexes shards made elsewhere). With it,
-every sample is one ranged read, from a local folder or any fsspec URL (``s3://``, ``gs://``, ``hf://``, ...):
-
-- each process reads its own shards (split once, balanced by sample count), a few at a time, in an order
-  reshuffled every epoch (:class:`ShardStepSampler`);
-- items are ``(index, epoch)`` keys like every other data set here, so crops and masks stay functions of
-  ``(seed, epoch, index)`` and a run resumes mid-epoch with exactly the remaining samples.
+"""Webdataset-style tar shards (``<key>.<ext>`` images, ``<key>.cls`` class index as text) for data sets too big for
+each node's disk: ``shards.json`` (``make_shards.py``) records each image's byte range, so a sample is one ranged read
+from a folder or fsspec URL. Each process reads its own shards (:class:`ShardStepSampler`); items are ``(index,
+epoch)`` keys, so a run resumes mid-epoch with exactly the remaining samples.
 """
 from __future__ import annotations
 
@@ -63,10 +56,9 @@ def is_sharded(url: str | None) -> bool:
 
 
 class TarShardDataset(Dataset):
-    """The images of a folder of tar shards (local or fsspec URL), one ranged read each (a batch's reads are
-    issued together, see ``prefetch``). Items are
-    ``(uint8 (C, H, W) or EncodedJpeg, label)``, or ``None`` for an image that does not decode (a shard that cannot
-    be read is an error)."""
+    """The images of a folder of tar shards (local or fsspec URL), one ranged read each (a batch's reads are issued
+    together, see ``prefetch``); items are ``(uint8 (C, H, W) or EncodedJpeg, label)``, or ``None`` for an image that
+    does not decode (a shard that cannot be read is an error)."""
 
     def __init__(self, url: str, num_channels: int, encoded_jpeg: bool = False, max_samples: int | None = None):
         self.url, self.num_channels, self.encoded_jpeg = url, num_channels, encoded_jpeg
@@ -164,16 +156,11 @@ def assign_shards(shard_ranges: list[tuple[int, int]], num_processes: int) -> li
 
 
 class ShardStepSampler(StepSampler):
-    """A StepSampler for tar shards: this process reads only its own shards.
-
-    Every epoch, its shards come in a new order, ``SHARDS_MIXED`` at a time, with the samples of those shards
-    shuffled together; every process takes the same number of steps (the smallest share; the few samples beyond
-    it are left out of that epoch). ``start_step`` skips exactly the samples of the steps already taken.
-
-    Resumed on another number of processes (``resume``, from the checkpoint's ``state_dict``): the epoch in progress
-    keeps the steps of the layout that began it (each step's global batch is the same images, now split over the
-    new processes), later epochs split the shards anew, and the run keeps its ``steps_per_epoch`` (a process
-    whose new share is short repeats a few of its images).
+    """A StepSampler for tar shards: this process reads only its own shards, ``SHARDS_MIXED`` at a time in a new order
+    every epoch (samples shuffled together); every process takes the smallest share's number of steps, and
+    ``start_step`` skips exactly the steps taken. Resumed on another process count (``resume``: a checkpoint's
+    ``state_dict``), the epoch in progress keeps its steps, later epochs split the shards anew, and ``steps_per_epoch``
+    stays (a short share repeats images).
     """
 
     def __init__(self, shard_ranges: list[tuple[int, int]], per_process_batch: int, accumulation_steps: int,

@@ -108,10 +108,8 @@ class ImageRecord:
 
 
 class ImageFolderDataset(Dataset):
-    """Images under a folder: class subfolders give labels (ImageNet layout), loose images get label -1.
-
-    Items are uint8 tensors (C, H, W). A file that cannot be read returns ``None`` (the collate function
-    drops it and counts it) so one bad JPEG never stops a long run.
+    """Images under a folder as uint8 (C, H, W): class subfolders give labels (ImageNet layout), loose images get -1;
+    an unreadable file returns ``None`` (the collate function drops and counts it), so one bad JPEG never stops a run.
     """
 
     def __init__(self, root: Path, num_channels: int, encoded_jpeg: bool = False):

@@ -30,10 +30,8 @@ def channel_stats(num_channels: int, dataset: str | None = None) -> tuple[tuple[
 
 
 class RandomResizedCropFlip:
-    """MAE pretraining augmentation: RandomResizedCrop(scale, ratio 3/4-4/3, bicubic) + horizontal flip.
-
-    Crop parameters are drawn as in torchvision's RandomResizedCrop (10 tries, then a centre crop),
-    but from the generator given, so each sample's view is a function of its seed.
+    """MAE pretraining augmentation: RandomResizedCrop(scale, ratio 3/4-4/3, bicubic) + horizontal flip, the crop
+    drawn as torchvision does (10 tries, then a centre crop) but from the generator given, so a function of the seed.
     """
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
@@ -100,10 +98,9 @@ class DeferredCrop:
 
 
 class ClassifierTrainTransform(RandomResizedCropFlip):
-    """Fine-tuning augmentation: RandomResizedCrop + flip, then RandAugment (``num_ops`` ops of ``magnitude``).
-
-    RandAugment is torchvision's; it draws from the global RNG, so it runs under a forked RNG seeded from
-    the sample's generator (same view for the same (seed, epoch, index), whatever the process layout).
+    """Fine-tuning augmentation: RandomResizedCrop + flip, then torchvision's RandAugment (``num_ops`` ops of
+    ``magnitude``) under a forked global RNG seeded from the sample's generator, so the view is a function of
+    (seed, epoch, index) whatever the process layout.
     """
 
     def __init__(self, img_size: int, min_scale: float = 0.08, randaug_magnitude: int = 0, randaug_ops: int = 2):
@@ -152,10 +149,8 @@ class Normalize(torch.nn.Module):
 
 
 def to_channels(image, num_channels: int) -> torch.Tensor:
-    """PIL image or (H, W[, C]) array -> uint8 tensor (C, H, W) with ``num_channels`` channels.
-
-    Grayscale, palette, RGBA and CMYK images are converted by PIL; a 1-channel image is repeated to fill
-    more channels, and an RGB image is averaged down to one.
+    """PIL image or (H, W[, C]) array -> uint8 tensor (C, H, W) with ``num_channels`` channels: PIL converts
+    grayscale, palette, RGBA and CMYK; a 1-channel image is repeated to fill more, an RGB one averaged down to one.
     """
     if isinstance(image, Image.Image) and image.mode.startswith("I"):
         image = np.asarray(image)  # 16/32-bit integer images: scaled below, PIL's convert would clip them

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import PyTorchModelHubMixin
 
-from engine import Task, Trainer
+from engine import Task, TrainConfig, Trainer
 from engine.optim import build_adamw
 from engine.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 from engine.schedule import warmup_cosine
@@ -29,7 +29,7 @@ class Regression(Task):
 
     name, script = "toy", "toy.py"
 
-    def __init__(self, args, bad_steps=(), stop_after=None):
+    def __init__(self, args, bad_steps=(), stop_after=None):  # args: per_gpu_batch_size, accumulation, seed
         self.args, self.bad_steps, self.stop_after, self.step = args, set(bad_steps), stop_after, 0
         self.evaluations = []
 
@@ -86,25 +86,17 @@ class IndexedSamples(torch.utils.data.Dataset):
         return {**self.samples[key], "index": key[0]}
 
 
-def toy_args(tmp_path, **overrides):
-    args = dict(per_gpu_batch_size=8, gradient_accumulation_steps=1, epochs=2, max_train_steps=None, seed=0,
-                log_every=1, checkpointing_steps=None, save_checkpoint_interval=1, keep_checkpoints=0,
-                max_bad_steps=20, max_grad_norm=0.0, resume_from_checkpoint=None, push_to_hub=False, compile=False,
-                gradient_checkpointing=False)
-    args.update(overrides)
-    return argparse.Namespace(**args)
-
-
-def fit(tmp_path, name, **kwargs):
+def fit(tmp_path, name, bad_steps=(), stop_after=None, **overrides):
     """One run of the toy task in this process; returns (exit code, metrics rows, final weights, task)."""
-    task_kwargs = {key: kwargs.pop(key) for key in ("bad_steps", "stop_after") if key in kwargs}
-    args = toy_args(tmp_path, **kwargs)
+    config = TrainConfig(**{"epochs": 2, "log_every": 1, "keep_checkpoints": 0, **overrides})
     run_dir = RunDir(tmp_path / name)
     handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
-    task = Regression(args, **task_kwargs)
+    batches = argparse.Namespace(per_gpu_batch_size=8, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                 seed=0)
+    task = Regression(batches, bad_steps, stop_after)
     code = 0
     try:
-        Trainer(args, Accelerator(cpu=True), run_dir, task).fit()
+        Trainer(config, Accelerator(cpu=True), run_dir, task).fit()
     except SystemExit as stop:
         code = stop.code
     finally:
@@ -157,3 +149,18 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     assert [row["step"] for row in rows] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "boom" / "checkpoints").glob("step_*")) == ["step_00000001",
                                                                                          "step_00000002"]
+
+
+def test_the_loop_settings_are_checked_once_and_frozen():
+    import dataclasses
+
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="no length: pass --epochs or --max_train_steps"):
+        TrainConfig()
+    with pytest.raises(UserError, match="--log_every must be positive, got 0"):
+        TrainConfig(epochs=1, log_every=0)
+    config = TrainConfig.from_args(argparse.Namespace(epochs=3, log_every=5, per_gpu_batch_size=8))
+    assert (config.epochs, config.log_every, config.max_grad_norm, config.max_train_steps) == (3, 5, 0.0, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 4

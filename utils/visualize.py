@@ -13,10 +13,9 @@ from torchvision.utils import make_grid
 
 @torch.no_grad()
 def reconstruction_panels(model, mae, images: torch.Tensor, noise: torch.Tensor, denormalize) -> torch.Tensor:
-    """Four [0, 1] pictures per image, (B * 4, C, H, W): original, masked input (masked patches grey),
-    the model's reconstruction (de-normalised per patch under norm_pix_loss) and that reconstruction
-    with the visible patches pasted back. ``noise`` fixes the masks so pictures compare across epochs.
-    ``model`` runs the forward (it may be wrapped by DDP/FSDP); ``mae`` is the plain MaskedAutoencoder."""
+    """Four [0, 1] pictures per image, (B * 4, C, H, W): original, masked input (masked patches grey), reconstruction
+    (de-normalised per patch under norm_pix_loss), and it with the visible patches pasted back; ``noise`` fixes the
+    masks across epochs; ``model`` (maybe DDP/FSDP-wrapped) runs the forward, ``mae`` is the plain MaskedAutoencoder."""
     was_training = model.training
     model.eval()
     output = model(images, noise=noise)
