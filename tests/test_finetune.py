@@ -212,7 +212,7 @@ def test_eval_only_keeps_the_run_records(tmp_path, pretrained):
 def test_linear_probe_optimizer_is_lars_with_momentum():
     from argparse import Namespace
 
-    from finetune_classifier import build_optimizer
+    from tasks.classification import build_optimizer
 
     torch.manual_seed(0)
     model = small_vit(head_type="linear_probe")

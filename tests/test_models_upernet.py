@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 from engine.optim import param_groups_layer_decay
-from finetune_segmentation import predict
 from models import MaskedAutoencoder
 from models.upernet import SegmentationOutput, ViTUperNet, default_out_indices
 from models.weights import encoder_state, load_encoder, read_weights
+from tasks.segmentation import predict
 from utils.metrics import SegmentationMetric, iou_from_confusion
 
 

@@ -1,0 +1,1 @@
+"""What each script trains: a :class:`engine.Task` per job (pretraining, classification, segmentation)."""
