@@ -41,26 +41,29 @@ def write_manifest(folder: Path) -> None:
 
 def damage(folder: Path) -> str | None:
     """What is wrong with a complete checkpoint (a file missing, cut short or changed), or None if it reads as
-    written. Markers written before the manifest existed list nothing to check."""
+    written. The plain "ok" marker of checkpoints written before the manifest existed lists nothing to check."""
     try:
         text = (folder / COMPLETE_MARKER).read_text()
-        files = json.loads(text)["files"] if text.lstrip().startswith("{") else {}
-    except (OSError, ValueError, KeyError) as error:
-        return f"its {COMPLETE_MARKER} marker can't be read ({error})"
-    stamps = []
-    for name, (size, _) in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        stat = path.stat()
-        if stat.st_size != size:
-            return f"{path} has {stat.st_size} bytes, {size} were written"
-        stamps.append((name, stat.st_mtime_ns))
-    if _verified.get(str(folder)) == stamps:  # hashed already by this process, and untouched since
-        return None
-    for name, (_, digest) in files.items():
-        if file_digest(folder / name) != digest:
-            return f"{folder / name} differs from what was written (SHA-256 mismatch)"
+        files = {} if text.strip() == "ok" else json.loads(text)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {COMPLETE_MARKER} marker can't be read ({type(error).__name__}: {error})"
+    try:
+        stamps = []
+        for name, (size, _) in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{path} is missing"
+            stat = path.stat()
+            if stat.st_size != size:
+                return f"{path} has {stat.st_size} bytes, {size} were written"
+            stamps.append((name, stat.st_mtime_ns))
+        if _verified.get(str(folder)) == stamps:  # hashed already by this process, and untouched since
+            return None
+        for name, (_, digest) in files.items():
+            if file_digest(folder / name) != digest:
+                return f"{folder / name} differs from what was written (SHA-256 mismatch)"
+    except OSError as error:  # (moved to damaged/ by the main process while this one was reading it)
+        return f"it could not be read ({error})"
     _verified[str(folder)] = stamps
     return None
 

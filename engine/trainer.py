@@ -281,8 +281,10 @@ class Trainer:
                 if (eval_every and step % eval_every == 0) or step == total_steps:
                     result = evaluate_now() or result
                 epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.save_checkpoint_interval == 0
-                scheduled = epoch_end or (config.checkpointing_steps and step % config.checkpointing_steps == 0)
-                if step == total_steps or (scheduled and not guard.check(step)):  # the last step always checkpoints
+                every_n = config.checkpointing_steps and step % config.checkpointing_steps == 0
+                # The last step and epoch ends always checkpoint (a skipped step's weights are the last applied
+                # step's); the every-N-steps checkpoints skip a skipped step.
+                if step == total_steps or epoch_end or (every_n and not guard.check(step)):
                     checkpoint_now()
                 if stop.requested(accelerator):
                     stopping = True

@@ -179,3 +179,15 @@ def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
     assert resumed(1, dataset="shards") == 16  # tar shards: the epoch in progress keeps the 2 processes' layout
     assert resumed.shard_resume == {"steps_per_epoch": 4, "shard_layout": [0, 2]}
     assert resumed(2, dataset="shards") == 8 and resumed.shard_resume is None  # nothing to carry
+
+
+def test_only_the_plain_ok_marker_skips_the_manifest_check(tmp_path):
+    from engine.checkpoint import COMPLETE_MARKER, damage
+
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    (folder / COMPLETE_MARKER).write_text("ok\n")  # written before markers listed the files
+    assert damage(folder) is None
+    for text in ("", "o", '{"file": {}}'):  # cut short by a crash, or not ours
+        (folder / COMPLETE_MARKER).write_text(text)
+        assert "marker can't be read" in damage(folder)

@@ -144,6 +144,9 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     assert "step_00000003" not in checkpoints and "step_00000004" not in checkpoints and "step_00000005" in checkpoints
     _, clean_rows, _, _ = fit(tmp_path, "clean")
     assert rows[:2] == clean_rows[:2] and rows[2]["loss"] != clean_rows[4]["loss"]  # two updates fewer
+    _, _, _, _ = fit(tmp_path, "epoch_end", bad_steps={8})  # an epoch's last step skipped: still checkpointed
+    assert sorted(p.name for p in (tmp_path / "epoch_end" / "checkpoints").glob("step_*")) == ["step_00000008",
+                                                                                              "step_00000016"]
     code, rows, weights, _ = fit(tmp_path, "boom", bad_steps=set(range(3, 17)), max_bad_steps=3, checkpointing_steps=1)
     assert "3 consecutive steps had a non-finite loss" in str(code) and weights is None
     assert [row["step"] for row in rows] == [1, 2]

@@ -1,9 +1,10 @@
 """Recipes and saved configs: a YAML file of flag values (``dest: value``) that sets the parser's defaults, so
 ``--config recipes/pretrain_vit_base.yaml --epochs 400`` takes the recipe and flags still win (timm's ``-c``). Every
-run writes the flags it resolved to ``config.yaml``, which ``--config`` reads back to reproduce it."""
+run writes the flags it was given (before data-dependent defaults) to ``config.yaml``; ``--config`` reads it back."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -12,8 +13,10 @@ from .errors import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 CONFIG_NAME = "config.yaml"
-NOT_SAVED = ("config", "num_workers")  # the file itself; the machine's worker count (resolved per machine)
-_flags: list[str] = []  # the flags of the last parser parse_with_config read: what config.yaml holds
+# The file itself, and what names one run rather than how it trains (a replay gets its own name and folder).
+NOT_SAVED = ("config", "experiment_name", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private",
+             "hub_revision")
+_parsed: dict = {}  # the flags as parse_with_config last parsed them: what config.yaml holds
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -59,15 +62,39 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
                              "become the defaults and flags given here win.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        values = read_config(known.config)
-        unknown = sorted(set(values) - flag_names(parser))
-        if unknown:
-            raise UserError(f"--config {known.config}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
-                            f"a flag of {parser.prog}: fix or remove {'it' if len(unknown) == 1 else 'them'}")
+        values = config_defaults(parser, known.config, argv)
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
-    _flags[:] = sorted(flag_names(parser) - set(NOT_SAVED))
+    _parsed.clear()
+    _parsed.update({key: value for key, value in vars(args).items() if key not in NOT_SAVED})
     return args
+
+
+def config_defaults(parser: argparse.ArgumentParser, name: str, argv) -> dict:
+    """The file's values, checked and converted as the flags would be: an unknown key, or a value outside a flag's
+    choices, is a one-line error. An --epochs given on the command line replaces the file's max_train_steps."""
+    values = read_config(name)
+    unknown = sorted(set(values) - flag_names(parser))
+    if unknown:
+        raise UserError(f"--config {name}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                        f"a flag of {parser.prog}: fix or remove {'it' if len(unknown) == 1 else 'them'}")
+    given = {word.split("=")[0] for word in (argv if argv is not None else sys.argv[1:])}
+    if "--epochs" in given and "--max_train_steps" not in given:
+        values.pop("max_train_steps", None)
+    for action in parser._actions:
+        if action.dest not in values or values[action.dest] is None:
+            continue
+        value = values[action.dest]
+        if isinstance(value, str) and action.type not in (None, str):
+            try:
+                values[action.dest] = value = action.type(value)
+            except (TypeError, ValueError):
+                raise UserError(f"--config {name}: {action.dest}: {value!r} is not a valid value for "
+                                f"{action.option_strings[0]}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"--config {name}: {action.dest}: {value!r} is not one of "
+                            f"{', '.join(map(str, action.choices))}")
+    return values
 
 
 def apply_recipe(args: argparse.Namespace, name: str) -> None:
@@ -78,9 +105,9 @@ def apply_recipe(args: argparse.Namespace, name: str) -> None:
 
 
 def save_config(args: argparse.Namespace, folder: Path) -> Path:
-    """The run's resolved flags as config.yaml (``--config`` reads it back)."""
-    flags = _flags or [key for key in vars(args) if key not in NOT_SAVED]
-    values = {key: plain(getattr(args, key)) for key in flags if hasattr(args, key)}
+    """config.yaml: the flags this run was given, with the parser's defaults (``--config`` reads it back; the
+    data-dependent defaults are worked out again from them)."""
+    values = {key: plain(value) for key, value in (_parsed or vars(args)).items() if key not in NOT_SAVED}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CONFIG_NAME
     path.write_text(yaml.safe_dump(values, sort_keys=True))
