@@ -104,8 +104,8 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     if mode in FROZEN_MODES:
         args.weight_decay = 0.0 if mode == "linear_probe" else (args.weight_decay or 0.0)
         args.drop_path = 0.0
-    for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every", "save_checkpoint_interval",
-                 "max_train_steps", "num_classes", "img_size", "max_samples", "max_val_samples", "max_bad_steps"):
+    for flag in ("epochs", "per_gpu_batch_size", "max_train_steps", "num_classes", "img_size", "max_samples",
+                 "max_val_samples"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
@@ -139,10 +139,11 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     mode, config, pretrained_state = resolve_defaults(args)
+    loop = TrainConfig.from_args(args)  # (checks the loop's settings before anything starts)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint and not args.eval_only)
     try:
         task = Classification(args, mode, config, pretrained_state, run_dir)
-        trainer = Trainer(TrainConfig.from_args(args), accelerator, run_dir, task)
+        trainer = Trainer(loop, accelerator, run_dir, task)
         if not args.eval_only:
             trainer.fit()
             return

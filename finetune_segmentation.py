@@ -97,9 +97,8 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
         if getattr(args, key, None) is None:
             # Layer decay is a transfer-learning device: random weights train every layer at the full rate.
             setattr(args, key, 1.0 if key == "layer_decay" and args.from_scratch else value)
-    for flag in ("epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_classes",
-                 "img_size", "max_samples", "max_val_samples", "eval_every", "eval_batch_size", "slide_stride",
-                 "max_bad_steps", "log_every"):
+    for flag in ("epochs", "per_gpu_batch_size", "max_train_steps", "num_classes", "img_size", "max_samples",
+                 "max_val_samples", "eval_every", "eval_batch_size", "slide_stride"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive, got {value}")
@@ -144,10 +143,11 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     config, pretrained_state = resolve_defaults(args)
+    loop = TrainConfig.from_args(args)  # (checks the loop's settings before anything starts)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
     try:
         task = Segmentation(args, config, pretrained_state, run_dir)
-        Trainer(TrainConfig.from_args(args), accelerator, run_dir, task).fit()
+        Trainer(loop, accelerator, run_dir, task).fit()
     finally:
         accelerator.end_training()
 

@@ -128,9 +128,8 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         args.experiment_name = f"{args.model}_{args.dataset.replace('hf:', '').replace('/', '_')}"
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0
-    positive = ["epochs", "per_gpu_batch_size", "gradient_accumulation_steps", "log_every", "save_checkpoint_interval",
-                "num_vis_images", "max_bad_steps", "max_train_steps", "checkpointing_steps", "max_samples", "img_size",
-                "input_channels", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
+    positive = ["epochs", "per_gpu_batch_size", "num_vis_images", "max_train_steps", "checkpointing_steps", "max_samples",
+                "img_size", "input_channels", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
                 "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "encoder_mlp_ratio", "decoder_mlp_ratio"]
     for flag in positive:
         value = getattr(args, flag)
@@ -175,12 +174,13 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = resolve_defaults(args)
+    loop = TrainConfig.from_args(args)  # (checks the loop's settings before anything starts)
     # (the seed it sets is the model init's; data order, augmentation and masks have their own seeds)
     run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_args(args, run_dir)
     try:
-        Trainer(TrainConfig.from_args(args), accelerator, run_dir, Pretraining(args, config, run_dir)).fit()
+        Trainer(loop, accelerator, run_dir, Pretraining(args, config, run_dir)).fit()
     finally:
         accelerator.end_training()
 

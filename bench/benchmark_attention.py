@@ -7,7 +7,6 @@ every patch) of a preset, and that backend's share of the model step if it were 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.benchmark_pretrain import emit_rows  # noqa: E402
 from models import mae_config  # noqa: E402
 from models.mae import visible_count  # noqa: E402
 
@@ -72,10 +72,7 @@ def main() -> None:
                    "ms_per_step_all_blocks": round(seconds * 1000 * depth, 2),
                    "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "command": " ".join(sys.argv)}
-            print(json.dumps(row))
-            if args.output:
-                with open(args.output, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+            emit_rows([row], args.output)  # (row by row: a run cut short keeps what it measured)
 
 
 if __name__ == "__main__":

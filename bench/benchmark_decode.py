@@ -18,7 +18,6 @@ Rows give images/s and the host CPU time per image (what the decode takes from t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.benchmark_pretrain import emit_rows, make_jpegs  # noqa: E402
 
 ROUTES = ("pil", "tv_cpu", "tv_cuda_loop", "tv_cuda_batched", "nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi",
           "nvimgcodec_cpu")
@@ -94,11 +94,9 @@ def as_tensor(image, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.cpu()))
 
 
-def make_jpegs(folder: Path, count: int) -> None:
-    from bench.benchmark_pretrain import make_jpegs as write
-
+def make_missing_jpegs(folder: Path, count: int) -> None:
     if not (folder / "train" / "synthetic").is_dir() or len(list((folder / "train" / "synthetic").iterdir())) < count:
-        write(folder, count)
+        make_jpegs(folder, count)
 
 
 class Route:
@@ -184,7 +182,7 @@ def main() -> None:
     device = torch.device(args.device)
     folder = Path(args.path_to_data)
     if args.make_jpegs:
-        make_jpegs(folder, args.make_jpegs)
+        make_missing_jpegs(folder, args.make_jpegs)
     files = sorted(folder.rglob("*.jpg"))
     if not files:
         sys.exit(f"error: no .jpg files under {folder}: pass --path_to_data, or --make_jpegs N to write some")
@@ -210,10 +208,7 @@ def main() -> None:
         row = {"mode": "decode", "route": name, "batch_size": args.batch_size, "size": args.size,
                "mean_kb_per_file": round(sum(map(len, encoded)) / len(encoded) / 1024, 1), **row,
                "machine": machine, "torch": torch.__version__, "command": " ".join(sys.argv)}
-        print(json.dumps(row))
-        if args.output:
-            with open(args.output, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        emit_rows([row], args.output)  # (row by row: a run cut short keeps what it measured)
 
 
 if __name__ == "__main__":

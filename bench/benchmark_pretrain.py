@@ -631,12 +631,18 @@ def main(argv=None):
         context["timm"] = timm.__version__
     for row in rows:
         row.update(context)
+    emit_rows(rows, args.output)
+    return rows
+
+
+def emit_rows(rows: list[dict], output: str | None) -> None:
+    """Print result rows as JSON lines and append them to ``output`` (--output) if given."""
+    for row in rows:
         print(json.dumps(row))
-    if args.output:
-        with open(args.output, "a") as handle:
+    if output:
+        with open(output, "a") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    return rows
 
 
 if __name__ == "__main__":

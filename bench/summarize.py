@@ -93,14 +93,19 @@ def pipeline_table(rows: list[dict], commands: list[str]) -> list[str]:
     return lines
 
 
+def command_number(commands: list[str], command: str) -> int:
+    """The command's number in the page's command list (added on first use), for a row's [n] link."""
+    if command not in commands:
+        commands.append(command)
+    return commands.index(command) + 1
+
+
 def decode_table(rows: list[dict], commands: list[str]) -> list[str]:
     lines = ["| machine | route | batch | KB per file | img/s | CPU ms per image | cmd |", "|" + "---|" * 7]
     for row in rows:
-        if row["command"] not in commands:
-            commands.append(row["command"])
         lines.append(f"| {row['device_name']}, torch {row['torch']} | {row['route']} | {row['batch_size']} | "
                      f"{row['mean_kb_per_file']} | {row['images_per_sec']} | {row['cpu_ms_per_image']} | "
-                     f"[{commands.index(row['command']) + 1}] |")
+                     f"[{command_number(commands, row['command'])}] |")
     return lines
 
 
@@ -108,11 +113,9 @@ def attention_table(rows: list[dict], commands: list[str]) -> list[str]:
     lines = ["| machine | model | part | (batch, heads, tokens, head dim) | backend | ms per call | ms per step (all blocks) "
              "| cmd |", "|" + "---|" * 8]
     for row in rows:
-        if row["command"] not in commands:
-            commands.append(row["command"])
         lines.append(f"| {row['device_name']}, torch {row['torch']} | {row['model']} | {row['part']} | "
                      f"{tuple(row['shape'])} | {row['backend']} | {row['ms_per_call']} | {row['ms_per_step_all_blocks']} | "
-                     f"[{commands.index(row['command']) + 1}] |")
+                     f"[{command_number(commands, row['command'])}] |")
     return lines
 
 
@@ -136,10 +139,8 @@ def memory_table(rows: list[dict], commands: list[str]) -> list[str]:
 def optimizer_table(rows: list[dict], commands: list[str]) -> list[str]:
     lines = ["| machine | model | parameters | AdamW | step ms | cmd |", "|" + "---|" * 6]
     for row in rows:
-        if row["command"] not in commands:
-            commands.append(row["command"])
         lines.append(f"| {machine(row)} | {row['model']} | {row['parameters'] / 1e6:.0f}M | {row['impl']} | "
-                     f"{row['step_time_ms']} | [{commands.index(row['command']) + 1}] |")
+                     f"{row['step_time_ms']} | [{command_number(commands, row['command'])}] |")
     return lines
 
 

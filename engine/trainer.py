@@ -55,7 +55,7 @@ class Task:
         raise NotImplementedError
 
     def batch_images(self, batch: dict) -> int:
-        return batch["pixel_values"].shape[0]
+        return images_in(batch)
 
     def after_step(self, model) -> None:
         """After every optimizer step, a skipped one included (an EMA update)."""
@@ -85,6 +85,10 @@ class Task:
 
     def finish(self, model, step: int, result: dict) -> None:
         """After the final weights are written: results files, pictures, the Hub push."""
+
+
+def images_in(batch: dict) -> int:
+    return batch["pixel_values"].shape[0]
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class StepOutput:
 
 
 def train_step(accelerator, model, optimizer, micro_batches, loss_fn, accumulation: int, max_grad_norm: float,
-               last_batch: dict | None = None, count_images=lambda batch: batch["pixel_values"].shape[0]):
+               last_batch: dict | None = None, count_images=images_in):
     """One optimizer step as every script takes it (and the benchmark times it): ``accumulation`` micro-batches, the
     gradient all-reduced on the last one only, ``loss_fn(model, batch) -> (loss, terms)``, then the guarded optimizer
     step (clipping, a non-finite step skipped on the device). Returns the step's output and its last readable batch."""
