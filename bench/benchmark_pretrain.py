@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
 import statistics
@@ -37,7 +38,7 @@ from engine.step import apply_speed_options  # noqa: E402
 from engine.trainer import train_step  # noqa: E402
 from models import MAE_PRESETS, MaskedAutoencoder, VisionTransformer, encoder_config, mae_config  # noqa: E402
 from models.mae import visible_count  # noqa: E402
-from models.vit import Block  # noqa: E402
+from models.vit import Block, PatchEmbed  # noqa: E402
 from pipeline.device_decode import decodes_on_device  # noqa: E402
 
 # Dense peak FLOP/s per device and precision (vendor datasheets, without sparsity). fp32 means plain fp32 matmuls
@@ -544,6 +545,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile: ours by regions as --compile does, 🤗's whole model.")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute block activations in backward.")
+    parser.add_argument("--patch_embed", default="conv", choices=["conv", "linear"],
+                        help="Our patch embedding as the strided convolution, or as one matmul on the unfolded patches.")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for --compile, e.g. max_autotune=True.")
     parser.add_argument("--norm_pix_loss", action="store_true", help="Time with the per-patch normalised target.")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
@@ -590,6 +595,26 @@ def parse_args(argv=None):
     return args
 
 
+def linear_patch_embed(self, images: torch.Tensor) -> torch.Tensor:
+    """PatchEmbed's convolution (kernel = stride = patch) as one matmul on the unfolded patches, same weights."""
+    batch, chans, height, width = images.shape
+    p = self.patch_size
+    patches = images.reshape(batch, chans, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+    weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+    return F.linear(patches.reshape(batch, (height // p) * (width // p), -1), weight, self.proj.bias)
+
+
+def apply_variants(args) -> None:
+    """The step variants under test: --patch_embed linear, --inductor KEY=VALUE settings."""
+    if args.patch_embed == "linear":
+        PatchEmbed.forward = linear_patch_embed
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        import torch._inductor.config as inductor_config
+
+        setattr(inductor_config, key, ast.literal_eval(value))
+
+
 def build_accelerator(args):
     """The process's Accelerator with --precision (a fresh one: main() may run several times in one process)."""
     from accelerate import Accelerator
@@ -605,6 +630,7 @@ def main(argv=None):
     device = torch.device(args.device)
     args.accelerator = build_accelerator(args)
     set_gpu_math(device, args.tf32)  # as the scripts set it
+    apply_variants(args)
     config = mae_config(args.model, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
     if args.mode in ("data", "both") and args.dataset == "fashion_mnist":
         config["in_chans"] = 1
@@ -625,6 +651,8 @@ def main(argv=None):
     context = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "transformers": transformers.__version__,
                "command": "python " + " ".join(sys.argv)}
+    if args.patch_embed != "conv" or args.inductor:
+        context.update(patch_embed=args.patch_embed, inductor=" ".join(args.inductor))
     if args.mode == "finetune":
         import timm
 

@@ -2,7 +2,8 @@
 # The GPU measurements, each step with its own time limit so one failure leaves the others' rows; STEPS picks some
 # (default: all). Wall times on one H100/H200: steps 1-6 about 7 minutes together; 16 14 15 18 19 17 about 5 (16: the
 # compiled step's profile, 14: JPEG decode routes, 15: attention backends, 18: the tiny preset, 19: the pixel cache,
-# 17: micro-batch 512); 12 about 1.5; 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4.
+# 17: micro-batch 512); 20 about 1.5; 21 over 5 (GEMM autotuning; cuBLAS won every shape it printed); 12 about 1.5;
+# 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4.
 #   OUT=bench/gpu_out STEPS="16 14 15 18 19 17" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # Step 14's nvImageCodec rows need the nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels installed (they skip without).
@@ -15,7 +16,7 @@ BENCH=(python bench/benchmark_pretrain.py --output "$OUT/results.jsonl")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, torchvision, transformers, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19} "
+STEPS=" ${STEPS:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "${BENCH[@]}" "$@" 2>&1 | grep -v Warning | tail -40; }
 # 1. ViT-B/16 pretraining step, bf16, ours vs 🤗 ViTMAEForPreTraining, eager: images/s, MFU, ratio
@@ -68,6 +69,7 @@ fi
 # device-side finite-loss check), compiled ViT-B, bf16, micro-batch 256, from the JPEGs (default --decode auto) and
 # from the pixel cache (needs step 9's cache); the first 10 steps' row includes compilation
 if step 10; then
+    [ -d /tmp/jpegs/train ] || timeout 60 python -c "from pathlib import Path; from bench.benchmark_pretrain import make_jpegs; make_jpegs(Path('/tmp/jpegs'), 3000)"
     for data in /tmp/jpegs /tmp/jpegs_cache; do
         [ -d "$data" ] || continue
         echo "== pretrain_mae.py on $data"
@@ -121,4 +123,11 @@ if step 19; then
 fi
 # 17. a larger micro-batch: ViT-B compiled at 512, ours against 🤗
 step 17 && run 130 --model mae_vit_base_patch16 --batch_size 512 --precision bf16 --steps 10 --rounds 3 --compile
+# 20. the compiled ViT-B step with the patch embedding as one matmul on the unfolded patches (the convolution's
+# weight-gradient kernel was 3% of the step)
+step 20 && run 150 --model mae_vit_base_patch16 --impl ours --batch_size 256 --precision bf16 --steps 10 --rounds 3 \
+    --compile --patch_embed linear
+# 21. the same with Inductor's GEMM autotuning: Triton matmul templates may take the bias and GELU into their epilogue
+step 21 && run 330 --model mae_vit_base_patch16 --impl ours --batch_size 256 --precision bf16 --steps 10 --rounds 3 \
+    --compile --patch_embed linear --inductor max_autotune=True
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

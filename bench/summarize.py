@@ -20,6 +20,10 @@ def machine(row: dict) -> str:
 def row_note(row: dict) -> str:
     """The row's own note, and a fine-tuning row's drop path and classes where they differ from the caption's."""
     notes = [row["note"]] if row.get("note") else []
+    if row.get("patch_embed", "conv") != "conv":
+        notes.append("patch embedding as one matmul on the unfolded patches")
+    if row.get("inductor"):
+        notes.append(f"Inductor {row['inductor']}")
     if row.get("mode") == "finetune" and (row.get("drop_path", 0.1), row.get("num_classes", 1000)) != (0.1, 1000):
         notes.append(f"drop path {row.get('drop_path')}, {row.get('num_classes')} classes")
     return "; ".join(notes)
@@ -144,6 +148,17 @@ def optimizer_table(rows: list[dict], commands: list[str]) -> list[str]:
     return lines
 
 
+def script_table(rows: list[dict], commands: list[str]) -> list[str]:
+    lines = ["| machine | script | model | batch | precision | compiled | data | img/s (median window) | windows | cmd |",
+             "|" + "---|" * 10]
+    for row in rows:
+        lines.append(f"| {machine(row)} | {row['script']} | {row['model']} | {row['batch_size']} | {row['precision']} | "
+                     f"{'yes' if row['compile'] else 'no'} | {row['data']} | {row['images_per_sec']:,.0f} | "
+                     f"{', '.join(f'{r:,.0f}' for r in row['images_per_sec_windows'])} | "
+                     f"[{command_number(commands, row['command'])}] |")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", default=["bench/results.jsonl"], help="JSON-lines files of result rows.")
@@ -183,6 +198,10 @@ def main(argv=None) -> None:
             "epoch; earlier rows ran epoch by epoch, which on a set with fewer batches per epoch than workers keeps "
             "workers idle (the two x86_64 rows with 1 batch per epoch show the size of it).", "",
             *pipeline_table([r for r in rows if r.get("mode") in ("data", "both")], commands), "",
+            "## The training script end to end", "",
+            "The images/s the script's own metrics.jsonl reports per logging window (loader, step, logging and the "
+            "finite-loss check together), after the window that includes compilation.", "",
+            *script_table([r for r in rows if r.get("mode") == "script"], commands), "",
             "## JPEG decoding routes", "",
             "`bench/benchmark_decode.py`: 500x375 quality-90 JPEGs to 224x224 random-resized crops (uint8, stacked), "
             "batches of 256 after one warm-up batch. The CPU routes run on one thread (a loader worker's rate); the "

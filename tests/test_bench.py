@@ -27,6 +27,15 @@ def test_flops_per_image_equal_pytorchs_count(name, ratio):
     assert bench.mae_flops_per_image(config, ratio) == counter.get_total_flops() // 2
 
 
+def test_linear_patch_embedding_equals_the_convolution():
+    from models.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(32, 8, 3, 24)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(bench.linear_patch_embed(embed, images), embed(images), rtol=1e-5, atol=1e-5)
+
+
 def test_model_mode_times_ours_and_transformers_on_the_same_config():
     rows = bench.main(["--batch_size", "8", "--steps", "1", "--rounds", "2", "--warmup_steps", "1",
                        "--peak_tflops", "1.0", "--device", "cpu"])
