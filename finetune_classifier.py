@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     mode, config, pretrained_state = resolve_defaults(args)
     loop = TrainConfig.from_args(args)  # (checks the loop's settings before anything starts)
-    run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint and not args.eval_only)
+    run_dir, accelerator, args = start_run(args, fresh_start=not args.resume_from_checkpoint and not args.eval_only)
     try:
         task = Classification(args, mode, config, pretrained_state, run_dir)
         trainer = Trainer(loop, accelerator, run_dir, task)

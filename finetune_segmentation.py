@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config, pretrained_state = resolve_defaults(args)
     loop = TrainConfig.from_args(args)  # (checks the loop's settings before anything starts)
-    run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
+    run_dir, accelerator, args = start_run(args, fresh_start=not args.resume_from_checkpoint)
     try:
         task = Segmentation(args, config, pretrained_state, run_dir)
         Trainer(loop, accelerator, run_dir, task).fit()

@@ -21,7 +21,6 @@ from tasks.pretraining import Pretraining
 from utils.config import HelpFormatter, apply_recipe, parse_with_config
 from utils.errors import UserError, run_cli
 
-
 SMALL_DATASETS = ("fashion_mnist", "synthetic")  # their defaults: recipes/defaults/pretrain_builtin.yaml
 # The "improved MAE" recipe (weights chosen here: the Laplacian term at about the pixel loss's scale on
 # normalised pixels, the uniformity term small enough not to dominate early training).
@@ -176,7 +175,7 @@ def main(argv=None) -> None:
     config = resolve_defaults(args)
     loop = TrainConfig.from_args(args)  # (checks the loop's settings before anything starts)
     # (the seed it sets is the model init's; data order, augmentation and masks have their own seeds)
-    run_dir, accelerator = start_run(args, fresh_start=not args.resume_from_checkpoint)
+    run_dir, accelerator, args = start_run(args, fresh_start=not args.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_args(args, run_dir)
     try:

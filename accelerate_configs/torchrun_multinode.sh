@@ -41,7 +41,6 @@ torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --node_rank "$NODE
     --per_gpu_batch_size "$PER_GPU_BATCH_SIZE" \
     --base_learning_rate 1.5e-4 \
     --weight_decay 0.05 \
-    --max_grad_norm 1.0 \
     --encoder_embed_dim 768 \
     --encoder_depth 12 \
     --encoder_num_heads 12 \

@@ -147,21 +147,45 @@ def resolve_checkpoint(resume_from: str, checkpoint_root: Path) -> Path | None:
     return path
 
 
-def keep_global_batch(args, num_processes: int, checkpoint_root: Path) -> None:
-    """A run resumed on another number of processes (a job requeued on fewer or more GPUs) splits the checkpoint's
-    global batch over the processes it has, changing ``args.per_gpu_batch_size``: the optimizer steps keep their
-    images and learning rate, and the epoch continues with the same samples in the same order. Tar shards also
-    need the checkpoint's layout (``args.shard_resume``, for ShardStepSampler). Call it before the loader is built."""
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root) if args.resume_from_checkpoint else None
+def agreed_checkpoint(accelerator, resume_from: str | None, checkpoint_root: Path) -> Path | None:
+    """:func:`resolve_checkpoint` on the main process only (it hashes the files and sets damaged ones aside), its
+    answer, or its one-line error, sent to every other process."""
+    if not resume_from:
+        return None
+    if accelerator.num_processes == 1:
+        return resolve_checkpoint(resume_from, checkpoint_root)
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = resolve_checkpoint(resume_from, checkpoint_root)
+            answer = [str(found) if found else None, None]
+        except UserError as error:
+            answer = [None, str(error)]
+    found, error = broadcast_object_list(answer)
+    if error:
+        raise UserError(error)
+    return Path(found) if found else None
+
+
+def resumed_layout(args, num_processes: int, checkpoint: Path | None) -> dict:
+    """The settings a resume changes. On another number of processes (a job requeued on fewer or more GPUs) the
+    checkpoint's global batch is split over the processes this run has (``per_gpu_batch_size``): the optimizer steps
+    keep their images and learning rate, and the epoch continues with the same samples in the same order. Tar shards
+    also need the checkpoint's layout (``shard_resume``, for ShardStepSampler). Empty for a fresh start."""
     if checkpoint is None:
-        return
+        return {}
     saved = json.loads((checkpoint / TRAINER_STATE).read_text())
     before = saved.get("num_processes", num_processes)
-    if getattr(args, "dataset", None) == "shards" and ("shard_layout" in saved or before != num_processes):
-        args.shard_resume = {"steps_per_epoch": saved["steps_per_epoch"],
-                             "shard_layout": saved.get("shard_layout", [saved["step"] // saved["steps_per_epoch"], before])}
+    shards = getattr(args, "dataset", None) == "shards"
+    layout = {}
+    if shards and ("shard_layout" in saved or before != num_processes):
+        epoch = saved["step"] // saved["steps_per_epoch"]
+        layout["shard_resume"] = {"steps_per_epoch": saved["steps_per_epoch"],
+                                  "shard_layout": saved.get("shard_layout", [epoch, before])}
     if before == num_processes:
-        return
+        return layout
     per_process, rest = divmod(saved["global_batch"], num_processes)
     if rest or per_process % args.gradient_accumulation_steps:
         raise UserError(f"checkpoint {checkpoint} has a global batch of {saved['global_batch']}, which {num_processes} "
@@ -171,8 +195,8 @@ def keep_global_batch(args, num_processes: int, checkpoint_root: Path) -> None:
                    "per step (--per_gpu_batch_size %d), so every step keeps the global batch of %d and the epoch "
                    "continues with the same samples in the same order%s", checkpoint, before, num_processes,
                    per_process, args.per_gpu_batch_size, saved["global_batch"],
-                   "; tar shards are split anew from the next epoch" if getattr(args, "dataset", None) == "shards" else "")
-    args.per_gpu_batch_size = per_process
+                   "; tar shards are split anew from the next epoch" if shards else "")
+    return {**layout, "per_gpu_batch_size": per_process}
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:
@@ -215,7 +239,7 @@ def resume_from(accelerator, checkpoint: Path, checkpoint_root: Path, steps_per_
     """Load ``checkpoint`` into the prepared objects and return its trainer state. The data must cut into the
     same optimizer steps as when it was written; checkpoints newer than it are set aside (see set_aside_newer)."""
     saved = load_checkpoint(accelerator, checkpoint)
-    saved.pop("num_processes", None)  # the run's own count goes into its next checkpoints (see keep_global_batch)
+    saved.pop("num_processes", None)  # the run's own count goes into its next checkpoints (see resumed_layout)
     if saved["steps_per_epoch"] != steps_per_epoch or saved["global_batch"] != global_batch:
         raise UserError(f"checkpoint {checkpoint} was written with {saved['steps_per_epoch']} steps per epoch of "
                         f"{saved['global_batch']} images, this run has {steps_per_epoch} of {global_batch}: "

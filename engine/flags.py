@@ -6,7 +6,6 @@ import argparse
 from utils.hub import add_hub_args
 
 
-
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Flags with the same meaning in every script (run folder, batch, schedule, precision, logging)."""
     run = parser.add_argument_group("run")
@@ -59,6 +58,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                      help="Experiment tracker (metrics.jsonl is always written).")
     run.add_argument("--log_wandb", action="store_true", help="Shorthand for --log_with wandb.")
     run.add_argument("--wandb_project", type=str, default="mae-accelerate", help="wandb project name.")
+    run.add_argument("--wandb_entity", type=str, default=None, help="wandb team or user (default: your default entity).")
     add_hub_args(parser)
 
 

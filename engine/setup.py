@@ -11,11 +11,11 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, ProjectConfiguration
 
-from utils.config import save_config
+from utils.config import Settings, freeze, save_config
 from utils.errors import UserError
 from utils.hub import check_hub_args
 
-from .checkpoint import complete_checkpoints, keep_global_batch
+from .checkpoint import agreed_checkpoint, complete_checkpoints, resumed_layout
 from .preemption import PREEMPTED_MARKER
 
 
@@ -38,6 +38,9 @@ def default_num_workers(device: torch.device) -> int:
         return 0
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(32, available_cores() // local_processes - 1))
+
+
+WANDB_ID = "wandb_run_id.txt"
 
 
 @dataclass
@@ -114,17 +117,34 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(int(os.environ.get("MAE_CPU_THREADS", max(1, available_cores() // local_processes))))
     if trackers:
-        init_kwargs = {"wandb": {"name": args.wandb_run_name or args.experiment_name, "dir": str(run_dir.root)}}
+        init_kwargs = {}
+        if "wandb" in trackers and accelerator.is_main_process:
+            init_kwargs["wandb"] = {"name": args.wandb_run_name or args.experiment_name, "dir": str(run_dir.root),
+                                    "entity": args.wandb_entity, "id": wandb_run_id(run_dir), "resume": "allow"}
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.wandb_project if "wandb" in trackers else args.experiment_name,
                                   config=config, init_kwargs=init_kwargs)
     return accelerator
 
 
-def save_args(args, run_dir: RunDir) -> None:
-    """args.json (every argument, defaults filled in) and config.yaml (the flags, for ``--config``)."""
+def wandb_run_id(run_dir: RunDir) -> str:
+    """The run folder's wandb run id, made on its first start: a resumed or requeued run continues the same run."""
+    path = run_dir.root / WANDB_ID
+    if path.exists():
+        return path.read_text().strip()
+    import uuid
+
     run_dir.root.mkdir(parents=True, exist_ok=True)
-    (run_dir.root / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def save_args(args, run_dir: RunDir, **resolved) -> None:
+    """args.json (every argument, defaults and ``resolved`` values filled in) and config.yaml (the flags, for
+    ``--config``)."""
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    (run_dir.root / "args.json").write_text(json.dumps({**vars(args), **resolved}, indent=2, default=str))
     save_config(args, run_dir.root)
 
 
@@ -161,9 +181,10 @@ def warn_if_fsdp_fell_back(accelerator) -> None:
             "each process holding the whole model and its optimizer state", accelerator.device.type, ran)
 
 
-def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
+def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator, Settings]:
     """What every script does once its arguments are resolved: the run folder (a fresh start refuses to mix with an
-    earlier run's checkpoints), the Accelerator, logging, the loader workers and the seed."""
+    earlier run's checkpoints), the Accelerator, logging and the seed. Returns the run's settings with the loader
+    workers and a resume's batch layout filled in, read-only from here on."""
     from accelerate.utils import set_seed
 
     run_dir = RunDir(Path(args.working_directory) / args.experiment_name)
@@ -175,11 +196,11 @@ def start_run(args, fresh_start: bool) -> tuple[RunDir, Accelerator]:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
     warn_if_precision_is_emulated(accelerator)
     warn_if_fsdp_fell_back(accelerator)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(accelerator.device)
+    resolved = {"num_workers": default_num_workers(accelerator.device)} if args.num_workers is None else {}
     if args.resume_from_checkpoint:
-        keep_global_batch(args, accelerator.num_processes, run_dir.checkpoints)  # before args.json is written
+        checkpoint = agreed_checkpoint(accelerator, args.resume_from_checkpoint, run_dir.checkpoints)
+        resolved.update(resumed_layout(args, accelerator.num_processes, checkpoint))
         if accelerator.is_main_process and not getattr(args, "eval_only", False):  # "requeue me", until it restarts
             (run_dir.checkpoints / PREEMPTED_MARKER).unlink(missing_ok=True)
     set_seed(args.seed)
-    return run_dir, accelerator
+    return run_dir, accelerator, freeze(args, **resolved)

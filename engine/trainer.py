@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from pipeline.loading import DeviceBatches
 from utils.errors import UserError
 
-from .checkpoint import resolve_checkpoint, resume_from, save_checkpoint
+from .checkpoint import agreed_checkpoint, resume_from, save_checkpoint
 from .preemption import StopSignal
 from .records import MetricsLog, Throughput, save_final_weights
 from .schedule import set_learning_rate
@@ -177,7 +177,7 @@ class Trainer:
                  "num_processes": accelerator.num_processes, "loss_sum": 0.0, "loss_steps": 0, "term_sums": {},
                  "skipped_images": 0, "bad_steps_in_a_row": 0}
         resume = config.resume_from_checkpoint
-        checkpoint = resolve_checkpoint(resume, self.run_dir.checkpoints) if resume else None
+        checkpoint = agreed_checkpoint(accelerator, resume, self.run_dir.checkpoints)
         if checkpoint is not None:
             state.update(resume_from(accelerator, checkpoint, self.run_dir.checkpoints, self.steps_per_epoch,
                                      sampler.global_batch, set_aside=not config.eval_only))

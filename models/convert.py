@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .pos_embed import sincos_pos_embed_2d
+from .presets import MAE_PRESETS
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Heads of the official/timm ViTs by width: shapes do not tell the head count, the released sizes do.
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-DECODER_HEADS_BY_WIDTH = {512: 16}
+HEADS_BY_WIDTH = {preset["embed_dim"]: preset["num_heads"] for preset in MAE_PRESETS.values()}
+DECODER_HEADS_BY_WIDTH = {preset["decoder_embed_dim"]: preset["decoder_num_heads"] for preset in MAE_PRESETS.values()}
 
 # transformers block parameter names (4.x and 5.x spellings) -> this project's
 HF_BLOCK_NAMES = {

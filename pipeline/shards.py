@@ -238,7 +238,7 @@ class ShardStepSampler(StepSampler):
 def build_step_sampler(dataset, per_process_batch: int, accumulation_steps: int, num_processes: int, rank: int,
                        seed: int, resume: dict | None = None) -> StepSampler:
     """The training sampler for ``dataset``: ShardStepSampler for tar shards (each process reads its own; ``resume``:
-    the checkpoint's trainer state, see keep_global_batch), StepBatchSampler (a global permutation) otherwise."""
+    the checkpoint's trainer state, see resumed_layout), StepBatchSampler (a global permutation) otherwise."""
     if isinstance(dataset, TarShardDataset):
         return ShardStepSampler(dataset.shard_ranges, per_process_batch, accumulation_steps, num_processes, rank, seed,
                                 resume)

@@ -3,6 +3,7 @@ explicit generator; normalisation happens on the device (:class:`Normalize`)."""
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -12,7 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -97,18 +98,60 @@ class DeferredCrop:
     crop: torch.Tensor
 
 
+class TimmRandAugment:
+    """timm's RandAugment from a policy string (``rand-m9-mstd0.5-inc1``: the MAE fine-tuning recipe's) on a uint8
+    (C, H, W) image, with the global Python and NumPy RNGs that timm draws from seeded from the sample's generator
+    (and put back after), so the view is a function of (seed, epoch, index)."""
+
+    def __init__(self, policy: str, img_size: int, mean: Sequence[float]):
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                       interpolation=str_to_pil_interp("bicubic"))  # as timm's create_transform sets them
+        self.op = rand_augment_transform(policy, hparams)
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            augmented = self.op(TF.to_pil_image(image))
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        return TF.pil_to_tensor(augmented)
+
+
+def timm_rand_augment(policy: str, img_size: int, mean: Sequence[float]) -> TimmRandAugment:
+    """:class:`TimmRandAugment`, or a one-line error for a policy string timm cannot read."""
+    if not policy.startswith("rand"):
+        raise UserError(f"--auto_augment {policy}: only timm's RandAugment policies (rand-...) are supported, "
+                        "e.g. rand-m9-mstd0.5-inc1")
+    try:
+        return TimmRandAugment(policy, img_size, mean)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        raise UserError(f"--auto_augment {policy}: timm cannot read this policy ({error or type(error).__name__}); "
+                        "e.g. rand-m9-mstd0.5-inc1") from None
+
+
 class ClassifierTrainTransform(RandomResizedCropFlip):
-    """Fine-tuning augmentation: RandomResizedCrop + flip, then torchvision's RandAugment (``num_ops`` ops of
-    ``magnitude``) under a forked global RNG seeded from the sample's generator, so the view is a function of
-    (seed, epoch, index) whatever the process layout.
+    """Fine-tuning augmentation: RandomResizedCrop + flip, then timm's RandAugment (``auto_augment``: a
+    :class:`TimmRandAugment`) or torchvision's (``num_ops`` ops of ``magnitude``, under a forked global RNG seeded
+    from the sample's generator), so the view is a function of (seed, epoch, index) whatever the process layout.
     """
 
-    def __init__(self, img_size: int, min_scale: float = 0.08, randaug_magnitude: int = 0, randaug_ops: int = 2):
+    def __init__(self, img_size: int, min_scale: float = 0.08, randaug_magnitude: int = 0, randaug_ops: int = 2,
+                 auto_augment: TimmRandAugment | None = None):
         super().__init__(img_size, scale=(min_scale, 1.0))
         self.randaug = v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude) if randaug_magnitude > 0 else None
+        self.auto_augment = auto_augment
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         image = super().__call__(image, generator)
+        if self.auto_augment is not None:
+            return self.auto_augment(image, generator)
         if self.randaug is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))

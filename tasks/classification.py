@@ -150,12 +150,12 @@ class Classification(Task):
             train_base, train_samples = image_samples(args, "train", train=mode == "finetune" or not args.cache_features,
                                                       max_samples=args.max_samples)
             val_base, val_samples = image_samples(args, "val", train=False, max_samples=args.max_val_samples)
-        args.num_classes = check_classes(args, train_base, val_base)
+        self.num_classes = num_classes = check_classes(args, train_base, val_base)
         if accelerator.is_main_process and not args.eval_only:
-            save_args(args, self.run_dir)
+            save_args(args, self.run_dir, num_classes=num_classes)
         self.accelerator = accelerator
         self.normalize = normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
-        model = build_classifier(mode, self.config, args.num_classes, args)
+        model = build_classifier(mode, self.config, num_classes, args)
         if self.pretrained_state is not None:
             report = load_pretrained(model, self.pretrained_state)
             if accelerator.is_main_process:  # every key: loaded, newly initialised, not used
@@ -189,7 +189,7 @@ class Classification(Task):
 
             self.mixup = Mixup(mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, prob=args.mixup_prob,
                                switch_prob=args.mixup_switch_prob, label_smoothing=args.label_smoothing,
-                               num_classes=args.num_classes)
+                               num_classes=num_classes)
         if mode == "finetune" and args.random_erasing > 0:
             from timm.data.random_erasing import RandomErasing
 
@@ -208,7 +208,7 @@ class Classification(Task):
     def started(self) -> None:
         trainer = self.trainer
         logger.info("%s: %d training samples, %d classes, %d steps/epoch, %d steps, global batch %d, peak lr %.3g%s",
-                    self.mode, len(self.train_samples), self.args.num_classes, trainer.steps_per_epoch,
+                    self.mode, len(self.train_samples), self.num_classes, trainer.steps_per_epoch,
                     trainer.total_steps, trainer.sampler.global_batch, self.peak_lr,
                     " (cached features)" if self.cached else "")
 
@@ -267,17 +267,18 @@ class Classification(Task):
         return self.model
 
     def finish(self, trained, step: int, result: dict) -> None:
-        summary = write_results(self.run_dir, self.args, result, self.best, self.accelerator)
+        settings = {**vars(self.args), "num_classes": self.num_classes}
+        summary = write_results(self.run_dir, settings, result, self.best, self.accelerator)
         push_run(self.accelerator, self.args, self.run_dir.root, "classification", summary or {})
 
 
-def write_results(run_dir: RunDir, args, result: dict, state: dict, accelerator) -> dict | None:
+def write_results(run_dir: RunDir, settings: dict, result: dict, state: dict, accelerator) -> dict | None:
     if not accelerator.is_main_process:
         return None
     best_top1 = max(state["best_top1"], result["top1"])
     summary = {"top1": result["top1"], "top5": result["top5"], "best_top1": best_top1,
                "best_top5": max(state.get("best_top5", 0.0), result["top5"]),
-               **{k: v for k, v in result.items() if k.startswith("ema_")}, "args": vars(args)}
+               **{k: v for k, v in result.items() if k.startswith("ema_")}, "args": settings}
     (run_dir.root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     logger.info("results: top-1 %.2f%% (best %.2f%%), top-5 %.2f%%; written to %s", summary["top1"], best_top1,
                 summary["top5"], run_dir.root / "results.json")

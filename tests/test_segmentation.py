@@ -2,14 +2,13 @@
 import json
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import read_metrics, run_script, sigterm_script
+from conftest import free_port, read_metrics, run_script, sigterm_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -160,10 +159,7 @@ def _metric_worker(rank, world, port, result_file):
 
 @pytest.mark.slow
 def test_miou_is_summed_over_processes(tmp_path):
-    with socket.socket() as probe:  # a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_metric_worker, args=(2, port, str(tmp_path / "result.json")), nprocs=2)
+    mp.spawn(_metric_worker, args=(2, free_port(), str(tmp_path / "result.json")), nprocs=2)
     generator = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (7, 8, 8), generator=generator)
     prediction = torch.randint(0, 4, (7, 8, 8), generator=generator)

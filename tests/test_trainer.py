@@ -128,6 +128,19 @@ def test_a_preempted_run_resumes_to_the_same_weights_and_rows(tmp_path):
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000005", "step_00000008", "step_00000016"]
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
+    _, whole_rows, whole, _ = fit(tmp_path, "whole")
+    fit(tmp_path, "stopped", stop_after=5, checkpointing_steps=2)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000004", "step_00000005"]
+    weights = next((checkpoints / "step_00000005").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short on disk after it was completed
+    code, rows, again, _ = fit(tmp_path, "stopped", resume_from_checkpoint="auto", checkpointing_steps=2)
+    assert code == 0 and (checkpoints / "damaged" / "step_00000005").is_dir()
+    assert [row["step"] for row in rows] == [*range(1, 5), *range(5, 17)]  # steps 5 onwards again, from step 4
+    assert rows[4:] == whole_rows[4:] and all(torch.equal(whole[key], again[key]) for key in whole)
+
+
 def test_accumulation_equals_one_big_batch(tmp_path):
     _, rows, whole, _ = fit(tmp_path, "one")
     _, accumulated_rows, accumulated, _ = fit(tmp_path, "two", gradient_accumulation_steps=2)

@@ -28,6 +28,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class Settings(argparse.Namespace):
+    """A run's resolved flags, read-only: made by :func:`freeze` once every default is filled in."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{name}: a run's settings are fixed once resolved (set it before freeze())")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{name}: a run's settings are fixed once resolved")
+
+
+def freeze(args: argparse.Namespace, **resolved) -> Settings:
+    """``args`` with ``resolved`` values added, as :class:`Settings` that no later code can change."""
+    settings = Settings.__new__(Settings)
+    settings.__dict__.update({**vars(args), **resolved})
+    return settings
+
+
 def recipe_path(name: str) -> Path:
     """A file path, or the name of a file in recipes/ (with or without .yaml)."""
     path = Path(name).expanduser()
