@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from models import MaskedAutoencoder, VisionTransformer
-from models.convert import read_checkpoint, to_timm, to_transformers
+from models.convert import read_checkpoint, to_timm, to_transformers, transformers_preprocessor
 from models.pretrained import load_pretrained
 from utils.errors import run_cli
 
@@ -62,10 +62,9 @@ def main(argv=None) -> None:
         load_pretrained(cls, args.src, args.revision, **overrides).save_pretrained(dst)
         usage = f"{cls.__name__}.from_pretrained({str(dst)!r})"
     elif args.to == "transformers":
-        if checkpoint.num_classes:
-            logger.warning("ViTModel has no classifier head: only the encoder is written")
         hf_config, state = to_transformers(checkpoint.config, checkpoint.state)
         (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (dst / "preprocessor_config.json").write_text(json.dumps(transformers_preprocessor(checkpoint.config), indent=2))
         save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
         usage = f"transformers.{hf_config['architectures'][0]}.from_pretrained({str(dst)!r})"
     else:

@@ -19,6 +19,7 @@ from engine.flags import add_data_args, add_run_args, default_dataset
 from engine.setup import start_run
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.weights import encoder_state, read_weights
+from pipeline.transforms import timm_rand_augment
 from tasks.classification import FROZEN_MODES, Classification
 from utils.config import HelpFormatter, apply_recipe, parse_with_config
 from utils.errors import UserError, run_cli
@@ -39,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "initialised, frozen encoder, the random-features baseline).")
     mode.add_argument("--eval_only", action="store_true",
                       help="Only evaluate the model (from --resume_from_checkpoint or the pretrained weights).")
-    mode.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
-                      help="Frozen modes: compute the encoder's features of every image once (deterministic view, "
-                           "no augmentation) and train the head on them; --no-cache_features augments every epoch.")
+    mode.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=None,
+                      help="Frozen modes: train the head on features of one fixed view per image, computed once "
+                           "(default on the built-in sets; elsewhere every epoch augments, as the official probe).")
     data = add_data_args(parser, "ImageNet-layout folder (train/ and val/ or validation/, one subfolder per class); "
                                  "a 🤗 dataset (--dataset hf:...) needs image and label columns.")
     data.add_argument("--num_classes", type=int, default=None, help="Number of classes (default: from the data).")
@@ -70,8 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Layer-wise lr decay (0.75 ViT-B in the small-set recipe, 0.65 official ViT-B/L; 1 = off).")
     optim.add_argument("--max_bad_steps", type=int, default=20, help="Stop after this many non-finite steps in a row.")
     aug = parser.add_argument_group("augmentation (fine-tuning)")
-    aug.add_argument("--random_aug_magnitude", type=int, default=None, help="RandAugment magnitude (0 = off).")
-    aug.add_argument("--random_aug_ops", type=int, default=2, help="RandAugment operations per image.")
+    aug.add_argument("--auto_augment", type=str, default=None,
+                     help="timm RandAugment policy, the official rand-m9-mstd0.5-inc1 on real data ('none': off).")
+    aug.add_argument("--random_aug_magnitude", type=int, default=None,
+                     help="torchvision's RandAugment at this magnitude instead of timm's (0 = off).")
+    aug.add_argument("--random_aug_ops", type=int, default=2, help="torchvision RandAugment operations per image.")
     aug.add_argument("--mixup_alpha", type=float, default=None, help="Mixup alpha (0 = off).")
     aug.add_argument("--cutmix_alpha", type=float, default=None, help="CutMix alpha (0 = off).")
     aug.add_argument("--mixup_prob", type=float, default=1.0, help="Probability of mixing a batch at all.")
@@ -100,7 +104,14 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     small = args.dataset in SMALL_DATASETS
     if mode == "finetune" and args.from_scratch and args.layer_decay is None:
         args.layer_decay = 1.0  # a transfer-learning device: random weights train every layer at the full rate
+    if args.random_aug_magnitude is not None and args.auto_augment is None:
+        args.auto_augment = "none"  # torchvision's RandAugment, asked for by name
     apply_recipe(args, f"defaults/{mode}_builtin" if small else f"defaults/{mode}")
+    args.cache_features = bool(args.cache_features)
+    if args.auto_augment == "none":
+        args.auto_augment = None
+    if args.auto_augment and args.random_aug_magnitude:
+        raise UserError("--auto_augment and --random_aug_magnitude are two RandAugments: pass one of them")
     if mode in FROZEN_MODES:
         args.weight_decay = 0.0 if mode == "linear_probe" else (args.weight_decay or 0.0)
         args.drop_path = 0.0
@@ -114,7 +125,7 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
 
     state = None
     if args.path_to_pretrained_mae_weights and not args.from_scratch:
-        pretrained_config, weights = read_weights(args.path_to_pretrained_mae_weights)  # any format models/convert.py reads
+        pretrained_config, weights = read_weights(args.path_to_pretrained_mae_weights, args.revision)  # any format
         config = encoder_config(pretrained_config)
         state = encoder_state(weights)
     elif not args.from_scratch and not args.eval_only:
@@ -130,6 +141,8 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     if args.input_channels:
         config["in_chans"] = args.input_channels
     args.img_size, args.input_channels = config["img_size"], config["in_chans"]
+    if args.auto_augment:
+        timm_rand_augment(args.auto_augment, args.img_size, (0.5,) * args.input_channels)  # a bad policy: one line now
     if args.experiment_name is None:
         source = "scratch" if args.from_scratch else "mae"
         args.experiment_name = f"{mode}_{source}_{args.dataset.replace('hf:', '').replace('/', '_')}"

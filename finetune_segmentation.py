@@ -122,7 +122,7 @@ def resolve_defaults(args) -> tuple[dict, dict | None]:
         if small:
             config["in_chans"] = 1
     elif args.path_to_backbone_checkpoint:
-        pretrained_config, weights = read_weights(args.path_to_backbone_checkpoint)  # any format models/convert.py reads
+        pretrained_config, weights = read_weights(args.path_to_backbone_checkpoint, args.revision)  # any format
         config = encoder_config(pretrained_config)
         state = encoder_state(weights)
     else:

@@ -22,6 +22,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
 
 from engine.flags import default_dataset
 from engine.setup import available_cores
@@ -118,12 +119,12 @@ def write_split(args, split: str) -> bool:
     loader = DataLoader(Shrunk(source, args.max_size), batch_size=64, num_workers=args.num_workers,
                         collate_fn=as_list)  # in index order: the cache keeps the source's indices
     start = time.perf_counter()
-    for number, items in enumerate(loader):
-        for item in items:
-            writer.add(item)
-        if number % 200 == 199:
-            logger.info("%s: %d / %d images, %.1f GB, %.0f images/s", split, len(writer.records), len(source),
-                        writer.offset / 1e9, len(writer.records) / (time.perf_counter() - start))
+    with tqdm(total=len(loader.dataset), desc=f"cache {split}", unit="img") as bar:
+        for items in loader:
+            for item in items:
+                writer.add(item)
+            bar.update(len(items))
+            bar.set_postfix_str(f"{writer.offset / 1e9:.1f} GB", refresh=False)
     meta = writer.close(dataset_classes(source),
                         {"dataset": args.dataset, "path_to_data": args.path_to_data, "max_size": args.max_size})
     logger.info("%s: %d images (%d that did not decode kept as gaps), %.2f GB in %s, %.0f s", split, meta["images"],

@@ -19,6 +19,8 @@ import random
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from tqdm.auto import tqdm
+
 from pipeline.shards import INDEX_NAME, filesystem
 from pipeline.sources import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, ImageFolderDataset
 from utils.errors import DataError, run_cli
@@ -95,15 +97,18 @@ def write_shards(folder: Path, url: str, samples_per_shard: int, seed: int | Non
     fs.makedirs(root, exist_ok=True)
     for stale in fs.glob(f"{root.rstrip('/')}/shard-*.tar"):  # a rerun must not mix with an older, larger one
         fs.rm(stale)
+    bar = tqdm(total=len(records), desc=f"shards {url}", unit="img")
     for number, first in enumerate(range(0, len(records), samples_per_shard)):
         with fs.open(f"{root}/shard-{number:06d}.tar", "wb") as handle, tarfile.open(fileobj=handle, mode="w") as tar:
             for position, record in enumerate(records[first:first + samples_per_shard], start=first):
+                bar.update()
                 key = f"{position:09d}"
                 for name, data in ((key + record.path.suffix.lower(), record.path.read_bytes()),
                                    (key + ".cls", str(record.label).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+    bar.close()
     write_index(url, dataset.classes)
 
 

@@ -17,6 +17,7 @@ from models import MAE_PRESETS, mae_config
 from models.masking import MASK_STRATEGIES, grid_cell
 from models.pca import TARGETS
 from models.weights import read_weights
+from pipeline.transforms import channel_stats
 from tasks.pretraining import Pretraining
 from utils.config import HelpFormatter, apply_recipe, parse_with_config
 from utils.errors import UserError, run_cli
@@ -163,10 +164,12 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
         mask_strategy=args.mask_strategy,
     )
     if args.resume_from_pretrained:  # the checkpoint's sizes, then the size flags given explicitly
-        pretrained, _ = read_weights(args.resume_from_pretrained)
+        pretrained, _ = read_weights(args.resume_from_pretrained, args.revision)
         config.update({key: value for key, value in pretrained.items() if key in SIZE_KEYS})
         config.update({key: value for key, value in explicit_sizes.items() if value is not None})
     args.img_size, args.input_channels, args.patch_size = config["img_size"], config["in_chans"], config["patch_size"]
+    mean, std = channel_stats(config["in_chans"], args.dataset)
+    config.update(image_mean=list(mean), image_std=list(std))  # saved with the weights, for inference
     return config
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from pipeline.loading import DeviceBatches
 from utils.errors import UserError
+from utils.visualize import save_curves
 
 from .checkpoint import agreed_checkpoint, resume_from, save_checkpoint
 from .preemption import StopSignal
@@ -301,5 +302,7 @@ class Trainer:
             result = task.evaluate(model, step) or result
         save_final_weights(accelerator, task.final_model(model), run_dir.final)
         task.finish(model, step, result)
+        if accelerator.is_main_process:
+            save_curves(run_dir.metrics, run_dir.root / "curves.png")
         if skipped_images:
             logger.warning("%d unreadable images were skipped", skipped_images)

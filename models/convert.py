@@ -274,15 +274,30 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
 
 
 # --------------------------------------------------------------------------------------------- out of our form
+def linear_head(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A classifier's head as one linear layer: the fine-tuning head as it is, the linear probe's BatchNorm
+    (no affine, running statistics) folded into its linear layer; None for no head. An MLP head has no equivalent."""
+    if "encoder.head.weight" in state:
+        return state["encoder.head.weight"], state["encoder.head.bias"]
+    if "encoder.head.0.running_mean" in state and "encoder.head.1.weight" in state:
+        scale = (state["encoder.head.0.running_var"].float() + 1e-6).rsqrt()
+        weight, bias = state["encoder.head.1.weight"].float(), state["encoder.head.1.bias"].float()
+        return weight * scale, bias - weight @ (state["encoder.head.0.running_mean"].float() * scale)
+    if any(key.startswith("encoder.head.") for key in state):
+        raise ValueError("an MLP head has no transformers equivalent: export it to timm's format or its encoder")
+    return None
+
+
 def to_transformers(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """This project's MAE (or ViT, as ``encoder.*``) -> a transformers ``config.json`` and state dict
-    (``ViTMAEForPreTraining`` with a decoder, ``ViTModel`` without), in the 4.x key spelling that every
-    transformers version reads."""
+    """This project's MAE, classifier or encoder -> a transformers ``config.json`` and state dict
+    (``ViTMAEForPreTraining`` with a decoder, ``ViTForImageClassification`` with a head, ``ViTModel`` otherwise), in
+    the 4.x key spelling that every transformers version reads."""
     has_decoder = any(key.startswith("decoder_") for key in state)
     if "encoder.fc_norm.weight" in state or "encoder.norm.weight" not in state:
-        raise ValueError("a global-pool classifier (fc_norm after mean pooling, no final norm) has no ViTModel "
-                         "equivalent: export it to timm (--to timm), or export its pretrained encoder")
-    prefix = "vit." if has_decoder else ""
+        raise ValueError("a global-pool classifier (fc_norm after mean pooling, no final norm) has no transformers "
+                         "ViT equivalent: export it to timm (--to timm), or export its pretrained encoder")
+    head = None if has_decoder else linear_head(state)
+    prefix = "vit." if has_decoder or head is not None else ""
     grid = config["img_size"] // config["patch_size"]
     out: dict[str, torch.Tensor] = {}
     block_names = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
@@ -306,9 +321,13 @@ def to_transformers(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict,
         out[f"{prefix}embeddings.position_embeddings"] = sincos_pos_embed_2d(config["embed_dim"], (grid, grid))
     if has_decoder:
         out["decoder.decoder_pos_embed"] = sincos_pos_embed_2d(config["decoder_embed_dim"], (grid, grid))
+    if head is not None:
+        out["classifier.weight"], out["classifier.bias"] = head
+    architecture = "ViTMAEForPreTraining" if has_decoder else "ViTForImageClassification" if head is not None \
+        else "ViTModel"
     hf_config = {
         "model_type": "vit_mae" if has_decoder else "vit",
-        "architectures": ["ViTMAEForPreTraining" if has_decoder else "ViTModel"],
+        "architectures": [architecture],
         "hidden_size": config["embed_dim"], "num_hidden_layers": config["depth"],
         "num_attention_heads": config["num_heads"],
         "intermediate_size": int(config["embed_dim"] * config.get("mlp_ratio", 4.0)),
@@ -322,7 +341,21 @@ def to_transformers(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict,
                          decoder_num_attention_heads=config["decoder_num_heads"],
                          decoder_intermediate_size=int(config["decoder_embed_dim"] * config.get("decoder_mlp_ratio", 4.0)),
                          mask_ratio=config.get("mask_ratio", 0.75), norm_pix_loss=config.get("norm_pix_loss", False))
+    if head is not None:
+        names = config.get("class_names") or [str(k) for k in range(head[0].shape[0])]
+        hf_config.update(id2label=dict(enumerate(names)), label2id={name: k for k, name in enumerate(names)})
     return hf_config, {key: value.contiguous() for key, value in out.items()}
+
+
+def transformers_preprocessor(config: dict) -> dict:
+    """``preprocessor_config.json`` for a transformers export: this project's evaluation view (shorter side to
+    img_size / 0.875, bicubic, centre crop img_size), as ConvNextImageProcessor's ``crop_pct`` does it, then the
+    normalisation the weights were trained with (ImageNet's when not saved)."""
+    mean = config.get("image_mean") or ([0.485, 0.456, 0.406] if config["in_chans"] == 3 else [0.5] * config["in_chans"])
+    std = config.get("image_std") or ([0.229, 0.224, 0.225] if config["in_chans"] == 3 else [0.5] * config["in_chans"])
+    return {"image_processor_type": "ConvNextImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": config["img_size"]}, "crop_pct": 0.875, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean), "image_std": list(std)}
 
 
 def to_timm(config: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

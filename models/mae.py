@@ -77,7 +77,8 @@ class MAEOutput:
 
 
 class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
-    """MAE: ViT encoder on the visible patches, light transformer decoder, MSE on the masked patches."""
+    """MAE: ViT encoder on the visible patches, light transformer decoder, MSE on the masked patches.
+    ``image_mean`` / ``image_std``: the normalisation its inputs had in training, saved with the weights."""
 
     def __init__(
         self,
@@ -98,6 +99,8 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
         layer_norm_eps: float = 1e-6,
         learned_pos_embed: bool = False,
         mask_strategy: str = "random",
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
     ):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -115,6 +118,7 @@ class MaskedAutoencoder(nn.Module, ConvertingHubMixin):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool=False,
             custom_weight_init=custom_weight_init, learned_pos_embed=learned_pos_embed, layer_norm_eps=layer_norm_eps,
+            image_mean=image_mean, image_std=image_std,
         )
         grid_size = self.encoder.patch_embed.grid_size
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)

@@ -36,5 +36,5 @@ def mae_config(name: str, **overrides) -> dict:
 def encoder_config(mae_kwargs: dict) -> dict:
     """The ``VisionTransformer`` keyword arguments of an MAE config (the encoder half)."""
     keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "learned_pos_embed",
-            "layer_norm_eps")
+            "layer_norm_eps", "image_mean", "image_std")
     return {key: mae_kwargs[key] for key in keys if key in mae_kwargs}

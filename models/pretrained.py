@@ -52,6 +52,8 @@ def load_pretrained(cls, source: str | Path, revision: str | None = None, token:
                        if key in ("num_classes", "global_pool", "head_type") and value != config.get(key)}
         if head_change:  # a new head (and pooling) on the checkpoint's encoder
             state = {key: value for key, value in state.items() if not key.startswith("head.")}
+            if "num_classes" in head_change:
+                config.pop("class_names", None)  # the names were the old head's
             new_ok, unused_ok = ("head.", "fc_norm."), ("norm.", "fc_norm.")
             notes.append(f"{source}: new head ({', '.join(f'{k}={v}' for k, v in head_change.items())}): "
                          "the checkpoint's head is not loaded")

@@ -111,7 +111,8 @@ class SegmentationOutput:
 class ViTUperNet(nn.Module, StrictHubMixin):
     """ViT backbone (``backbone.*``, the MAE encoder's keys) + pyramid neck + UperNet head [+ auxiliary FCN head].
     ``decoder_channels`` defaults to the ViT width (768 for ViT-B); ``aux_channels=0`` drops the auxiliary head; the
-    backbone has no final norm (the features come from inside the blocks)."""
+    backbone has no final norm (the features come from inside the blocks). ``image_mean`` / ``image_std`` and
+    ``class_names`` are saved with the weights."""
 
     def __init__(
         self,
@@ -130,6 +131,9 @@ class ViTUperNet(nn.Module, StrictHubMixin):
         drop_path_rate: float = 0.0,
         learned_pos_embed: bool = False,
         layer_norm_eps: float = 1e-6,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         if patch_size % 4:
@@ -142,9 +146,12 @@ class ViTUperNet(nn.Module, StrictHubMixin):
             raise ValueError(f"out_indices must be 4 increasing block indices ending at the last block ({depth - 1}), "
                              f"got {indices}")
         self.num_classes = num_classes
+        self.image_mean, self.image_std = image_mean, image_std
+        self.class_names = list(class_names) if class_names else None
         self.backbone = VisionTransformer(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
                                           num_classes=0, global_pool=True, drop_path_rate=drop_path_rate,
-                                          learned_pos_embed=learned_pos_embed, layer_norm_eps=layer_norm_eps)
+                                          learned_pos_embed=learned_pos_embed, layer_norm_eps=layer_norm_eps,
+                                          image_mean=image_mean, image_std=image_std)
         self.backbone.fc_norm = nn.Identity()  # (global_pool=True already dropped the final norm)
         channels = decoder_channels or embed_dim
         self.neck = FeaturePyramidNeck(embed_dim)

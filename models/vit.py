@@ -174,7 +174,8 @@ def build_head(head_type: str, embed_dim: int, num_classes: int) -> nn.Module:
 class VisionTransformer(nn.Module, ConvertingHubMixin):
     """ViT with a cls token and 2-D sin-cos position embeddings (trained from there if ``learned_pos_embed``).
     ``global_pool=True``: the mean patch token + ``fc_norm`` (MAE fine-tuning), else the normalised cls token, is the
-    feature; ``num_classes=0`` gives a feature extractor; ``layer_norm_eps``: 1e-6 in MAE/timm, 1e-12 in 🤗 ViTMAE."""
+    feature; ``num_classes=0`` gives a feature extractor; ``layer_norm_eps``: 1e-6 in MAE/timm, 1e-12 in 🤗 ViTMAE.
+    ``image_mean`` / ``image_std`` (the inputs' normalisation) and ``class_names`` are saved with the weights."""
 
     def __init__(
         self,
@@ -193,6 +194,9 @@ class VisionTransformer(nn.Module, ConvertingHubMixin):
         head_type: str = "linear",
         learned_pos_embed: bool = False,
         layer_norm_eps: float = 1e-6,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         if head_type not in HEAD_TYPES:
@@ -200,6 +204,8 @@ class VisionTransformer(nn.Module, ConvertingHubMixin):
         self.embed_dim = embed_dim
         self.depth = depth
         self.global_pool = global_pool
+        self.image_mean, self.image_std = image_mean, image_std
+        self.class_names = list(class_names) if class_names else None
         self.gradient_checkpointing = False  # a runtime switch (not saved): recompute block activations in backward
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -165,7 +165,7 @@ class ResizeCenterCrop:
 
     def __init__(self, img_size: int, crop_ratio: float = 0.875):
         self.size = img_size
-        self.resize = img_size if crop_ratio >= 1.0 else int(round(img_size / crop_ratio))
+        self.resize = img_size if crop_ratio >= 1.0 else math.floor(img_size / crop_ratio)  # as timm
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if tuple(image.shape[-2:]) == (self.size, self.size):

@@ -22,7 +22,7 @@ from pipeline.samples import SeededSamples, TensorSamples
 from pipeline.sampling import EpochChain
 from pipeline.shards import build_step_sampler
 from pipeline.sources import HubImageDataset, dataset_classes
-from pipeline.transforms import ClassifierTrainTransform, Normalize, ResizeCenterCrop, channel_stats
+from pipeline.transforms import ClassifierTrainTransform, Normalize, ResizeCenterCrop, channel_stats, timm_rand_augment
 from utils.errors import UserError
 from utils.hub import push_run
 from utils.metrics import topk_accuracy
@@ -32,10 +32,12 @@ logger = logging.getLogger(__name__)
 FROZEN_MODES = ("linear_probe", "freeze_encoder")
 
 
-def build_classifier(mode: str, config: dict, num_classes: int, args) -> VisionTransformer:
+def build_classifier(mode: str, config: dict, class_names: list[str], args) -> VisionTransformer:
     head_type = {"finetune": "linear", "linear_probe": "linear_probe", "freeze_encoder": "mlp"}[mode]
     global_pool = args.mean_pooling if mode in FROZEN_MODES else not args.cls_token
-    return VisionTransformer(**config, num_classes=num_classes, global_pool=global_pool, head_type=head_type,
+    mean, std = channel_stats(args.input_channels, args.dataset)
+    return VisionTransformer(**{**config, "image_mean": list(mean), "image_std": list(std)}, num_classes=len(class_names),
+                             class_names=class_names, global_pool=global_pool, head_type=head_type,
                              drop_path_rate=args.drop_path or 0.0)
 
 
@@ -57,12 +59,16 @@ def freeze_encoder(model: VisionTransformer) -> None:
 def image_samples(args, split: str, train: bool, max_samples: int | None):
     base = build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, args.img_size,
                                max_samples, args.image_column, require_split=split != "train")
-    transform = (ClassifierTrainTransform(args.img_size, args.min_crop_scale or 0.08, args.random_aug_magnitude or 0,
-                                          args.random_aug_ops) if train else ResizeCenterCrop(args.img_size))
+    if not train:
+        return base, SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed)
+    auto_augment = (timm_rand_augment(args.auto_augment, args.img_size, channel_stats(args.input_channels, args.dataset)[0])
+                    if args.auto_augment else None)
+    transform = ClassifierTrainTransform(args.img_size, args.min_crop_scale or 0.08, args.random_aug_magnitude or 0,
+                                         args.random_aug_ops, auto_augment)
     return base, SeededSamples(base, transform, args.seed)
 
 
-def check_classes(args, train_base, val_base) -> int:
+def check_classes(args, train_base, val_base) -> list[str]:
     classes = dataset_classes(train_base)
     if not classes and args.num_classes and isinstance(train_base, HubImageDataset) and train_base.label_column:
         classes = [str(i) for i in range(args.num_classes)]  # integer labels without names: trust the flag
@@ -80,7 +86,7 @@ def check_classes(args, train_base, val_base) -> int:
     if val_classes and val_classes != classes:
         raise UserError(f"the validation split has classes {val_classes[:5]}... but training has {classes[:5]}...: "
                         "both splits need the same class subfolders")
-    return len(classes)
+    return list(classes)
 
 
 def build_optimizer(mode: str, trained: torch.nn.Module, model: VisionTransformer, args, lr: float, device):
@@ -119,7 +125,7 @@ def evaluate(accelerator, model, loader, prepare_inputs) -> dict:
     """Top-1 / top-5 (percent) and loss over the whole validation split, gathered from every process."""
     model.eval()
     all_logits, all_labels = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not accelerator.is_main_process):
         if "pixel_values" not in batch:  # only unreadable images (each one is logged)
             continue
         batch = move_to_device(batch, accelerator.device)
@@ -150,12 +156,13 @@ class Classification(Task):
             train_base, train_samples = image_samples(args, "train", train=mode == "finetune" or not args.cache_features,
                                                       max_samples=args.max_samples)
             val_base, val_samples = image_samples(args, "val", train=False, max_samples=args.max_val_samples)
-        self.num_classes = num_classes = check_classes(args, train_base, val_base)
+        self.class_names = check_classes(args, train_base, val_base)
+        self.num_classes = num_classes = len(self.class_names)
         if accelerator.is_main_process and not args.eval_only:
             save_args(args, self.run_dir, num_classes=num_classes)
         self.accelerator = accelerator
         self.normalize = normalize = Normalize(*channel_stats(args.input_channels, args.dataset)).to(accelerator.device)
-        model = build_classifier(mode, self.config, num_classes, args)
+        model = build_classifier(mode, self.config, self.class_names, args)
         if self.pretrained_state is not None:
             report = load_pretrained(model, self.pretrained_state)
             if accelerator.is_main_process:  # every key: loaded, newly initialised, not used

@@ -155,7 +155,8 @@ class Pretraining(Task):
     def build(self, accelerator):
         args = self.args
         if args.resume_from_pretrained:
-            model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, **self.config)
+            model = MaskedAutoencoder.from_pretrained(args.resume_from_pretrained, revision=args.revision,
+                                                      **self.config)
             logger.info("continuing pretraining from %s", args.resume_from_pretrained)
         else:
             model = MaskedAutoencoder(**self.config)

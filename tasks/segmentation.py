@@ -6,6 +6,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from engine import Task
 from engine.optim import build_adamw, param_groups_layer_decay
@@ -92,7 +93,8 @@ def evaluate(accelerator, model: ViTUperNet, samples, normalize: Normalize, metr
     model.eval()
     mine = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
     panels, pictured = [], 0
-    for start in range(0, len(mine), args.eval_batch_size):
+    starts = range(0, len(mine), args.eval_batch_size)
+    for start in tqdm(starts, desc="evaluate", leave=False, disable=not accelerator.is_main_process):
         batch = collate_skipping_bad([samples[(i, 0)] for i in mine[start:start + args.eval_batch_size]])
         if "pixel_values" not in batch:
             continue
@@ -136,7 +138,9 @@ class Segmentation(Task):
             save_args(args, self.run_dir)
         self.accelerator = accelerator
         self.normalize = Normalize(*data_stats(args)).to(accelerator.device)
-        model = ViTUperNet(args.num_classes, **self.config, out_indices=args.out_indices,
+        mean, std = data_stats(args)
+        model = ViTUperNet(args.num_classes, **{**self.config, "image_mean": list(mean), "image_std": list(std)},
+                           class_names=self.class_names, out_indices=args.out_indices,
                            decoder_channels=args.decoder_channels, aux_channels=args.aux_channels,
                            drop_path_rate=args.drop_path)
         if self.pretrained_state is not None:  # every encoder tensor must load; only the final norm / a head may go unused

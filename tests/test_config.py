@@ -81,3 +81,17 @@ def test_help_shows_the_defaults(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "AdamW weight decay (not on norms, biases, tokens). (default: 0.05)" in help_text
     assert "Share of patches hidden from the encoder. (default: 0.75)" in help_text
+
+
+@pytest.mark.parametrize("flags,cache,auto_augment,magnitude", [
+    (["--linear_probe", "--dataset", "synthetic"], True, None, None),  # a small built-in set: cached features
+    (["--linear_probe", "--path_to_data", "images"], False, None, None),  # real data: augmented every epoch
+    (["--linear_probe", "--path_to_data", "images", "--cache_features"], True, None, None),
+    (["--config", "linear_probe_vit_base", "--path_to_data", "images"], False, None, None),
+    (["--path_to_data", "images"], False, "rand-m9-mstd0.5-inc1", None),  # the official fine-tuning RandAugment
+    (["--path_to_data", "images", "--random_aug_magnitude", "9"], False, None, 9),  # torchvision's, by name
+])
+def test_classifier_defaults_follow_the_official_recipes_on_real_data(flags, cache, auto_augment, magnitude):
+    args = finetune_classifier.parse_args(["--from_scratch", *flags])
+    finetune_classifier.resolve_defaults(args)
+    assert (args.cache_features, args.auto_augment, args.random_aug_magnitude) == (cache, auto_augment, magnitude)

@@ -149,7 +149,7 @@ def test_classifiers_export_to_timm_with_their_head_and_global_pool_ones_refuse_
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(theirs(images), classifier(images), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="global-pool classifier .* has no ViTModel equivalent"):
+    with pytest.raises(ValueError, match="global-pool classifier .* has no transformers ViT equivalent"):
         convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "transformers", "--dst", str(tmp_path / "x")])
 
 
@@ -233,3 +233,53 @@ def test_encoder_export_loads_as_transformers_vit_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(pixel_values=images).last_hidden_state, encoder.forward_features(images),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_type", ["linear", "linear_probe"])
+def test_classifier_export_runs_in_transformers_pipeline_with_its_preprocessing(tmp_path, head_type):
+    import numpy as np
+    from PIL import Image
+
+    import convert_checkpoint
+    import predict
+
+    torch.manual_seed(10)
+    names = ["cat", "dog", "bird", "fish"]
+    classifier = VisionTransformer(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                                   num_classes=4, head_type=head_type, class_names=names, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.25, 0.3])
+    linear = classifier.head if head_type == "linear" else classifier.head[1]
+    torch.nn.init.normal_(linear.weight)  # (a fresh head is ~0: make the logits tell)
+    if head_type == "linear_probe":  # BatchNorm statistics to fold into the linear layer
+        classifier.head[0].running_mean.normal_()
+        classifier.head[0].running_var.uniform_(0.5, 2.0)
+    classifier.eval().save_pretrained(tmp_path / "ours")
+    convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "transformers", "--dst", str(tmp_path / "hf")])
+    rows, columns = np.mgrid[0:40, 0:40]  # (square: centre crops with odd margins round by a pixel differently)
+    image = Image.fromarray(np.stack([rows * 5, columns * 6, (rows + columns) * 3], -1).astype(np.uint8))
+    pipe = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
+    theirs = pipe(image, top_k=4)
+    ours = predict.predict(classifier, [image], top_k=4)[0]
+    assert [row["label"] for row in theirs] == [name for name, _ in ours]
+    assert [row["score"] for row in theirs] == pytest.approx([p for _, p in ours], abs=1e-4)
+
+
+def test_encoder_export_runs_in_the_feature_extraction_pipeline(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import convert_checkpoint
+    import predict
+
+    torch.manual_seed(11)
+    encoder = VisionTransformer(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                                image_mean=[0.5, 0.4, 0.3], image_std=[0.3, 0.2, 0.25]).eval()
+    encoder.save_pretrained(tmp_path / "ours")
+    convert_checkpoint.main(["--src", str(tmp_path / "ours"), "--to", "transformers", "--dst", str(tmp_path / "hf")])
+    rows, columns = np.mgrid[0:40, 0:40]
+    image = Image.fromarray(np.stack([rows * 6, columns * 5, (rows + columns) * 3], -1).astype(np.uint8))
+    pipe = transformers.pipeline("image-feature-extraction", model=str(tmp_path / "hf"), device="cpu")
+    theirs = torch.tensor(pipe(image))  # (1, 1 + L, D): every token after the final norm
+    with torch.no_grad():
+        ours = encoder.forward_features(predict.prepare(encoder, [image]))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)

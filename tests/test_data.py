@@ -153,6 +153,32 @@ def test_seeded_samples_are_functions_of_seed_epoch_and_index(fashion_mnist_dir)
     assert a["pixel_values"].dtype == torch.uint8 and a["pixel_values"].shape == (1, 28, 28)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_timm_rand_augment_is_timms_transform_seeded_by_the_sample(channels):
+    import random
+
+    import torchvision.transforms.v2.functional as TF
+
+    from pipeline.transforms import ClassifierTrainTransform, timm_rand_augment
+
+    augment = timm_rand_augment("rand-m9-mstd0.5-inc1", 32, (0.5,) * channels)
+    image = torch.randint(0, 256, (channels, 32, 32), dtype=torch.uint8)
+    views = []
+    for seed in range(12):
+        random.seed(100 + seed)  # whatever the global RNGs hold: the view depends on the sample's generator only
+        np.random.seed(seed)
+        views.append(augment(image, torch.Generator().manual_seed(seed)))
+        assert random.random() == random.Random(100 + seed).random()  # the global state is put back
+    assert torch.equal(views[0], augment(image, torch.Generator().manual_seed(0)))
+    assert len({bytes(view.numpy()) for view in views}) >= 6  # different samples, mostly different views
+    draw = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)))
+    random.seed(draw)
+    np.random.seed(draw % 2**32)
+    assert torch.equal(views[3], TF.pil_to_tensor(augment.op(TF.to_pil_image(image))))  # timm's own op, same draws
+    transform = ClassifierTrainTransform(16, auto_augment=augment)
+    assert transform(image, torch.Generator().manual_seed(1)).shape == (channels, 16, 16)
+
+
 def test_random_resized_crop_boxes_stay_inside_and_in_scale():
     transform = RandomResizedCropFlip(16, scale=(0.2, 1.0))
     generator = torch.Generator().manual_seed(0)

@@ -178,6 +178,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, pretrained):
         ([], "no pretrained weights: pass --path_to_pretrained_mae_weights"),
         (["--path_to_pretrained_mae_weights", pretrained, "--max_bad_steps", 0],
          "--max_bad_steps must be positive, got 0"),
+        (["--path_to_pretrained_mae_weights", pretrained, "--auto_augment", "rand-x9"],
+         "--auto_augment rand-x9: timm cannot read this policy"),
+        (["--path_to_pretrained_mae_weights", pretrained, "--auto_augment", "rand-m9", "--random_aug_magnitude", 9],
+         "--auto_augment and --random_aug_magnitude are two RandAugments"),
     ]
     for flags, message in cases:
         code, stderr = run_in_process("finetune_classifier.py", "--working_directory", tmp_path, "--max_samples", 64,

@@ -48,3 +48,20 @@ def test_push_to_hub_without_a_repo_is_a_one_line_error(tmp_path):
     result = run_script("finetune_segmentation.py", "--from_scratch", "--push_to_hub", "--working_directory", tmp_path,
                         check=False)
     assert result.returncode == 2 and "--push_to_hub needs --hub_model_id user/name" in result.stderr
+
+
+def test_the_card_names_license_data_base_model_metrics_and_command():
+    from utils.hub import model_card
+
+    args = {"dataset": "hf:someone/flowers", "path_to_pretrained_mae_weights": "facebook/vit-mae-base",
+            "hub_license": "cc-by-nc-4.0", "epochs": 3}
+    card = model_card("classification", "me/flowers-vit", args, {"top1": 91.5}, None,
+                      "accelerate launch finetune_classifier.py --epochs 3")
+    header = card.split("---")[1]
+    for line in ("license: cc-by-nc-4.0", "datasets:\n- someone/flowers", "base_model: facebook/vit-mae-base",
+                 "metrics:\n- top1", "pipeline_tag: image-classification"):
+        assert line in header
+    assert "python predict.py me/flowers-vit image.png" in card and "--epochs 3\n```" in card
+    local = model_card("pretraining", "me/mae", {"dataset": "fashion_mnist", "resume_from_pretrained": "/tmp/x"},
+                       {}, None)
+    assert "base_model" not in local and "- zalando-datasets/fashion_mnist" in local and "license: apache-2.0" in local

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from conftest import ROOT
 from huggingface_hub import PyTorchModelHubMixin
+from PIL import Image
 
 from engine import Task, TrainConfig, Trainer
 from engine.optim import build_adamw
@@ -117,6 +119,7 @@ def test_a_preempted_run_resumes_to_the_same_weights_and_rows(tmp_path):
     _, whole_rows, whole, task = fit(tmp_path, "whole")
     assert len(whole_rows) == 16 and whole_rows[-1]["loss"] < whole_rows[0]["loss"] / 4  # it learns
     assert task.evaluations == [8, 16]  # once per epoch
+    assert Image.open(tmp_path / "whole" / "curves.png").size == (480, 400)  # loss and lr, one panel each
     code, _, weights, _ = fit(tmp_path, "stopped", stop_after=5)
     checkpoints = tmp_path / "stopped" / "checkpoints"
     assert code == EXIT_PREEMPTED and weights is None
@@ -180,3 +183,19 @@ def test_the_loop_settings_are_checked_once_and_frozen():
     assert (config.epochs, config.log_every, config.max_grad_norm, config.max_train_steps) == (3, 5, 0.0, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 4
+
+
+def test_curves_have_a_panel_per_logged_metric_and_follow_the_values(tmp_path):
+    import numpy as np
+
+    from utils.visualize import curves_picture
+
+    rows = [{"step": step, "loss": 1.0 / step, "lr": 0.1} for step in range(1, 11)] + [{"step": 10, "top1": 50.0}]
+    picture = np.asarray(curves_picture(rows, ["loss", "top1", "missing"]))
+    assert picture.shape == (400, 480, 3)  # loss and top1; a metric no row has gets no panel
+    blue = (picture == (31, 119, 180)).all(axis=-1)
+    rows_with_line = np.flatnonzero(blue[:200].any(axis=1))
+    columns_at_top = np.flatnonzero(blue[rows_with_line[0]])
+    assert columns_at_top.min() < 100 and rows_with_line.max() > 150  # falling loss: starts high on the left, ends low
+    code = os.system(f"cd {tmp_path} && python {ROOT / 'plot_curves.py'} {tmp_path} 2> err.txt")
+    assert code != 0 and "metrics.jsonl does not exist" in (tmp_path / "err.txt").read_text()

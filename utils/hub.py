@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -28,6 +30,10 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
     hub.add_argument("--hub_model_id", type=str, default=None, help="Hub repo to upload to (user/name or org/name).")
     hub.add_argument("--hub_private", action="store_true", help="Create the repo as private.")
     hub.add_argument("--hub_revision", type=str, default=None, help="Branch to upload to (created if missing).")
+    hub.add_argument("--hub_license", type=str, default="apache-2.0",
+                     help="License of the uploaded weights (cc-by-nc-4.0 for ones built on facebookresearch/mae's).")
+    hub.add_argument("--revision", type=str, default=None,
+                     help="Branch, tag or commit of the Hub weights the run starts from (a user/name weights flag).")
 
 
 def check_hub_args(args) -> None:
@@ -35,23 +41,58 @@ def check_hub_args(args) -> None:
         raise UserError("--push_to_hub needs --hub_model_id user/name (the repo to create or update)")
 
 
-def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str | None) -> str:
-    """The README.md of the uploaded repo: what it is, how to load it, its metrics and training arguments."""
+SCRIPTS = {"pretraining": "pretrain_mae.py", "classification": "finetune_classifier.py",
+           "segmentation": "finetune_segmentation.py"}
+HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
+
+
+def hub_id(value) -> str | None:
+    """``value`` if it names a Hub repo (user/name that is not a local path), else None."""
+    text = str(value or "")
+    return text if text.count("/") == 1 and not Path(text).expanduser().exists() and not text.startswith((".", "/")) \
+        else None
+
+
+def card_metadata(kind: str, args: dict, results: dict) -> list[str]:
+    """The model card's YAML header: license, library, tags, pipeline, data set, base model and metrics."""
+    lines = ["---", f"license: {args.get('hub_license') or 'apache-2.0'}", "library_name: mae-accelerate", "tags:",
+             "- mae", "- vision-transformer", f"- {kind}", "pipeline_tag: " + {
+                 "pretraining": "image-feature-extraction", "classification": "image-classification",
+                 "segmentation": "image-segmentation"}[kind]]
+    dataset = str(args.get("dataset") or "")
+    dataset = dataset[3:] if dataset.startswith("hf:") else HUB_DATASETS.get(dataset)
+    if dataset:
+        lines += ["datasets:", f"- {dataset}"]
+    base = hub_id(args.get("path_to_pretrained_mae_weights") or args.get("path_to_backbone_checkpoint")
+                  or args.get("resume_from_pretrained"))
+    if base:
+        lines.append(f"base_model: {base}")
+    shown = {key: results[key] for key in RESULT_KEYS if isinstance(results.get(key), (int, float))}
+    if shown:
+        lines += ["metrics:"] + [f"- {key}" for key in shown]
+    return lines + ["---"]
+
+
+def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str | None, command: str = "") -> str:
+    """The README.md of the uploaded repo: what it is, how to load it, its metrics, command and training arguments."""
     what, model_class = USAGE[kind]
     revision = f", revision=\"{args['hub_revision']}\"" if args.get("hub_revision") else ""
+    header = card_metadata(kind, args, results)
     # local paths say nothing to a reader of the card (and may say too much): their last part only
     args = {key: (Path(str(value)).name if value and (key.startswith(("path_to", "resume_from"))
                                                       or key == "working_directory") else value)
             for key, value in args.items()}
-    lines = ["---", "library_name: mae-accelerate", "tags:", "- mae", "- vision-transformer", f"- {kind}",
-             "pipeline_tag: " + {"pretraining": "image-feature-extraction", "classification": "image-classification",
-                                 "segmentation": "image-segmentation"}[kind], "---", "",
-             f"# {repo_id.split('/')[-1]}", "",
+    lines = [*header, "", f"# {repo_id.split('/')[-1]}", "",
              f"{what} with mae-accelerate on `{args.get('dataset')}`"
-             f"{' (' + str(args.get('path_to_data')) + ')' if args.get('path_to_data') else ''}.", "",
+             f"{' (' + str(args.get('path_to_data')) + ')' if args.get('path_to_data') else ''}, with the "
+             f"project's `{SCRIPTS[kind]}` (PyTorch, 🤗 Accelerate).", "",
              "## Usage", "", "```python", "# in a checkout of mae-accelerate",
              "from models.upernet import ViTUperNet" if model_class == "ViTUperNet" else f"from models import {model_class}",
              f"model = {model_class}.from_pretrained(\"{repo_id}\"{revision})", "```", ""]
+    if kind != "segmentation":
+        lines += ["```bash", f"python predict.py {repo_id} image.png"
+                  f"{' --revision ' + args['hub_revision'] if args.get('hub_revision') else ''}"
+                  f"   # {'top-5 labels' if kind == 'classification' else 'the reconstruction picture'}", "```", ""]
     shown = {key: results[key] for key in RESULT_KEYS if isinstance(results.get(key), (int, float))}
     if shown:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
@@ -59,6 +100,8 @@ def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str 
         lines.append("")
     if picture:
         lines += [f"![{kind} samples]({picture})", ""]
+    if command:
+        lines += ["## Command", "", "```bash", command, "```", ""]
     lines += ["## Training arguments", "", "```json", json.dumps(args, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -75,7 +118,8 @@ def prepare_upload(run_root: Path, kind: str, repo_id: str, args: dict, results:
     if picture is not None and picture.exists():
         picture_name = f"{kind}_samples.png"
         shutil.copy(picture, folder / picture_name)
-    (folder / "README.md").write_text(model_card(kind, repo_id, args, results, picture_name))
+    command = "accelerate launch " + " ".join(shlex.quote(part) for part in [SCRIPTS[kind], *sys.argv[1:]])
+    (folder / "README.md").write_text(model_card(kind, repo_id, args, results, picture_name, command))
     return folder
 
 

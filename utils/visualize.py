@@ -1,8 +1,9 @@
-"""Pictures: MAE reconstructions (original | masked input | reconstruction | reconstruction + visible patches)
-and segmentation overlays (image | ground truth | prediction)."""
+"""Pictures: MAE reconstructions (original | masked input | reconstruction | reconstruction + visible patches),
+segmentation overlays (image | ground truth | prediction) and a run's curves."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -71,3 +72,51 @@ def segmentation_panels(images: torch.Tensor, masks: torch.Tensor, predictions: 
         return torch.where(known, (1 - alpha) * rgb + alpha * colours, rgb)
 
     return torch.stack([rgb, overlay(masks), overlay(predictions)], dim=1).flatten(0, 1)
+
+
+def curves_picture(rows: list[dict], keys: Sequence[str], width: int = 480, height: int = 200) -> Image.Image:
+    """One panel per metric in ``keys`` (a line over ``step``, its range on the left, the steps below) from
+    metrics.jsonl rows; metrics no row has are left out. Drawn with PIL alone."""
+    from PIL import ImageDraw
+
+    panels = []
+    for key in keys:
+        points = [(row["step"], row[key]) for row in rows
+                  if isinstance(row.get(key), (int, float)) and np.isfinite(row[key]) and "step" in row]
+        if not points:
+            continue
+        panel = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(panel)
+        left, top, right, bottom = 64, 18, width - 10, height - 24
+        draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+        (x0, x1), (y0, y1) = ((min(values), max(values)) for values in zip(*points))
+        x_span, y_span = (x1 - x0) or 1, (y1 - y0) or 1
+        line = [(left + (x - x0) / x_span * (right - left), bottom - (y - y0) / y_span * (bottom - top))
+                for x, y in points]
+        draw.line(line, fill=(31, 119, 180), width=2) if len(line) > 1 else draw.point(line, fill=(31, 119, 180))
+        draw.text((left, 2), key, fill="black")
+        draw.text((2, top), f"{y1:.4g}", fill="black")
+        draw.text((2, bottom - 10), f"{y0:.4g}", fill="black")
+        draw.text((left, bottom + 6), f"step {x0}", fill="black")
+        draw.text((right - 70, bottom + 6), f"step {x1}", fill="black")
+        panels.append(panel)
+    picture = Image.new("RGB", (width, max(1, height * len(panels))), "white")
+    for index, panel in enumerate(panels):
+        picture.paste(panel, (0, index * height))
+    return picture
+
+
+CURVES = ("loss", "train_loss", "val_loss", "top1", "mIoU", "lr")  # whichever a run logs
+
+
+def save_curves(metrics: Path, path: Path, keys: Sequence[str] = CURVES) -> Path | None:
+    """``path`` (a PNG) with the curves of ``keys`` from a metrics.jsonl file; None if it has none of them."""
+    import json
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    picture = curves_picture(rows, keys)
+    if picture.height <= 1:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
