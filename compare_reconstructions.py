@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine.flags import hub_options
 from models import MaskedAutoencoder
 from pipeline.datasets import build_image_dataset
 from pipeline.samples import SeededSamples, collate_skipping_bad
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
                             f"patches with {model.in_chans} channels, unlike {args.models[0]}: compare models of one size")
     img_size = first.encoder.patch_embed.img_size[0]
     base = build_image_dataset(args.dataset, args.path_to_data, "val", first.in_chans, img_size, args.num_images,
-                               args.image_column)
+                               hub_options(args))
     samples = SeededSamples(base, ResizeCenterCrop(img_size), args.seed, first.num_patches)
     batch = collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_images, len(samples)))])
     normalize = Normalize(*channel_stats(first.in_chans, args.dataset))

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
-from engine.flags import default_dataset
+from engine.flags import default_dataset, hub_options
 from engine.setup import available_cores
 from pipeline.datasets import build_image_dataset
 from pipeline.pixel_cache import INDEX_NAME, CacheWriter
@@ -102,7 +102,7 @@ def write_split(args, split: str) -> bool:
     """Cache one split; False when the source has no such split."""
     try:
         source = build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, img_size=224,
-                                     image_column=args.image_column, require_split=split != "train")
+                                     hub=hub_options(args), require_split=split != "train")
     except DataError as error:
         if split == "train":
             raise

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.sources import HubOptions
 from utils.hub import add_hub_args
 
 
@@ -73,7 +74,20 @@ def add_data_args(parser: argparse.ArgumentParser, folder_help: str, built_in: s
                            f"folder if --path_to_data is given, else {built_in.split()[0]}.")
     data.add_argument("--path_to_data", type=str, default=None, help=folder_help)
     data.add_argument("--image_column", type=str, default=None, help="Image column of a 🤗 dataset (default: guessed).")
+    data.add_argument("--label_column", type=str, default=None, help="Label column of a 🤗 dataset (default: guessed).")
+    data.add_argument("--dataset_config", type=str, default=None, help="Configuration (subset) of a 🤗 dataset.")
+    data.add_argument("--train_split", type=str, default=None, help="Training split of a 🤗 dataset (default: train).")
+    data.add_argument("--val_split", type=str, default=None,
+                      help="Held-out split of a 🤗 dataset (default: validation, val or test).")
+    data.add_argument("--dataset_revision", type=str, default=None, help="Branch, tag or commit of a 🤗 Hub dataset.")
     return data
+
+
+def hub_options(args) -> HubOptions:
+    """How the run reads a 🤗 dataset, from its data flags (a script without one of them takes the default)."""
+    names = {"config": "dataset_config", "train_split": "train_split", "val_split": "val_split",
+             "image_column": "image_column", "label_column": "label_column", "revision": "dataset_revision"}
+    return HubOptions(**{field: getattr(args, flag, None) for field, flag in names.items()})
 
 
 def default_dataset(args, built_in: str = "fashion_mnist", shards: bool = True) -> str:

@@ -10,17 +10,18 @@ from utils.errors import DataError
 from .pixel_cache import PixelCacheDataset, find_cache
 from .shards import TarShardDataset, find_index
 from .sources import (
-    FASHION_MNIST_CLASSES, ArrayDataset, HubImageDataset, ImageFolderDataset, SyntheticDataset, load_fashion_mnist,
-    load_hub_split, resolve_image_folder,
+    FASHION_MNIST_CLASSES, ArrayDataset, HubImageDataset, HubOptions, ImageFolderDataset, SyntheticDataset,
+    load_fashion_mnist, load_hub_split, resolve_image_folder,
 )
 
 
 def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int, img_size: int,
-                        max_samples: int | None = None, image_column: str | None = None,
+                        max_samples: int | None = None, hub: HubOptions | None = None,
                         require_split: bool = False, encoded_jpeg: bool = False) -> Dataset:
     """The uint8 image dataset of one split (items ``(C, H, W) uint8, label`` or ``None``). ``dataset``: ``folder``,
     ``shards`` (pipeline/shards.py), ``cache`` (pipeline/pixel_cache.py), ``fashion_mnist``, ``synthetic`` or
-    ``hf:<name or path>``; ``encoded_jpeg``: a folder's or shards' RGB JPEGs come back as :class:`EncodedJpeg`.
+    ``hf:<name or path>`` (read as ``hub`` says); ``encoded_jpeg``: a folder's or shards' RGB JPEGs come back as
+    :class:`EncodedJpeg`.
     """
     if dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(split, path_to_data)
@@ -44,7 +45,9 @@ def build_image_dataset(dataset: str, path_to_data: str | None, split: str, num_
                             "make_pixel_cache.py")
         return PixelCacheDataset(found, num_channels, max_samples)
     elif dataset.startswith("hf:"):
-        data = HubImageDataset(load_hub_split(dataset[3:], split, require_split=require_split), num_channels, image_column)
+        hub = hub or HubOptions()
+        data = HubImageDataset(load_hub_split(dataset[3:], split, require_split=require_split, options=hub),
+                               num_channels, hub.image_column, hub.label_column)
     else:
         raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist, synthetic, folder, shards, cache or hf:<name>")
     if max_samples is not None and max_samples < len(data):

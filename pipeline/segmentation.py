@@ -19,7 +19,8 @@ from utils.errors import DataError
 
 from .samples import sample_seed
 from .sources import (
-    FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, HubImageDataset, list_files, load_fashion_mnist, load_hub_split,
+    FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, HubImageDataset, HubOptions, list_files, load_fashion_mnist,
+    load_hub_split,
 )
 from .transforms import to_channels
 
@@ -181,7 +182,7 @@ def default_zero_is_ignore(dataset: str, path_to_data: str | None) -> bool:
 
 
 def build_segmentation_dataset(dataset: str, path_to_data: str | None, split: str, num_channels: int,
-                               max_samples: int | None = None, image_column: str | None = None,
+                               max_samples: int | None = None, hub: HubOptions | None = None,
                                mask_column: str | None = None, zero_is_ignore: bool = False,
                                canvas_size: int = 48) -> Dataset:
     """One split of ``fashion_mnist_seg`` (built in), ``folder`` (``--path_to_data``) or ``hf:<name or path>``."""
@@ -193,8 +194,9 @@ def build_segmentation_dataset(dataset: str, path_to_data: str | None, split: st
         images, masks, _ = resolve_pair_folders(path_to_data, split)
         data = PairFolderDataset(images, masks, num_channels, zero_is_ignore)
     elif dataset.startswith("hf:"):
-        data = HubSegmentationDataset(load_hub_split(dataset[3:], split, require_split=split != "train"), num_channels,
-                                      image_column, mask_column, zero_is_ignore)
+        hub = hub or HubOptions()
+        data = HubSegmentationDataset(load_hub_split(dataset[3:], split, require_split=split != "train", options=hub),
+                                      num_channels, hub.image_column, mask_column, zero_is_ignore)
     else:
         raise DataError(f"unknown --dataset {dataset!r}: use fashion_mnist_seg, folder or hf:<name>")
     if max_samples is not None and max_samples < len(data):

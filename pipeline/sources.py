@@ -223,14 +223,30 @@ class SyntheticDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-def load_hub_split(name: str, split: str, streaming: bool = False, require_split: bool = False):
+@dataclass(frozen=True)
+class HubOptions:
+    """How to read a 🤗 dataset (``--dataset hf:NAME``): its configuration, which splits, which columns, which
+    revision; None everywhere: the defaults (``train``; ``validation``, ``val`` or ``test``; guessed columns)."""
+
+    config: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    revision: str | None = None
+
+
+def load_hub_split(name: str, split: str, streaming: bool = False, require_split: bool = False,
+                   options: HubOptions = HubOptions()):
     """One split of a 🤗 dataset: a Hub name, a folder written by ``save_to_disk``, or a local data folder."""
     try:
         import datasets
     except ImportError:
         raise DataError("--dataset hf:... needs the `datasets` package: pip install datasets") from None
-    wanted = ("train",) if split == "train" else ("validation", "val", "test")
+    asked = options.train_split if split == "train" else options.val_split
+    wanted = (asked,) if asked else ("train",) if split == "train" else ("validation", "val", "test")
     local = Path(name).expanduser()
+    source = str(local) if local.is_dir() else name
     try:
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             loaded = datasets.load_from_disk(str(local))
@@ -238,11 +254,14 @@ def load_hub_split(name: str, split: str, streaming: bool = False, require_split
                 return loaded
             available = list(loaded.keys())
         else:
-            available = datasets.get_dataset_split_names(str(local) if local.is_dir() else name)
+            available = datasets.get_dataset_split_names(source, options.config, revision=options.revision)
             loaded = None
     except Exception as error:
         raise DataError(f"cannot open 🤗 dataset {name!r} ({type(error).__name__}: {str(error).splitlines()[0]}): "
-                        "check the name, the path, or your connection") from None
+                        "check the name, the path, --dataset_config, --dataset_revision or your connection") from None
+    if asked and asked not in available:
+        raise DataError(f"🤗 dataset {name!r} has no split {asked!r} (it has {', '.join(available)}): "
+                        f"pass one of them as --{'train' if split == 'train' else 'val'}_split")
     chosen = next((n for n in wanted if n in available), available[0] if split == "train" else None)
     if chosen is None and require_split:
         raise DataError(f"🤗 dataset {name!r} has no validation or test split (it has {available}): "
@@ -251,7 +270,7 @@ def load_hub_split(name: str, split: str, streaming: bool = False, require_split
         chosen = available[0]
     if loaded is not None:
         return loaded[chosen]
-    return datasets.load_dataset(str(local) if local.is_dir() else name, split=chosen, streaming=streaming)
+    return datasets.load_dataset(source, options.config, split=chosen, streaming=streaming, revision=options.revision)
 
 
 def dataset_classes(dataset) -> list[str]:

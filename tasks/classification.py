@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine import Task
+from engine.flags import hub_options
 from engine.optim import build_adamw, param_groups_layer_decay
 from engine.schedule import scaled_learning_rate, warmup_cosine
 from engine.setup import RunDir, save_args
@@ -58,7 +59,7 @@ def freeze_encoder(model: VisionTransformer) -> None:
 
 def image_samples(args, split: str, train: bool, max_samples: int | None):
     base = build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, args.img_size,
-                               max_samples, args.image_column, require_split=split != "train")
+                               max_samples, hub_options(args), require_split=split != "train")
     if not train:
         return base, SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed)
     auto_augment = (timm_rand_augment(args.auto_augment, args.img_size, channel_stats(args.input_channels, args.dataset)[0])

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine import Task
+from engine.flags import hub_options
 from engine.optim import build_adamw, param_groups_weight_decay
 from engine.records import MetricsLog
 from engine.schedule import scaled_learning_rate, warmup_cosine
@@ -42,7 +43,7 @@ def pca_basis(args, run_dir: RunDir, normalize: Normalize, accelerator) -> PCABa
     if source is None:
         if accelerator.is_main_process:
             base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
-                                       args.pca_samples, args.image_column)
+                                       args.pca_samples, hub_options(args))
             view = ResizeCenterCrop(args.img_size)
             images = [view(item[0]) for item in (base[i] for i in range(len(base))) if item is not None]
             basis = fit_pca(normalize(torch.stack(images).to(accelerator.device)).cpu(), seed=args.seed)
@@ -87,7 +88,7 @@ def strategy_noise(args, grid_size: tuple[int, int]):
 def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accelerator):
     """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler)."""
     base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
-                               args.max_samples, args.image_column,
+                               args.max_samples, hub_options(args),
                                encoded_jpeg=decodes_on_device(args.decode, accelerator.device))
     samples = SeededSamples(base, RandomResizedCropFlip(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
@@ -101,7 +102,7 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
 def fixed_vis_batch(args, num_patches: int, grid_size: tuple[int, int]) -> dict:
     """The same validation images and masks for every picture of the run."""
     base = build_image_dataset(args.dataset, args.path_to_data, "val", args.input_channels, args.img_size,
-                               args.num_vis_images, args.image_column)
+                               args.num_vis_images, hub_options(args))
     samples = SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine import Task
+from engine.flags import hub_options
 from engine.optim import build_adamw, param_groups_layer_decay
 from engine.schedule import warmup_cosine, warmup_poly
 from engine.setup import RunDir, save_args
@@ -36,7 +37,7 @@ BUILT_IN = "fashion_mnist_seg"
 
 def segmentation_samples(args, split: str, train: bool, max_samples: int | None):
     base = build_segmentation_dataset(args.dataset, args.path_to_data, split, args.input_channels, max_samples,
-                                      args.image_column, args.mask_column, args.reduce_zero_label, args.img_size)
+                                      hub_options(args), args.mask_column, args.reduce_zero_label, args.img_size)
     mean_colour = [round(255 * m) for m in data_stats(args)[0]]  # padding that normalises to 0, as mmseg's
     transform = (SegmentationTrainTransform(args.img_size, args.base_size, args.scale_range, args.photometric,
                                             fill=mean_colour) if train else SegmentationEvalTransform(args.base_size))

@@ -204,6 +204,29 @@ def test_hub_dataset_from_disk_with_image_column(tmp_path):
         build_image_dataset(f"hf:{tmp_path / 'missing'}", None, "train", 3, 16)
 
 
+def test_hub_parquet_folder_with_named_splits_and_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pipeline.sources import HubOptions
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "parquet" / "data"
+    data.mkdir(parents=True)
+    for split, count in (("train", 6), ("holdout", 3)):
+        images = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(count)]
+        features = datasets.Features({"picture": datasets.Image(), "coarse": datasets.Value("int64"),
+                                      "fine": datasets.ClassLabel(names=["x", "y", "z"])})
+        columns = {"picture": images, "coarse": [7] * count, "fine": [i % 3 for i in range(count)]}
+        table = datasets.Dataset.from_dict(columns, features=features)
+        table.to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    options = HubOptions(val_split="holdout", image_column="picture", label_column="fine")
+    train = build_image_dataset(f"hf:{tmp_path / 'parquet'}", None, "train", 3, 12, hub=options)
+    val = build_image_dataset(f"hf:{tmp_path / 'parquet'}", None, "val", 3, 12, hub=options)
+    assert (len(train), len(val)) == (6, 3) and [val[i][1] for i in range(3)] == [0, 1, 2]  # the "fine" labels
+    assert train[0][0].shape == (3, 12, 12)
+    with pytest.raises(DataError, match="has no split 'valid'.*--val_split"):
+        build_image_dataset(f"hf:{tmp_path / 'parquet'}", None, "val", 3, 12, hub=HubOptions(val_split="valid"))
+
+
 def photo_like_jpegs(root, count, rng):
     """Smooth colour fields of varying sizes (a few grayscale), saved as JPEGs in two class folders."""
     for index in range(count):
