@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--decode_ahead", action="store_true",
                       help="With JPEGs decoded on a GPU, decode the next batch on its own CUDA stream while the "
                            "current step trains (same batches; by default the decode runs between steps).")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the 🤗 dataset (hf:NAME) instead of downloading it: each process and loader worker "
+                           "reads its own data files; epochs of --max_samples images or the split's row count.")
+    data.add_argument("--shuffle_buffer", type=int, default=10_000, help="--streaming: images in the shuffle buffer.")
     model = parser.add_argument_group("model (a preset, overridable flag by flag)")
     model.add_argument("--model", type=str, default=None, choices=sorted(MAE_PRESETS),
                        help="Preset (default: mae_vit_tiny_patch4 for fashion_mnist/synthetic, "
@@ -119,6 +123,8 @@ def resolve_defaults(args: argparse.Namespace) -> dict:
                           decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
                           decoder_mlp_ratio=args.decoder_mlp_ratio)
     args.dataset = default_dataset(args)
+    if args.streaming and not args.dataset.startswith("hf:"):
+        raise UserError(f"--streaming reads a 🤗 dataset: pass --dataset hf:NAME (this run reads {args.dataset})")
     if args.model is None:
         args.model = "mae_vit_tiny_patch4" if args.dataset in SMALL_DATASETS else "mae_vit_base_patch16"
     apply_recipe(args, "defaults/pretrain_builtin" if args.dataset in SMALL_DATASETS else "defaults/pretrain")

@@ -250,7 +250,9 @@ class Trainer:
 
         stop, stopping = StopSignal(), False
         progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=task.name)
-        self.loader.batch_sampler.first_step = step  # (EpochChain) one iterator for the rest of the run
+        for holder in (self.loader.batch_sampler, self.loader.dataset):  # EpochChain, or a stream: one iterator for
+            if hasattr(holder, "first_step"):  # the rest of the run, from this step on
+                holder.first_step = step
         batches = DeviceBatches(self.loader, accelerator.device, ahead=config.decode_ahead,
                                 check=task.check_batch)
         micro_batches = iter(batches) if step < total_steps else None  # (no workers for a finished run)

@@ -26,6 +26,7 @@ from pipeline.loading import build_loader
 from pipeline.samples import SeededSamples, collate_skipping_bad
 from pipeline.sampling import EpochChain
 from pipeline.shards import build_step_sampler
+from pipeline.streaming import HeadDataset, HubStream, StreamEpochs, build_stream_loader, epoch_size, open_stream
 from pipeline.transforms import Normalize, RandomResizedCropFlip, ResizeCenterCrop, channel_stats
 from utils.errors import UserError
 from utils.hub import push_run
@@ -42,8 +43,7 @@ def pca_basis(args, run_dir: RunDir, normalize: Normalize, accelerator) -> PCABa
     source = path if path.exists() else Path(args.pca_path) if args.pca_path else None
     if source is None:
         if accelerator.is_main_process:
-            base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
-                                       args.pca_samples, hub_options(args))
+            base = first_images(args, "train", args.pca_samples)
             view = ResizeCenterCrop(args.img_size)
             images = [view(item[0]) for item in (base[i] for i in range(len(base))) if item is not None]
             basis = fit_pca(normalize(torch.stack(images).to(accelerator.device)).cpu(), seed=args.seed)
@@ -85,8 +85,27 @@ def strategy_noise(args, grid_size: tuple[int, int]):
     return partial(mask_noise, args.mask_strategy, grid_size, ratio)
 
 
+def first_images(args, split: str, count: int):
+    """The first ``count`` images of a split: indexed, or the head of a stream (``--streaming``)."""
+    if args.streaming:
+        return HeadDataset(args.dataset[3:], split, count, args.input_channels, hub_options(args))
+    return build_image_dataset(args.dataset, args.path_to_data, split, args.input_channels, args.img_size, count,
+                               hub_options(args))
+
+
 def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accelerator):
-    """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler)."""
+    """Training loader: each process reads its own slice of every optimizer step (see StepBatchSampler), or its
+    own part of a stream (``--streaming``, see pipeline/streaming.py)."""
+    if args.streaming:
+        options = hub_options(args)
+        stream, image_column, label_column = open_stream(args.dataset[3:], "train", options)
+        schedule = StreamEpochs(epoch_size(stream, options.train_split or "train", args.max_samples),
+                                args.per_gpu_batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
+                                accelerator.process_index, args.seed, args.num_workers)
+        data = HubStream(stream, image_column, label_column, args.input_channels, schedule,
+                         RandomResizedCropFlip(args.img_size), num_patches, strategy_noise(args, grid_size),
+                         args.shuffle_buffer)
+        return build_stream_loader(data, args.num_workers, accelerator.device), schedule
     base = build_image_dataset(args.dataset, args.path_to_data, "train", args.input_channels, args.img_size,
                                args.max_samples, hub_options(args),
                                encoded_jpeg=decodes_on_device(args.decode, accelerator.device))
@@ -101,8 +120,7 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
 
 def fixed_vis_batch(args, num_patches: int, grid_size: tuple[int, int]) -> dict:
     """The same validation images and masks for every picture of the run."""
-    base = build_image_dataset(args.dataset, args.path_to_data, "val", args.input_channels, args.img_size,
-                               args.num_vis_images, hub_options(args))
+    base = first_images(args, "val", args.num_vis_images)
     samples = SeededSamples(base, ResizeCenterCrop(args.img_size), args.seed, num_patches,
                             strategy_noise(args, grid_size))
     return collate_skipping_bad([samples[(i, 0)] for i in range(min(args.num_vis_images, len(samples)))])
@@ -179,8 +197,15 @@ class Pretraining(Task):
 
     def started(self) -> None:
         trainer, args, accelerator = self.trainer, self.args, self.accelerator
+        saved_parts, parts = trainer.state.get("stream_parts"), trainer.sampler.state_dict(0).get("stream_parts")
+        if args.streaming and saved_parts and saved_parts != parts:
+            logger.warning("resumed with the stream split into %d parts (processes x loader workers) where the "
+                           "checkpoint had %d: the epoch's streams start anew, so the images differ from an "
+                           "uninterrupted run's", parts, saved_parts)
+        samples = trainer.steps_per_epoch * trainer.sampler.global_batch if args.streaming else \
+            len(trainer.loader.dataset)
         logger.info("%d samples, %d steps/epoch, %d steps in all, global batch %d (micro-batch %d x %d accumulation x "
-                    "%d processes), peak lr %.3g, %s precision", len(trainer.loader.dataset), trainer.steps_per_epoch,
+                    "%d processes), peak lr %.3g, %s precision", samples, trainer.steps_per_epoch,
                     trainer.total_steps, trainer.sampler.global_batch, trainer.sampler.micro_batch,
                     args.gradient_accumulation_steps, accelerator.num_processes, self.peak_lr,
                     accelerator.mixed_precision)

@@ -34,8 +34,41 @@ def test_a_resumed_run_continues_the_same_offline_wandb_run(tmp_path, monkeypatc
     first = start_and_log(run_dir, args, step=1)
     assert (run_dir.root / WANDB_ID).read_text().strip() == first
     assert start_and_log(run_dir, args, step=2) == first  # the requeued job writes to the same run
-    runs = sorted((run_dir.root / "wandb").glob(f"offline-run-*-{first}"))
-    assert len(runs) == 2  # one folder per start, one run id: `wandb sync` merges them into one run
-    assert list(runs[-1].glob("files/media/images/reconstructions_*.png"))  # the picture went to wandb
+    starts = sorted((run_dir.root / "wandb").glob("offline-run-*"))  # (two starts in one second share a folder)
+    assert starts and all(start.name.endswith(f"-{first}") for start in starts)  # every start: one run id
+    assert list(starts[-1].glob("files/media/images/reconstructions_*.png"))  # the picture went to wandb
     other = RunDir(tmp_path / "other")
     assert start_and_log(other, args, step=1) != first  # a new run folder is a new wandb run
+
+
+@pytest.mark.slow
+def test_the_imagenet_style_command_with_wandb_resumes_the_same_offline_run(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from conftest import run_script, sigterm_script
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("val", 8)):
+        for index in range(count):
+            folder = tmp_path / "images" / split / f"class{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    command = ["--experiment_name", "MAEPretraining", "--wandb_run_name", "pretrain_mae",
+               "--path_to_data", tmp_path / "images", "--working_directory", tmp_path / "work", "--img_size", 32,
+               "--input_channels", 3, "--epochs", 60, "--warmup_epochs", 1, "--per_gpu_batch_size", 8,
+               "--gradient_accumulation_steps", 2, "--base_learning_rate", 1.5e-4, "--weight_decay", 0.05,
+               "--encoder_embed_dim", 32, "--encoder_depth", 1, "--encoder_num_heads", 2, "--encoder_mlp_ratio", 4,
+               "--decoder_embed_dim", 32, "--decoder_depth", 1, "--decoder_num_heads", 2, "--decoder_mlp_ratio", 4,
+               "--patch_size", 8, "--num_workers", 0, "--norm_pix_loss", "--custom_weight_init", "--log_wandb",
+               "--log_every", 1, "--vis_every", 0]
+    run = tmp_path / "work" / "MAEPretraining"
+    metrics = run / "metrics.jsonl"
+    code, stderr = sigterm_script("pretrain_mae.py", *command,
+                                  ready=lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    assert code == 75, stderr[-2000:]
+    run_script("pretrain_mae.py", *command, "--resume_from_checkpoint", "auto")
+    run_id = (run / WANDB_ID).read_text().strip()
+    starts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(start.name.endswith(f"-{run_id}") for start in starts)  # one wandb run
