@@ -104,6 +104,7 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     small = args.dataset in SMALL_DATASETS
     if mode == "finetune" and args.from_scratch and args.layer_decay is None:
         args.layer_decay = 1.0  # a transfer-learning device: random weights train every layer at the full rate
+    asked_auto_augment = args.auto_augment not in (None, "none")
     if args.random_aug_magnitude is not None and args.auto_augment is None:
         args.auto_augment = "none"  # torchvision's RandAugment, asked for by name
     apply_recipe(args, f"defaults/{mode}_builtin" if small else f"defaults/{mode}")
@@ -141,6 +142,11 @@ def resolve_defaults(args) -> tuple[str, dict | None, dict | None]:
     if args.input_channels:
         config["in_chans"] = args.input_channels
     args.img_size, args.input_channels = config["img_size"], config["in_chans"]
+    if args.auto_augment and args.input_channels not in (1, 3):  # timm's operations work on L and RGB pictures
+        if asked_auto_augment:
+            raise UserError(f"--auto_augment works on 1- or 3-channel images, not {args.input_channels}: drop it (or "
+                            "use --random_aug_magnitude)")
+        args.auto_augment = None
     if args.auto_augment:
         timm_rand_augment(args.auto_augment, args.img_size, (0.5,) * args.input_channels)  # a bad policy: one line now
     if args.experiment_name is None:

@@ -32,11 +32,19 @@ def load(source: str, revision: str | None = None) -> MaskedAutoencoder | Vision
     return cls.from_pretrained(source, revision=revision).eval()
 
 
+def statistics(vit: VisionTransformer) -> tuple[list[float], list[float]]:
+    """The normalisation saved with the weights; ImageNet's (RGB) or 0.5 / 0.5 for weights saved without it."""
+    if vit.image_mean and vit.image_std:
+        return list(vit.image_mean), list(vit.image_std)
+    mean, std = channel_stats(vit.patch_embed.in_chans)
+    return list(mean), list(std)
+
+
 def prepare(model, images) -> torch.Tensor:
     """PIL images or paths -> the normalised batch (B, C, S, S) the model expects."""
     vit = model.encoder if isinstance(model, MaskedAutoencoder) else model
     size, channels = vit.patch_embed.img_size[0], vit.patch_embed.in_chans
-    mean, std = (vit.image_mean, vit.image_std) if vit.image_mean else channel_stats(channels)
+    mean, std = statistics(vit)
     view = ResizeCenterCrop(size)
     batch = []
     for image in images:
@@ -57,8 +65,7 @@ def predict(model, images, top_k: int = 5, seed: int = 0):
     pixels = prepare(model, images)
     if isinstance(model, MaskedAutoencoder):
         noise = torch.rand(len(pixels), model.num_patches, generator=torch.Generator().manual_seed(seed))
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (model.encoder.image_mean or [0.0],
-                                                                 model.encoder.image_std or [1.0]))
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in statistics(model.encoder))
         panels = reconstruction_panels(model, model, pixels, noise, lambda x: (x * std + mean).clamp(0, 1))
         return [Image.fromarray(panels_to_picture(panels[4 * i:4 * i + 4])) for i in range(len(pixels))]
     output = model(pixels)

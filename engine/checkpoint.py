@@ -161,11 +161,13 @@ def agreed_checkpoint(accelerator, resume_from: str | None, checkpoint_root: Pat
         try:
             found = resolve_checkpoint(resume_from, checkpoint_root)
             answer = [str(found) if found else None, None]
-        except UserError as error:
-            answer = [None, str(error)]
+        except Exception as error:  # every process stops with it, rather than the others waiting for an answer
+            answer = [None, str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"]
+            broadcast_object_list(answer)
+            raise
     found, error = broadcast_object_list(answer)
     if error:
-        raise UserError(error)
+        raise UserError(f"the main process could not choose the checkpoint to resume from: {error}")
     return Path(found) if found else None
 
 

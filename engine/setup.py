@@ -120,17 +120,19 @@ def build_accelerator(args, run_dir: RunDir) -> Accelerator:
         init_kwargs = {}
         if "wandb" in trackers and accelerator.is_main_process:
             init_kwargs["wandb"] = {"name": args.wandb_run_name or args.experiment_name, "dir": str(run_dir.root),
-                                    "entity": args.wandb_entity, "id": wandb_run_id(run_dir), "resume": "allow"}
+                                    "entity": args.wandb_entity, "resume": "allow",
+                                    "id": wandb_run_id(run_dir, resuming=bool(args.resume_from_checkpoint))}
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.wandb_project if "wandb" in trackers else args.experiment_name,
                                   config=config, init_kwargs=init_kwargs)
     return accelerator
 
 
-def wandb_run_id(run_dir: RunDir) -> str:
-    """The run folder's wandb run id, made on its first start: a resumed or requeued run continues the same run."""
+def wandb_run_id(run_dir: RunDir, resuming: bool) -> str:
+    """The run folder's wandb run id: a resumed or requeued run (``--resume_from_checkpoint``) continues the run's;
+    a fresh start gets a new one."""
     path = run_dir.root / WANDB_ID
-    if path.exists():
+    if resuming and path.exists():
         return path.read_text().strip()
     import uuid
 

@@ -350,7 +350,8 @@ def to_transformers(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict,
 def transformers_preprocessor(config: dict) -> dict:
     """``preprocessor_config.json`` for a transformers export: this project's evaluation view (shorter side to
     img_size / 0.875, bicubic, centre crop img_size), as ConvNextImageProcessor's ``crop_pct`` does it, then the
-    normalisation the weights were trained with (ImageNet's when not saved)."""
+    normalisation the weights were trained with (ImageNet's when not saved). At 384 pixels and more that processor
+    resizes to the size without cropping."""
     mean = config.get("image_mean") or ([0.485, 0.456, 0.406] if config["in_chans"] == 3 else [0.5] * config["in_chans"])
     std = config.get("image_std") or ([0.229, 0.224, 0.225] if config["in_chans"] == 3 else [0.5] * config["in_chans"])
     return {"image_processor_type": "ConvNextImageProcessor", "do_resize": True,

@@ -182,6 +182,9 @@ class HubImageDataset(Dataset):
 
     def __init__(self, hub_split, num_channels: int, image_column: str | None = None, label_column: str | None = None):
         columns = hub_split.column_names
+        for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
+            if column and column not in columns:
+                raise DataError(f"{flag} {column}: the dataset has no such column (it has {', '.join(columns)})")
         self.image_column = image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
         if self.image_column is None:
             raise DataError(f"no image column among {columns}: pass --image_column NAME")

@@ -29,17 +29,19 @@ from .transforms import to_channels
 logger = logging.getLogger(__name__)
 
 
-def open_stream(name: str, split: str, options: HubOptions):
+def open_stream(name: str, split: str, options: HubOptions, require_split: bool = False):
     """The split as a 🤗 ``IterableDataset`` whose image column stays encoded (decoded by the loader workers)."""
     import datasets
 
-    stream = load_hub_split(name, split, streaming=True, require_split=split != "train", options=options)
-    column = options.image_column or next((c for c in ("image", "img", "pixel_values") if c in stream.column_names),
-                                          None)
+    stream = load_hub_split(name, split, streaming=True, require_split=require_split, options=options)
+    columns = stream.column_names or []
+    for flag, column in (("--image_column", options.image_column), ("--label_column", options.label_column)):
+        if column and column not in columns:
+            raise DataError(f"{flag} {column}: the dataset has no such column (it has {', '.join(columns)})")
+    column = options.image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
     if column is None:
-        raise DataError(f"no image column among {stream.column_names}: pass --image_column NAME")
-    label = options.label_column or next((c for c in ("label", "labels", "fine_label") if c in stream.column_names),
-                                         None)
+        raise DataError(f"no image column among {columns}: pass --image_column NAME")
+    label = options.label_column or next((c for c in ("label", "labels", "fine_label") if c in columns), None)
     return stream.cast_column(column, datasets.Image(decode=False)), column, label
 
 
@@ -47,7 +49,12 @@ def decode_row(row: dict, image_column: str, label_column: str | None, num_chann
     """A stream row -> ``(uint8 (C, H, W), label)``, or None for an image that does not decode."""
     try:
         value = row[image_column]
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        if value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        else:  # a file of the dataset's repository or archive (hf://, zip://...): datasets opens those
+            import datasets
+
+            image = datasets.Image().decode_example(value)
         pixels = to_channels(image, num_channels)
     except Exception as error:  # a broken file in a stream: skipped and counted, as in the other sources
         logger.warning("skipping an unreadable streamed image (%s)", error)
@@ -56,10 +63,11 @@ def decode_row(row: dict, image_column: str, label_column: str | None, num_chann
     return pixels, label if isinstance(label, int) else -1
 
 
-def epoch_size(stream, split: str, max_samples: int | None) -> int:
+def epoch_size(stream, max_samples: int | None) -> int:
     """Images per epoch: ``--max_samples``, else the row count the dataset's metadata gives."""
     if max_samples:
         return max_samples
+    split = str(stream.split)
     splits = getattr(stream.info, "splits", None) or {}
     rows = getattr(splits.get(split), "num_examples", None) if split in splits else None
     if not rows:
@@ -95,9 +103,10 @@ class _Current(Dataset):
 
 
 class HubStream(IterableDataset):
-    """This process's training samples from a stream: its workers' micro-batches in the order the loader interleaves
-    them (worker ``j % workers`` makes micro-batch ``j``), from optimizer step ``first_step`` on. Each sample's crop,
-    flip and mask come from the seed of ``(seed, epoch, position in the epoch)``, as the indexed sources' do."""
+    """This process's training samples from a stream, from optimizer step ``first_step`` on. The epoch's micro-batch
+    ``j`` comes from part ``rank x workers + j % workers`` of the data, at position ``j // workers`` of that part's
+    stream, whichever loader worker makes it (a loader's new iterator starts at worker 0, so after a resume a
+    worker's parts shift). Each sample's crop, flip and mask come from the seed of ``(seed, epoch, position)``."""
 
     def __init__(self, stream, image_column: str, label_column: str | None, num_channels: int, schedule: StreamEpochs,
                  transform, num_patches: int = 0, noise_fn=None, buffer_size: int = 10_000):
@@ -121,25 +130,30 @@ class HubStream(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         plan = self.schedule
-        parts, part = plan.num_processes * workers, plan.rank * workers + worker
-        micro_per_epoch = plan.steps_per_epoch * plan.accumulation_steps
-        quota = len(range(worker, micro_per_epoch, workers)) * plan.micro_batch  # this worker's images per epoch
+        per_epoch = plan.steps_per_epoch * plan.accumulation_steps  # micro-batches
         epoch, step = divmod(self.first_step, plan.steps_per_epoch)
-        done = len(range(worker, step * plan.accumulation_steps, workers)) * plan.micro_batch
-        while True:
-            rows = itertools.islice(self.repeated(part, parts, epoch), done, quota)
-            for position, row in enumerate(rows, start=done):
+        first = step * plan.accumulation_steps  # the epoch's first micro-batch still to make
+        role = (self.first_step * plan.accumulation_steps + worker) % workers  # this worker makes micro-batches
+        while True:  # g of the run with g % workers == role; g = epoch x per_epoch + j
+            residue = (role - epoch * per_epoch) % workers  # its micro-batches' j % workers in this epoch
+            start = first + (residue - first) % workers  # its first one
+            part, parts = plan.rank * workers + residue, plan.num_processes * workers
+            rows = itertools.islice(self.repeated(part, parts, epoch), (start // workers) * plan.micro_batch,
+                                    len(range(residue, per_epoch, workers)) * plan.micro_batch)
+            for position, row in enumerate(rows, start=(start // workers) * plan.micro_batch):
                 self.samples.base.item = decode_row(row, self.image_column, self.label_column, self.num_channels)
                 yield self.samples[(part + parts * position, epoch)]
-            epoch, done = epoch + 1, 0
+            epoch, first = epoch + 1, 0
 
     def repeated(self, part: int, parts: int, epoch: int):
-        """The epoch's stream of this part, started again when it ends before the part's share is read."""
+        """The epoch's stream of this part, started again when it ends before the part's share is read. (Read with
+        ``iter``: iterating a 🤗 IterableDataset in a loader worker would split it among the workers once more.)"""
         while True:
             empty = True
-            for row in self.part(part, parts, epoch):
-                empty = False
-                yield row
+            for batch in self.part(part, parts, epoch).iter(batch_size=32):
+                for values in zip(*batch.values()):
+                    empty = False
+                    yield dict(zip(batch.keys(), values))
             if empty:
                 raise DataError(f"part {part} of {parts} of the stream has no rows: there are fewer rows than "
                                 "processes x loader workers; lower --num_workers")
@@ -156,7 +170,7 @@ class HeadDataset(Dataset):
     """The first rows of a stream, kept in memory (fixed pictures, a PCA fit): items as the indexed sources give."""
 
     def __init__(self, name: str, split: str, count: int, num_channels: int, options: HubOptions):
-        stream, image_column, label_column = open_stream(name, split, options)
+        stream, image_column, label_column = open_stream(name, split, options)  # (a train-only set: its first rows)
         rows = (decode_row(row, image_column, label_column, num_channels) for row in stream)
         self.items = [item for item in itertools.islice(rows, count) if item is not None]
 

@@ -99,7 +99,7 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
     if args.streaming:
         options = hub_options(args)
         stream, image_column, label_column = open_stream(args.dataset[3:], "train", options)
-        schedule = StreamEpochs(epoch_size(stream, options.train_split or "train", args.max_samples),
+        schedule = StreamEpochs(epoch_size(stream, args.max_samples),
                                 args.per_gpu_batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
                                 accelerator.process_index, args.seed, args.num_workers)
         data = HubStream(stream, image_column, label_column, args.input_channels, schedule,

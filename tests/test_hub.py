@@ -65,3 +65,19 @@ def test_the_card_names_license_data_base_model_metrics_and_command():
     local = model_card("pretraining", "me/mae", {"dataset": "fashion_mnist", "resume_from_pretrained": "/tmp/x"},
                        {}, None)
     assert "base_model" not in local and "- zalando-datasets/fashion_mnist" in local and "license: apache-2.0" in local
+
+
+def test_the_card_keeps_local_paths_out(tmp_path, monkeypatch):
+    from utils.hub import prepare_upload
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(run / "final" / "model.safetensors"))
+    (run / "final" / "config.json").write_text("{}")
+    monkeypatch.setattr("sys.argv", ["pretrain_mae.py", "--path_to_data", str(tmp_path / "private" / "images"),
+                                     "--epochs", "3"])
+    card = (prepare_upload(run, "pretraining", "me/mae", {"dataset": f"hf:{tmp_path}/private/flowers"}, {})
+            / "README.md")
+    text = card.read_text()
+    assert "private" not in text and "--path_to_data images --epochs 3" in text and "on `hf:flowers`" in text
+    assert "datasets:" not in text.split("---")[1]  # a local folder is no Hub dataset

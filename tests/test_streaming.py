@@ -41,9 +41,10 @@ def epoch_of(stream: HubStream, count: int, first_step: int = 0) -> list[dict]:
     return [sample for sample, _ in zip(stream, range(count))]
 
 
-def make(parquet, rank: int, processes: int = 2, workers: int = 1, per_process: int = 4):
+def make(parquet, rank: int, processes: int = 2, workers: int = 1, per_process: int = 4, accumulation: int = 2,
+         per_epoch: int = 40):
     data, image_column, label_column = open_stream(str(parquet), "train", HubOptions())
-    schedule = StreamEpochs(40, per_process, 2, processes, rank, seed=3, num_workers=workers)
+    schedule = StreamEpochs(per_epoch, per_process, accumulation, processes, rank, seed=3, num_workers=workers)
     return HubStream(data, image_column, label_column, 1, schedule, RandomResizedCropFlip(16), num_patches=16,
                      buffer_size=8)
 
@@ -67,13 +68,19 @@ def test_a_stream_resumed_at_a_step_continues_with_the_same_samples(parquet):
         assert torch.equal(expected["noise"], got["noise"])
 
 
-def test_loader_workers_split_the_part_and_resume_exactly(parquet):
-    stream = make(parquet, 0, processes=1, workers=2, per_process=8)
-    batches = [batch["label"] for _, batch in zip(range(8), build_stream_loader(stream, 2, torch.device("cpu")))]
-    assert sorted(torch.cat(batches[:5]).tolist()) == sorted(set(torch.cat(batches[:5]).tolist()))  # one epoch
-    stream.first_step = 2  # steps of 2 micro-batches: batch 4 on
-    resumed = [batch["label"] for _, batch in zip(range(4), build_stream_loader(stream, 2, torch.device("cpu")))]
-    assert all(torch.equal(a, b) for a, b in zip(batches[4:], resumed))
+def batches_of(stream: HubStream, count: int, first_step: int = 0) -> list[torch.Tensor]:
+    stream.first_step = first_step
+    return [batch["label"] for _, batch in zip(range(count), build_stream_loader(stream, 2, torch.device("cpu")))]
+
+
+def test_loader_workers_read_every_image_once_per_epoch_and_resume_exactly(parquet):
+    stream = make(parquet, 0, processes=1, workers=2, per_process=4, accumulation=1, per_epoch=36)  # 9 steps
+    batches = batches_of(stream, 21)
+    epoch = torch.cat(batches[:9]).tolist()
+    assert len(set(epoch)) == 36  # both workers' parts, no image twice
+    for first_step in (3, 4, 8):  # odd and even positions, and across the end of an epoch of 9 micro-batches
+        resumed = batches_of(stream, 21 - first_step, first_step)
+        assert all(torch.equal(a, b) for a, b in zip(batches[first_step:], resumed)), first_step
 
 
 def test_the_first_images_of_a_split_for_pictures(parquet):

@@ -1,4 +1,6 @@
 """Experiment trackers: a wandb run (offline here) that a resumed run continues, with its curves and pictures."""
+import argparse
+
 import numpy as np
 import pytest
 from accelerate.state import AcceleratorState, GradientState
@@ -33,12 +35,14 @@ def test_a_resumed_run_continues_the_same_offline_wandb_run(tmp_path, monkeypatc
     run_dir = RunDir(tmp_path / "run")
     first = start_and_log(run_dir, args, step=1)
     assert (run_dir.root / WANDB_ID).read_text().strip() == first
-    assert start_and_log(run_dir, args, step=2) == first  # the requeued job writes to the same run
+    resumed = argparse.Namespace(**{**vars(args), "resume_from_checkpoint": "auto"})
+    assert start_and_log(run_dir, resumed, step=2) == first  # the requeued job writes to the same run
     starts = sorted((run_dir.root / "wandb").glob("offline-run-*"))  # (two starts in one second share a folder)
     assert starts and all(start.name.endswith(f"-{first}") for start in starts)  # every start: one run id
     assert list(starts[-1].glob("files/media/images/reconstructions_*.png"))  # the picture went to wandb
     other = RunDir(tmp_path / "other")
     assert start_and_log(other, args, step=1) != first  # a new run folder is a new wandb run
+    assert start_and_log(run_dir, args, step=1) != first  # so is a fresh start in the same folder
 
 
 @pytest.mark.slow

@@ -53,36 +53,36 @@ def hub_id(value) -> str | None:
         else None
 
 
-def card_metadata(kind: str, args: dict, results: dict) -> list[str]:
-    """The model card's YAML header: license, library, tags, pipeline, data set, base model and metrics."""
-    lines = ["---", f"license: {args.get('hub_license') or 'apache-2.0'}", "library_name: mae-accelerate", "tags:",
-             "- mae", "- vision-transformer", f"- {kind}", "pipeline_tag: " + {
-                 "pretraining": "image-feature-extraction", "classification": "image-classification",
-                 "segmentation": "image-segmentation"}[kind]]
+def card_metadata(kind: str, args: dict, results: dict):
+    """The model card's metadata (``huggingface_hub.ModelCardData``): license, library, tags, pipeline, data set,
+    base model and metrics."""
+    from huggingface_hub import ModelCardData
+
     dataset = str(args.get("dataset") or "")
-    dataset = dataset[3:] if dataset.startswith("hf:") else HUB_DATASETS.get(dataset)
-    if dataset:
-        lines += ["datasets:", f"- {dataset}"]
+    dataset = hub_id(dataset[3:]) if dataset.startswith("hf:") else HUB_DATASETS.get(dataset)  # (not a local path)
     base = hub_id(args.get("path_to_pretrained_mae_weights") or args.get("path_to_backbone_checkpoint")
                   or args.get("resume_from_pretrained"))
-    if base:
-        lines.append(f"base_model: {base}")
-    shown = {key: results[key] for key in RESULT_KEYS if isinstance(results.get(key), (int, float))}
-    if shown:
-        lines += ["metrics:"] + [f"- {key}" for key in shown]
-    return lines + ["---"]
+    metrics = [key for key in RESULT_KEYS if isinstance(results.get(key), (int, float))]
+    return ModelCardData(license=args.get("hub_license") or "apache-2.0", library_name="mae-accelerate",
+                         tags=["mae", "vision-transformer", kind], datasets=[dataset] if dataset else None,
+                         base_model=base, metrics=metrics or None, pipeline_tag={
+                             "pretraining": "image-feature-extraction", "classification": "image-classification",
+                             "segmentation": "image-segmentation"}[kind])
 
 
 def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str | None, command: str = "") -> str:
     """The README.md of the uploaded repo: what it is, how to load it, its metrics, command and training arguments."""
     what, model_class = USAGE[kind]
     revision = f", revision=\"{args['hub_revision']}\"" if args.get("hub_revision") else ""
-    header = card_metadata(kind, args, results)
+    metadata = card_metadata(kind, args, results)
     # local paths say nothing to a reader of the card (and may say too much): their last part only
     args = {key: (Path(str(value)).name if value and (key.startswith(("path_to", "resume_from"))
                                                       or key == "working_directory") else value)
             for key, value in args.items()}
-    lines = [*header, "", f"# {repo_id.split('/')[-1]}", "",
+    dataset = str(args.get("dataset") or "")
+    if dataset.startswith("hf:") and not hub_id(dataset[3:]):  # a local 🤗 dataset folder: its name only
+        args["dataset"] = "hf:" + Path(dataset[3:]).name
+    lines = [f"# {repo_id.split('/')[-1]}", "",
              f"{what} with mae-accelerate on `{args.get('dataset')}`"
              f"{' (' + str(args.get('path_to_data')) + ')' if args.get('path_to_data') else ''}, with the "
              f"project's `{SCRIPTS[kind]}` (PyTorch, 🤗 Accelerate).", "",
@@ -103,7 +103,9 @@ def model_card(kind: str, repo_id: str, args: dict, results: dict, picture: str 
     if command:
         lines += ["## Command", "", "```bash", command, "```", ""]
     lines += ["## Training arguments", "", "```json", json.dumps(args, indent=2, default=str), "```", ""]
-    return "\n".join(lines)
+    from huggingface_hub import ModelCard
+
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def prepare_upload(run_root: Path, kind: str, repo_id: str, args: dict, results: dict,
@@ -118,7 +120,9 @@ def prepare_upload(run_root: Path, kind: str, repo_id: str, args: dict, results:
     if picture is not None and picture.exists():
         picture_name = f"{kind}_samples.png"
         shutil.copy(picture, folder / picture_name)
-    command = "accelerate launch " + " ".join(shlex.quote(part) for part in [SCRIPTS[kind], *sys.argv[1:]])
+    local = [str(part) for part in sys.argv[1:] if part.startswith(("/", "~", ".")) or Path(part).exists()]
+    command = "accelerate launch " + " ".join(  # local paths say nothing to a reader: their last part only
+        shlex.quote(Path(part).name if part in local else part) for part in [SCRIPTS[kind], *sys.argv[1:]])
     (folder / "README.md").write_text(model_card(kind, repo_id, args, results, picture_name, command))
     return folder
 
