@@ -177,18 +177,22 @@ class ArrayDataset(Dataset):
         return to_channels(self.images[index], self.num_channels), int(self.labels[index])
 
 
+def hub_columns(columns: list[str], image_column: str | None, label_column: str | None) -> tuple[str, str | None]:
+    """The image and label columns of a 🤗 dataset: the ones asked for (which must exist), else guessed."""
+    for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
+        if column and column not in columns:
+            raise DataError(f"{flag} {column}: the dataset has no such column (it has {', '.join(columns)})")
+    image = image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
+    if image is None:
+        raise DataError(f"no image column among {columns}: pass --image_column NAME")
+    return image, label_column or next((c for c in ("label", "labels", "fine_label") if c in columns), None)
+
+
 class HubImageDataset(Dataset):
     """A 🤗 ``datasets`` split (map-style) with an image column and an optional label column."""
 
     def __init__(self, hub_split, num_channels: int, image_column: str | None = None, label_column: str | None = None):
-        columns = hub_split.column_names
-        for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
-            if column and column not in columns:
-                raise DataError(f"{flag} {column}: the dataset has no such column (it has {', '.join(columns)})")
-        self.image_column = image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
-        if self.image_column is None:
-            raise DataError(f"no image column among {columns}: pass --image_column NAME")
-        self.label_column = label_column or next((c for c in ("label", "labels", "fine_label") if c in columns), None)
+        self.image_column, self.label_column = hub_columns(hub_split.column_names, image_column, label_column)
         self.split, self.num_channels = hub_split, num_channels
         feature = hub_split.features.get(self.label_column) if self.label_column else None
         self.classes = list(getattr(feature, "names", []) or [])

@@ -5,8 +5,8 @@ row when there are fewer files than parts), shuffled through a buffer, epoch aft
 Epochs have a fixed size (``--max_samples`` or the split's row count), cut into equal shares: a part that runs out
 starts its epoch's stream again (a few images repeat), a longer one leaves its last images for the next epoch's
 shuffle. A run resumed on the same number of processes and loader workers continues exactly where it stopped: each
-worker re-reads its epoch's stream up to its position, without decoding the images; another layout starts the
-epoch's streams anew (not exact, the log says so).
+worker re-reads its epoch's stream up to its position, without decoding the images; on another layout the parts
+differ, so the images do too (not exact, the log says so).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from utils.errors import DataError
 from .loading import WorkerLoader, ignore_stop_signals
 from .samples import SeededSamples, collate_skipping_bad
 from .sampling import StepSampler
-from .sources import HubOptions, load_hub_split
+from .sources import HubOptions, hub_columns, load_hub_split
 from .transforms import to_channels
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,7 @@ def open_stream(name: str, split: str, options: HubOptions, require_split: bool 
     import datasets
 
     stream = load_hub_split(name, split, streaming=True, require_split=require_split, options=options)
-    columns = stream.column_names or []
-    for flag, column in (("--image_column", options.image_column), ("--label_column", options.label_column)):
-        if column and column not in columns:
-            raise DataError(f"{flag} {column}: the dataset has no such column (it has {', '.join(columns)})")
-    column = options.image_column or next((c for c in ("image", "img", "pixel_values") if c in columns), None)
-    if column is None:
-        raise DataError(f"no image column among {columns}: pass --image_column NAME")
-    label = options.label_column or next((c for c in ("label", "labels", "fine_label") if c in columns), None)
+    column, label = hub_columns(stream.column_names or [], options.image_column, options.label_column)
     return stream.cast_column(column, datasets.Image(decode=False)), column, label
 
 

@@ -200,8 +200,8 @@ class Pretraining(Task):
         saved_parts, parts = trainer.state.get("stream_parts"), trainer.sampler.state_dict(0).get("stream_parts")
         if args.streaming and saved_parts and saved_parts != parts:
             logger.warning("resumed with the stream split into %d parts (processes x loader workers) where the "
-                           "checkpoint had %d: the epoch's streams start anew, so the images differ from an "
-                           "uninterrupted run's", parts, saved_parts)
+                           "checkpoint had %d: the parts differ, so the images differ from an uninterrupted "
+                           "run's", parts, saved_parts)
         samples = trainer.steps_per_epoch * trainer.sampler.global_batch if args.streaming else \
             len(trainer.loader.dataset)
         logger.info("%d samples, %d steps/epoch, %d steps in all, global batch %d (micro-batch %d x %d accumulation x "
