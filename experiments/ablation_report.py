@@ -1,7 +1,8 @@
 """The ablation runs' report: results.json, RESULTS.md (table, per-claim verdicts) and plots, generated from the run
 folders that experiments/run_ablations.py fills; and the logistic-regression baseline on raw pixels.
 
-    python experiments/ablation_report.py logreg --max_samples 12000 --out DIR   # the baseline, as a stage
+    python experiments/ablation_report.py logreg --out DIR                           # the pixel baseline, a stage
+    python experiments/ablation_report.py featprobe --weights RUN/final --out DIR    # the feature probe, a stage
 """
 from __future__ import annotations
 
@@ -16,59 +17,67 @@ sys.path.insert(0, str(ROOT))
 
 METRICS = {  # results.json key: (table heading, higher is better)
     "linear_probe_top1": ("linear probe top-1 (%)", True),
+    "feature_probe_top1": ("LR feature probe top-1 (%)", True),
     "finetune_top1": ("fine-tune top-1 (%)", True),
     "masked_psnr": ("masked PSNR (dB)", True),
     "hf_error": ("HF error", False),
     "pretrain_minutes": ("pretraining (min)", False),
 }
-# The claims: (claim, variant that should win, variant it should beat, metric[, claimed minimum gain]).
+PIXELS = "logistic_regression"  # the pixel baseline's one number is its feature_probe_top1: the same probe on pixels
+
+
+def on_both_probes(claim: str, winner: str, loser: str, *margin) -> list[tuple]:
+    """A feature-quality claim, judged by the official BN + linear probe and by the logistic-regression probe."""
+    return [(claim, winner, loser, "linear_probe_top1", *margin),
+            (f"{claim}, LR probe", winner, loser, "feature_probe_top1", *margin)]
+
+
+# The claims: (claim, variant that should win, variant it should beat, metric[, claimed minimum gain[, the loser's
+# metric where it differs]]).
 CLAIMS = [
     ("MAE pretraining beats training from scratch (MAE paper)", "mae", "scratch", "finetune_top1"),
-    ("MAE features beat a random encoder's (linear probe)", "mae", "random_probe", "linear_probe_top1"),
-    ("mask ratio 0.75 beats 0.5 (MAE paper)", "mae", "ratio_0.5", "linear_probe_top1"),
+    *on_both_probes("MAE features beat a random encoder's", "mae", "random_probe"),
+    ("MAE features beat raw pixels (LR probe)", "mae", PIXELS, "feature_probe_top1"),
+    ("fine-tuned MAE beats logistic regression on pixels", "mae", PIXELS, "finetune_top1", 0.0, "feature_probe_top1"),
+    ("fine-tuned improved MAE beats logistic regression on pixels", "improved", PIXELS, "finetune_top1", 0.0,
+     "feature_probe_top1"),
+    ("the ViT from scratch beats logistic regression on pixels", "scratch", PIXELS, "finetune_top1", 0.0,
+     "feature_probe_top1"),
+    *on_both_probes("mask ratio 0.75 beats 0.5 (MAE paper)", "mae", "ratio_0.5"),
     ("mask ratio 0.75 beats 0.5, fine-tuned", "mae", "ratio_0.5", "finetune_top1"),
-    ("mask ratio 0.75 beats 0.9", "mae", "ratio_0.9", "linear_probe_top1"),
+    *on_both_probes("mask ratio 0.75 beats 0.9", "mae", "ratio_0.9"),
     ("mask ratio 0.75 beats 0.9, fine-tuned", "mae", "ratio_0.9", "finetune_top1"),
-    ("random masking beats block masking (paper)", "mae", "block", "linear_probe_top1"),
+    *on_both_probes("random masking beats block masking (paper)", "mae", "block"),
     ("random masking beats block masking, fine-tuned", "mae", "block", "finetune_top1"),
-    ("random masking beats grid masking (paper)", "mae", "grid", "linear_probe_top1"),
+    *on_both_probes("random masking beats grid masking (paper)", "mae", "grid"),
     ("random masking beats grid masking, fine-tuned", "mae", "grid", "finetune_top1"),
-    ("bottom-PCA targets beat pixel targets (Balestriero & LeCun)", "pca_bottom", "mae", "linear_probe_top1"),
+    *on_both_probes("bottom-PCA targets beat pixel targets (Balestriero & LeCun)", "pca_bottom", "mae"),
     ("bottom-PCA targets beat pixel targets, fine-tuned", "pca_bottom", "mae", "finetune_top1"),
-    ("bottom-PCA targets beat top-PCA targets (Balestriero & LeCun)", "pca_bottom", "pca_top", "linear_probe_top1"),
-    ("norm_pix_loss gives better features (paper)", "mae", "mae_raw_pixels", "linear_probe_top1"),
-    ("improved recipe beats the original by > 5 points", "improved", "mae", "linear_probe_top1", 5.0),
+    *on_both_probes("bottom-PCA targets beat top-PCA targets (Balestriero & LeCun)", "pca_bottom", "pca_top"),
+    *on_both_probes("norm_pix_loss gives better features (paper)", "mae", "mae_raw_pixels"),
+    *on_both_probes("improved recipe beats the original by > 5 points", "improved", "mae", 5.0),
     ("improved recipe beats the original by > 5 points, fine-tuned", "improved", "mae", "finetune_top1", 5.0),
-    ("curriculum masking alone helps (improved-MAE recipe)", "curriculum", "mae", "linear_probe_top1"),
-    ("HF loss alone helps (improved-MAE recipe)", "hf_loss", "mae", "linear_probe_top1"),
-    ("uniformity regulariser alone helps (improved-MAE recipe)", "uniformity", "mae", "linear_probe_top1"),
+    *on_both_probes("curriculum masking alone helps (improved-MAE recipe)", "curriculum", "mae"),
+    *on_both_probes("HF loss alone helps (improved-MAE recipe)", "hf_loss", "mae"),
+    *on_both_probes("uniformity regulariser alone helps (improved-MAE recipe)", "uniformity", "mae"),
     ("HF loss lowers the high-frequency error (improved-MAE recipe)", "hf_loss", "mae", "hf_error"),
 ]
 BASELINES = {
     "logistic_regression": "baseline: logistic regression on raw pixels",
-    "random_probe": "baseline: linear probe of a randomly initialised encoder",
+    "random_probe": "baseline: the probes of a randomly initialised encoder",
     "scratch": "baseline: the same ViT fine-tuned from scratch",
 }
 
 
-# ------------------------------------------------------------------------------------------- baseline
-def logistic_regression(max_samples: int, max_val_samples: int, weight_decay: float = 1e-4) -> dict:
-    """Multinomial logistic regression on standardised raw pixels, full-batch L-BFGS (no sklearn needed)."""
+# ------------------------------------------------------------------------------------------- probes
+def fit_logistic_regression(train_x, train_y, test_x, test_y, weight_decay: float = 1e-4) -> dict:
+    """Multinomial logistic regression on standardised inputs (N, D), full-batch L-BFGS (no sklearn needed)."""
     import torch
 
-    from pipeline.sources import load_fashion_mnist
-
-    def split(name: str, limit: int):
-        images, labels = load_fashion_mnist(name)
-        limit = limit or len(images)
-        return (torch.from_numpy(images[:limit]).flatten(1).double() / 255,
-                torch.from_numpy(labels[:limit].astype("int64")))
-
-    train_x, train_y = split("train", max_samples)
-    test_x, test_y = split("test", max_val_samples)
+    train_x, test_x = train_x.double(), test_x.double()
     mean, std = train_x.mean(0), train_x.std(0) + 1e-3
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    linear = torch.nn.Linear(train_x.shape[1], 10).double()
+    linear = torch.nn.Linear(train_x.shape[1], int(train_y.max()) + 1).double()
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
     optimizer = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=500, history_size=20,
@@ -76,7 +85,8 @@ def logistic_regression(max_samples: int, max_val_samples: int, weight_decay: fl
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) + weight_decay / 2 * linear.weight.square().sum()
+        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y)
+        loss = loss + weight_decay / 2 * linear.weight.square().sum()
         loss.backward()
         return loss
 
@@ -86,6 +96,62 @@ def logistic_regression(max_samples: int, max_val_samples: int, weight_decay: fl
         train_top1 = (linear(train_x).argmax(1) == train_y).double().mean().item() * 100
     return {"top1": top1, "train_top1": train_top1, "train_samples": len(train_x), "val_samples": len(test_x),
             "weight_decay": weight_decay}
+
+
+def fashion_mnist_split(name: str, limit: int):
+    """uint8 images (N, 1, 28, 28) and int64 labels of the first ``limit`` images of a split (0: all)."""
+    import torch
+
+    from pipeline.sources import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(name)
+    limit = limit or len(images)
+    return torch.from_numpy(images[:limit]).unsqueeze(1), torch.from_numpy(labels[:limit].astype("int64"))
+
+
+def logistic_regression(max_samples: int, max_val_samples: int, weight_decay: float = 1e-4) -> dict:
+    """The pixel baseline: logistic regression on the raw pixels."""
+    (train_x, train_y), (test_x, test_y) = (fashion_mnist_split("train", max_samples),
+                                            fashion_mnist_split("test", max_val_samples))
+    return fit_logistic_regression(train_x.flatten(1), train_y, test_x.flatten(1), test_y, weight_decay)
+
+
+def encoder_features(encoder, images, batch_size: int = 1000):
+    """Frozen-encoder features of uint8 images: the cls token beside the mean patch token, both after the final
+    norm (N, 2D); bf16 autocast where the CPU computes bf16 natively."""
+    import torch
+
+    from engine.setup import cpu_has_native
+    from pipeline.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize
+
+    normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    encoder.eval()
+    features = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native("bf16")):
+        for start in range(0, len(images), batch_size):
+            tokens = encoder.forward_features(normalize(images[start:start + batch_size]))
+            features.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1).float())
+    return torch.cat(features)
+
+
+def feature_probe(weights: str | None, seed: int, max_samples: int, max_val_samples: int,
+                  weight_decay: float = 1e-4) -> dict:
+    """Logistic regression on a frozen encoder's cls + mean-patch features: the MAE's in ``weights`` (a pretraining
+    run's final/ folder), or a randomly initialised tiny MAE encoder drawn from ``seed`` when ``weights`` is None."""
+    import torch
+
+    from models import MaskedAutoencoder, mae_config
+
+    if weights:
+        encoder = MaskedAutoencoder.from_pretrained(weights).encoder
+    else:
+        torch.manual_seed(seed)
+        encoder = MaskedAutoencoder(**mae_config("mae_vit_tiny_patch4")).encoder
+    (train_x, train_y), (test_x, test_y) = (fashion_mnist_split("train", max_samples),
+                                            fashion_mnist_split("test", max_val_samples))
+    result = fit_logistic_regression(encoder_features(encoder, train_x), train_y, encoder_features(encoder, test_x),
+                                     test_y, weight_decay)
+    return {**result, "weights": weights, "features": "cls token and mean patch token, standardised"}
 
 
 # ------------------------------------------------------------------------------------------- collecting
@@ -116,26 +182,31 @@ def collect(out: Path, chosen) -> tuple[list[dict], dict]:
         for seed_dir in sorted((out / variant.name).glob("seed*")):
             seed = int(seed_dir.name[4:])
             probe = read_json(seed_dir / "linear_probe" / "results.json") or {}
+            features = read_json(seed_dir / "feature_probe" / "results.json") or {}
             finetune = read_json(seed_dir / "finetune" / "results.json") or {}
             recon = by_model.get((seed_dir / "pretrain" / "final").resolve(), {})
             pretrain = stages.get(f"{variant.name}/seed{seed}/pretrain", {})
             records.append({"variant": variant.name, "seed": seed, "description": variant.description,
                             "mask_ratio": variant.mask_ratio,
-                            "linear_probe_top1": probe.get("top1"), "finetune_top1": finetune.get("top1"),
+                            "linear_probe_top1": probe.get("top1"), "feature_probe_top1": features.get("top1"),
+                            "finetune_top1": finetune.get("top1"),
                             "masked_psnr": recon.get("val_psnr_masked"), "hf_error": recon.get("val_hf_error"),
                             "pretrain_minutes": round(pretrain["seconds"] / 60, 2) if pretrain else None})
             curves[(variant.name, seed)] = read_jsonl(seed_dir / "pretrain" / "metrics.jsonl")
     baselines = out / "baselines"
     logreg = read_json(baselines / "logistic_regression" / "results.json")
     if logreg:
-        records.append({"variant": "logistic_regression", "seed": 0, "description": BASELINES["logistic_regression"],
-                        "linear_probe_top1": logreg["top1"]})
+        records.append({"variant": PIXELS, "seed": 0, "description": BASELINES[PIXELS],
+                        "feature_probe_top1": logreg["top1"]})
     for seed_dir in sorted(baselines.glob("seed*")):
         seed = int(seed_dir.name[4:])
-        for name, key in (("scratch", "finetune_top1"), ("random_probe", "linear_probe_top1")):
-            result = read_json(seed_dir / name / "results.json")
-            if result:
-                records.append({"variant": name, "seed": seed, "description": BASELINES[name], key: result["top1"]})
+        for name, parts in (("scratch", {"scratch": "finetune_top1"}),
+                            ("random_probe", {"random_probe": "linear_probe_top1",
+                                              "random_features": "feature_probe_top1"})):
+            found = {key: read_json(seed_dir / folder / "results.json") for folder, key in parts.items()}
+            if any(found.values()):
+                records.append({"variant": name, "seed": seed, "description": BASELINES[name],
+                                **{key: result["top1"] for key, result in found.items() if result}})
     return records, curves
 
 
@@ -153,14 +224,16 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
-def verdict(summary: dict, winner: str, loser: str, metric: str, margin: float = 0.0,
+def verdict(summary: dict, winner: str, loser: str, metric: str, margin: float = 0.0, loser_metric: str | None = None,
             reference: str = "mae") -> dict | None:
     """Did `winner` beat `loser` on `metric` (by at least `margin`, where the claim names one)? A difference within
     the spread over seeds (the larger std of the two; one-seed variants borrow the other's, or the `reference`
-    variant's when both have one seed) is no difference."""
-    if metric not in summary.get(winner, {}).get("stats", {}) or metric not in summary.get(loser, {}).get("stats", {}):
+    variant's when both have one seed) is no difference. `loser_metric`: the loser's column, where it differs."""
+    loser_metric = loser_metric or metric
+    if (metric not in summary.get(winner, {}).get("stats", {})
+            or loser_metric not in summary.get(loser, {}).get("stats", {})):
         return None
-    (mean_w, std_w, n_w), (mean_l, std_l, n_l) = summary[winner]["stats"][metric], summary[loser]["stats"][metric]
+    (mean_w, std_w, n_w), (mean_l, std_l, n_l) = summary[winner]["stats"][metric], summary[loser]["stats"][loser_metric]
     higher_better = METRICS[metric][1]
     gain = (mean_w - mean_l) if higher_better else (mean_l - mean_w)
     spreads = [s for s in (std_w, std_l) if s is not None]
@@ -215,8 +288,9 @@ def claims_table(summary: dict) -> tuple[str, list[dict]]:
             continue
         digits = 4 if metric == "hf_error" else 2
         spread = f"{result['spread']:.{digits}f}" if result["spread"] is not None else "n/a"
-        lines.append(f"| {claim}: `{winner}` vs `{loser}` | {METRICS[metric][0]} | {result['gain']:+.{digits}f} | "
-                     f"{spread} | {result['outcome']} |")
+        against = f" vs `{loser}`'s {METRICS[margin[1]][0]}" if len(margin) > 1 else ""
+        lines.append(f"| {claim}: `{winner}` vs `{loser}` | {METRICS[metric][0]}{against} | "
+                     f"{result['gain']:+.{digits}f} | {spread} | {result['outcome']} |")
         found.append({"claim": claim, "winner": winner, "loser": loser, "metric": metric, **result})
     return "\n".join(lines), found
 
@@ -235,21 +309,25 @@ def plots(summary: dict, curves: dict, order: list[str], report: Path, compare: 
         if stats:
             axis.axvline(stats[0], color=colour, linestyle="--", label=f"{name} {stats[0]:.1f}%")
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 0.4 * len(variants) + 2), sharey=True)
-    for axis, key, lines in ((axes[0], "linear_probe_top1", (("logistic_regression", "grey"), ("random_probe", "red"))),
-                             (axes[1], "finetune_top1", (("scratch", "red"), ("logistic_regression", "grey")))):
+    pixels = (PIXELS, "grey", "feature_probe_top1")
+    panels = (("linear_probe_top1", (("random_probe", "red", "linear_probe_top1"), pixels)),
+              ("feature_probe_top1", (("random_probe", "red", "feature_probe_top1"), pixels)),
+              ("finetune_top1", (("scratch", "red", "finetune_top1"), pixels)))
+    figure, axes = plt.subplots(1, 3, figsize=(16, 0.4 * len(variants) + 2), sharey=True)
+    for axis, (key, lines) in zip(axes, panels):
         shown = [name for name in variants if key in summary[name]["stats"]]
         means = [summary[name]["stats"][key][0] for name in shown]
         errors = [summary[name]["stats"][key][1] or 0 for name in shown]
         axis.barh(range(len(shown)), means, xerr=errors, color="tab:blue", capsize=3)
-        axis.set_yticks(range(len(shown)), shown)
-        for name, colour in lines:
-            baseline_line(axis, name, key, colour)
-        low = min(means + [summary.get(n, {}).get("stats", {}).get(key, (100,))[0] for n, _ in lines]) if means else 0
-        axis.set_xlim(max(0, low - 5), min(100, max(means, default=100) + 3))
+        axis.set_yticks(range(len(variants)), variants)
+        for name, colour, line_key in lines:
+            baseline_line(axis, name, line_key, colour)
+        references = [summary.get(name, {}).get("stats", {}).get(line_key, (100,))[0] for name, _, line_key in lines]
+        low = min(means + references) if means else 0
+        axis.set_xlim(max(0, low - 5), min(100, max(means + references, default=100) + 3))
         axis.set_xlabel(METRICS[key][0])
         axis.legend(loc="lower right", fontsize=8)
-        axis.invert_yaxis()
+    axes[0].invert_yaxis()
     figure.suptitle("Fashion-MNIST top-1 per pretraining variant (mean ± std over seeds)")
     figure.tight_layout()
     figure.savefig(report / "accuracy.png", dpi=110)
@@ -259,7 +337,7 @@ def plots(summary: dict, curves: dict, order: list[str], report: Path, compare: 
     ratios = [(ratio, name) for ratio, name in ((0.5, "ratio_0.5"), (0.75, "mae"), (0.9, "ratio_0.9")) if name in summary]
     if len(ratios) > 1:
         figure, axis = plt.subplots(figsize=(5, 4))
-        for key, marker in (("linear_probe_top1", "o"), ("finetune_top1", "s")):
+        for key, marker in (("linear_probe_top1", "o"), ("feature_probe_top1", "^"), ("finetune_top1", "s")):
             points = [(ratio, summary[name]["stats"][key]) for ratio, name in ratios if key in summary[name]["stats"]]
             axis.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] or 0 for p in points],
                           marker=marker, capsize=3, label=METRICS[key][0])
@@ -345,10 +423,21 @@ def preset_text(name: str = "mae_vit_tiny_patch4") -> str:
             f"{c['img_size']} px; decoder width {c['decoder_embed_dim']}, depth {c['decoder_depth']}")
 
 
+def outcome_line(claims: list[dict]) -> str:
+    """How many claims held, reversed or stayed unresolved, in one sentence."""
+    counts: dict = {}
+    for claim in claims:
+        kind = {"reproduced": "held", "reversed": "reversed"}.get(claim["outcome"], "unresolved")
+        counts[kind] = counts.get(kind, 0) + 1
+    return (f"Of {len(claims)} claims tested at this budget: {counts.get('held', 0)} held, "
+            f"{counts.get('reversed', 0)} reversed, {counts.get('unresolved', 0)} unresolved (a difference within the "
+            "seed spread, or a smaller gain than claimed).")
+
+
 def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict, command: str,
-                 readme: Path | None = None) -> Path:
+                 readme: Path | None = None, skipped: tuple[str, ...] = ()) -> Path:
     """Collect every run under `out`; write results.json, RESULTS.md and the plots to `report` (and the table into
-    `readme` between its ablation markers)."""
+    `readme` between its ablation markers). `skipped`: the variants this budget does not run."""
     report.mkdir(parents=True, exist_ok=True)
     records, curves = collect(out, chosen)
     summary = summarize(records)
@@ -379,9 +468,13 @@ def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict
         f"summed: {total_minutes:.0f} min; with --jobs 2 two stages share the cores, so each stage's time, the "
         "pretraining column included, is that of half the machine).",
         f"- Budget: {settings}. Model: `mae_vit_tiny_patch4` ({preset_text()}).",
-        "- Linear probe and fine-tune evaluate on the Fashion-MNIST test split; masked PSNR and HF error are measured "
+        "- Two probes of the frozen encoder: the official one (BatchNorm without affine + linear layer, LARS, on the "
+        "global-pooled features) and logistic regression (L-BFGS) on the cls token beside the mean patch token, "
+        "standardised; the pixel baseline is the same logistic regression on raw pixels. Probes and fine-tuning "
+        "evaluate on the Fashion-MNIST test split; masked PSNR and HF error are measured "
         f"on {budget['compare_images']} test images under the same random 75% masks for every model "
         "(compare_reconstructions.py).",
+        *([f"- Not run here: {', '.join(skipped)} (their claims are left out below)."] if skipped else []),
         "- mean ± std over seeds where a variant has several; **bold**: best variant per column (baselines excluded).",
         "",
         table(summary, order),
@@ -390,6 +483,8 @@ def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict
         "",
         "A difference within the spread over seeds (the larger std of the two; a one-seed variant borrows the "
         "other's) counts as no difference.",
+        "",
+        outcome_line(claims),
         "",
         claims_md,
         "",
@@ -408,7 +503,7 @@ def write_report(out: Path, report: Path, chosen, budget_name: str, budget: dict
             f"Generated by `{command}` ({budget_name} budget; {', '.join(machines)}; {wall_minutes:.0f} min wall "
             f"time). Full table with descriptions, verdicts and plots: "
             f"[{report.as_posix()}/RESULTS.md]({report.as_posix()}/RESULTS.md).", "",
-            table(summary, order, descriptions=False), "", claims_md]))
+            table(summary, order, descriptions=False), "", outcome_line(claims), "", claims_md]))
     return report / "RESULTS.md"
 
 
@@ -416,15 +511,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     logreg = commands.add_parser("logreg", help="Logistic regression on raw Fashion-MNIST pixels.")
-    logreg.add_argument("--max_samples", type=int, default=0, help="First N training images (0: all 60k).")
-    logreg.add_argument("--max_val_samples", type=int, default=0, help="First N test images (0: all 10k).")
-    logreg.add_argument("--weight_decay", type=float, default=1e-4, help="L2 penalty on the weights.")
-    logreg.add_argument("--out", required=True, help="Folder for results.json.")
+    features = commands.add_parser("featprobe", help="Logistic regression on a frozen encoder's cls + mean features.")
+    features.add_argument("--weights", default=None,
+                          help="A pretraining run's final/ folder (default: a random encoder).")
+    features.add_argument("--seed", type=int, default=0, help="Seed of the random encoder (without --weights).")
+    for command in (logreg, features):
+        command.add_argument("--max_samples", type=int, default=0, help="First N training images (0: all 60k).")
+        command.add_argument("--max_val_samples", type=int, default=0, help="First N test images (0: all 10k).")
+        command.add_argument("--weight_decay", type=float, default=1e-4, help="L2 penalty on the weights.")
+        command.add_argument("--out", required=True, help="Folder for results.json.")
     args = parser.parse_args(argv)
-    result = logistic_regression(args.max_samples, args.max_val_samples, args.weight_decay)
+    if args.command == "logreg":
+        result = logistic_regression(args.max_samples, args.max_val_samples, args.weight_decay)
+    else:
+        result = feature_probe(args.weights, args.seed, args.max_samples, args.max_val_samples, args.weight_decay)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"logistic regression on raw pixels: top-1 {result['top1']:.2f}% (train {result['train_top1']:.2f}%)")
+    print(f"{args.command}: top-1 {result['top1']:.2f}% (train {result['train_top1']:.2f}%)")
 
 
 if __name__ == "__main__":

@@ -25,21 +25,28 @@ sys.path.insert(0, str(ROOT))
 
 from experiments import ablation_report  # noqa: E402
 
-# Budgets: what each stage trains on. Fashion-MNIST's first N training images; evaluation always on the 10k test
-# images, except in the smoke budget. The cpu budget fits the whole table in about 1.5 h on 2 cores (--jobs 2).
+# Budgets: what each stage trains on. Fashion-MNIST's first N training images (all 60k where no max_samples is set);
+# evaluation always on the 10k test images, except in the smoke budget. `variants`: the ones the budget runs (None:
+# all); `finetuned`: the variants that are also fine-tuned (None: all).
 BUDGETS = {
     "smoke": dict(pretrain=dict(max_samples=256, epochs=2, per_gpu_batch_size=64, warmup_epochs=0.5, pca_samples=256),
                   linear_probe=dict(max_samples=256, max_val_samples=256, epochs=3, warmup_epochs=1, per_gpu_batch_size=128),
+                  feature_probe=dict(max_samples=256, max_val_samples=256),
                   finetune=dict(max_samples=256, max_val_samples=256, epochs=1, per_gpu_batch_size=64, warmup_epochs=0.25),
-                  compare_images=32, seeds=1),
-    "cpu": dict(pretrain=dict(max_samples=12000, epochs=4, per_gpu_batch_size=128, warmup_epochs=0.5, pca_samples=2000),
-                linear_probe=dict(max_samples=12000, epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
-                finetune=dict(max_samples=12000, epochs=1, per_gpu_batch_size=128, warmup_epochs=0.25),
-                compare_images=512, seeds=3),
+                  compare_images=32, seeds=1, variants=None, finetuned=None),
+    # About 1.5 h on 2 cores with --jobs 2: the headline rows with 3 seeds, the variants that separate at this scale
+    # with one; the fine-tuning target is the plain MAE's against the ViT from scratch.
+    "cpu": dict(pretrain=dict(epochs=2, per_gpu_batch_size=128, warmup_epochs=0.25, pca_samples=2000),
+                linear_probe=dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
+                feature_probe=dict(),
+                finetune=dict(epochs=3, per_gpu_batch_size=128, warmup_epochs=0.2),
+                compare_images=512, seeds=3,
+                variants=("mae", "improved", "ratio_0.5", "ratio_0.9", "block", "pca_bottom"), finetuned=("mae",)),
     "gpu": dict(pretrain=dict(epochs=100, per_gpu_batch_size=256, warmup_epochs=5, pca_samples=10000),
                 linear_probe=dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
+                feature_probe=dict(),
                 finetune=dict(epochs=20, per_gpu_batch_size=128, warmup_epochs=2),
-                compare_images=2000, seeds=3),
+                compare_images=2000, seeds=3, variants=None, finetuned=None),
 }
 
 
@@ -95,14 +102,26 @@ def machine() -> str:
     return f"{device}, {platform.machine()}, torch {torch.__version__}"
 
 
+def precision() -> str:
+    """bf16 autocast where the hardware computes it natively (a GPU, or a CPU with AVX-512 BF16 / AMX), else fp32."""
+    import torch
+
+    from engine.setup import cpu_has_native
+
+    return "bf16" if torch.cuda.is_available() or cpu_has_native("bf16") else "no"
+
+
 def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
     """Chains of stages (each chain runs in order; chains run side by side with --jobs) and the final stages."""
     budget = BUDGETS[args.budget]
     out = Path(args.out)
     python = [sys.executable]
-    common = ["--log_with", "none", "--resume_from_checkpoint", "latest", "--keep_checkpoints", "1"]
-    chosen = [v for v in variants(budget["pretrain"]["epochs"]) if not args.variants or v.name in args.variants]
+    common = ["--log_with", "none", "--resume_from_checkpoint", "latest", "--keep_checkpoints", "1",
+              "--mixed_precision", precision()]
+    runs = args.variants or budget["variants"]
+    chosen = [v for v in variants(budget["pretrain"]["epochs"]) if runs is None or v.name in runs]
     seeds = args.seeds if args.seeds is not None else budget["seeds"]
+    report = [python[0], str(ROOT / "experiments" / "ablation_report.py")]
 
     def classifier(where: Path, name: str, mode: list[str], seed: int) -> Stage:
         options = budget["linear_probe" if "--linear_probe" in mode else "finetune"]
@@ -110,17 +129,22 @@ def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
                      python + [str(ROOT / "finetune_classifier.py"), "--working_directory", str(where),
                                "--experiment_name", name, "--seed", str(seed), *mode, *flags(options), *common])
 
+    def feature_probe(where: Path, name: str, source: list[str]) -> Stage:
+        return Stage(f"{where.relative_to(out)}/{name}", where / name / "results.json",
+                     report + ["featprobe", *source, *flags(budget["feature_probe"]), "--out", str(where / name)])
+
     chains = []  # baselines first: they are cheap and every comparison needs them
     baselines = out / "baselines"
     for seed in range(seeds):
-        chains.append([classifier(baselines / f"seed{seed}", "scratch", ["--from_scratch"], seed)])
-    chains.append([classifier(baselines / "seed0", "random_probe", ["--from_scratch", "--linear_probe"], 0)])
+        where = baselines / f"seed{seed}"
+        chains.append([classifier(where, "scratch", ["--from_scratch"], seed)])
+        chains.append([classifier(where, "random_probe", ["--from_scratch", "--linear_probe"], seed),
+                       feature_probe(where, "random_features", ["--seed", str(seed)])])
+    pixels = {key: value for key, value in budget["feature_probe"].items() if key.startswith("max_")}
     chains.append([Stage("baselines/logistic_regression", baselines / "logistic_regression" / "results.json",
-                         python + [str(ROOT / "experiments" / "ablation_report.py"), "logreg",
-                                   "--max_samples", str(budget["finetune"].get("max_samples", 0)),
-                                   "--max_val_samples", str(budget["finetune"].get("max_val_samples", 0)),
-                                   "--out", str(baselines / "logistic_regression")])])
+                         report + ["logreg", *flags(pixels), "--out", str(baselines / "logistic_regression")])])
     for variant in chosen:
+        finetuned = budget["finetuned"] is None or variant.name in budget["finetuned"]
         for seed in range(seeds if variant.headline else 1):
             where = out / variant.name / f"seed{seed}"
             pretrained = str(where / "pretrain" / "final")
@@ -131,9 +155,13 @@ def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
                                 "pretrain", "--seed", str(seed), *norm, *variant.flags, "--eigenspace_metrics",
                                 "--num_vis_images", "64", "--log_every", "10", *flags(budget["pretrain"]), *common]),
                 classifier(where, "linear_probe", ["--linear_probe", "--path_to_pretrained_mae_weights", pretrained], seed),
-                classifier(where, "finetune", ["--path_to_pretrained_mae_weights", pretrained], seed),
+                feature_probe(where, "feature_probe", ["--weights", pretrained]),
+                *([classifier(where, "finetune", ["--path_to_pretrained_mae_weights", pretrained], seed)]
+                  if finetuned else []),
             ])
     models = [str(chain[0].done.parent) for chain in chains if chain[0].name.endswith("/pretrain")]
+    # Longest chains first (fine-tuning is the longest stage), so that --jobs lanes finish together.
+    chains.sort(key=lambda chain: -(len(chain) + 2 * any(s.name.endswith(("/finetune", "/scratch")) for s in chain)))
     compare = Stage("compare_reconstructions", out / "compare" / "metrics.json",
                     python + [str(ROOT / "compare_reconstructions.py"), "--models", *models, "--mask_ratio", "0.75",
                               "--num_images", str(budget["compare_images"]), "--grid_images", "6",
@@ -190,7 +218,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Stage chains run side by side, each on cpu_count / jobs threads (2 suits 2 cores: "
                              "small models use two single-threaded processes better than one two-threaded).")
     parser.add_argument("--variants", nargs="+", default=None,
-                        help=f"Only these variants (default: all: {', '.join(v.name for v in variants(4))}).")
+                        help=f"Only these variants (default: the budget's; all of them: "
+                             f"{', '.join(v.name for v in variants(4))}).")
     args = parser.parse_args(argv)
     if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
         parser.error("--jobs and --seeds must be at least 1")
@@ -221,7 +250,8 @@ def main(argv=None) -> int:
     budget = BUDGETS[args.budget]
     report = ablation_report.write_report(out, Path(args.report_dir), chosen, args.budget, budget,
                                           " ".join(["python", "experiments/run_ablations.py", *(argv or sys.argv[1:])]),
-                                          Path(args.readme) if args.readme else None)
+                                          Path(args.readme) if args.readme else None,
+                                          tuple(v.name for v in variants(4) if v.name not in {c.name for c in chosen}))
     print(f"finished in {time.time() - start:.0f} s; report in {report}")
     return 0
 

@@ -6,12 +6,15 @@ import statistics
 
 import matplotlib.image
 import pytest
+import torch
 
 import pretrain_mae
 from conftest import run_script
 from experiments import ablation_report
 from experiments.run_ablations import parse_args, plan, variants
-from models import MaskedAutoencoder
+from engine.setup import cpu_has_native
+from models import MaskedAutoencoder, mae_config
+from pipeline.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize
 
 # One variant of each kind of pretraining code path (plain, the improved recipe's three terms, another mask ratio,
 # structured masks, PCA targets): the smoke test runs these end to end. The others differ from them only in flag
@@ -60,15 +63,18 @@ def test_smoke_budget_runs_a_variant_of_each_kind_and_writes_table_and_plots(tmp
     by_variant = {name: [r for r in records if r["variant"] == name] for name in names}
     for name, rows in by_variant.items():
         assert len(rows) == 1, f"{name}: {len(rows)} records"
-        for key in ("linear_probe_top1", "finetune_top1", "masked_psnr", "hf_error", "pretrain_minutes"):
+        for key in ("linear_probe_top1", "feature_probe_top1", "finetune_top1", "masked_psnr", "hf_error",
+                    "pretrain_minutes"):
             value = rows[0][key]
             assert value is not None and math.isfinite(value), f"{name} {key} = {value}"
-        assert 0 <= rows[0]["linear_probe_top1"] <= 100 and rows[0]["masked_psnr"] > 0
+        assert 0 <= rows[0]["linear_probe_top1"] <= 100 and 0 <= rows[0]["feature_probe_top1"] <= 100
+        assert rows[0]["masked_psnr"] > 0
     baselines = {r["variant"]: r for r in records if r["variant"] not in names}
     assert set(baselines) == {"logistic_regression", "random_probe", "scratch"}
     # Even on 256 images, raw-pixel logistic regression is far above chance (10 classes).
-    assert baselines["logistic_regression"]["linear_probe_top1"] > 50
+    assert baselines["logistic_regression"]["feature_probe_top1"] > 50
     assert math.isfinite(baselines["scratch"]["finetune_top1"])
+    assert all(math.isfinite(baselines["random_probe"][key]) for key in ("linear_probe_top1", "feature_probe_top1"))
 
     # Variants really differ: their flags reached the pretraining runs.
     for name, strategy, target in (("block", "block", "pixels"), ("pca_bottom", "random", "pca_bottom"),
@@ -88,7 +94,8 @@ def test_smoke_budget_runs_a_variant_of_each_kind_and_writes_table_and_plots(tmp
         assert f"| {name} (" in text, name
     assert "nan" not in text.lower()
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    assert len(stages) == 3 * len(names) + 3 + 1  # 3 stages per variant, scratch, random probe, logreg, compare
+    # 4 stages per variant (pretrain, two probes, fine-tune); scratch, two random probes, logreg; compare
+    assert len(stages) == 4 * len(names) + 4 + 1
     assert all(s["seconds"] > 0 and s["command"].startswith("python ") for s in stages)
 
     # A second call finds every stage done and only rewrites the report.
@@ -131,6 +138,42 @@ def test_logistic_regression_on_raw_pixels(fashion_mnist_dir):
     assert 75 < result["top1"] < 90 and result["train_top1"] > result["top1"]
     assert result["train_samples"] == 2000 and result["val_samples"] == 1000
 
+
+
+def test_feature_probe_reads_the_saved_encoder_and_seeds_the_random_one(tmp_path, fashion_mnist_dir):
+    torch.manual_seed(3)
+    MaskedAutoencoder(**mae_config("mae_vit_tiny_patch4")).save_pretrained(tmp_path / "final")
+    saved = ablation_report.feature_probe(str(tmp_path / "final"), seed=0, max_samples=1000, max_val_samples=500)
+    same = ablation_report.feature_probe(None, seed=3, max_samples=1000, max_val_samples=500)
+    other = ablation_report.feature_probe(None, seed=4, max_samples=1000, max_val_samples=500)
+    assert saved["top1"] == same["top1"] and saved["train_top1"] == same["train_top1"]
+    assert (other["top1"], other["train_top1"]) != (same["top1"], same["train_top1"])
+    # Even a random encoder's features carry the image: far above chance (10 classes).
+    assert 50 < same["top1"] < 95 and same["train_samples"] == 1000 and same["val_samples"] == 500
+
+
+def test_encoder_features_are_the_cls_token_beside_the_mean_patch_token():
+    torch.manual_seed(0)
+    encoder = MaskedAutoencoder(**mae_config("mae_vit_tiny_patch4")).encoder
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    features = ablation_report.encoder_features(encoder, images, batch_size=2)
+    normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    with torch.no_grad():
+        tokens = encoder.forward_features(normalize(images)).float()
+    assert features.shape == (5, 2 * encoder.embed_dim)
+    tolerance = 0.1 if cpu_has_native("bf16") else 1e-5  # bf16 autocast where the CPU has it
+    torch.testing.assert_close(features, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1), atol=tolerance,
+                               rtol=tolerance)
+
+
+def test_cross_metric_claim_compares_fine_tuning_with_the_pixel_probe():
+    records = [{"variant": "mae", "seed": s, "description": "", "finetune_top1": v} for s, v in enumerate([86, 87, 88])]
+    records.append({"variant": "logistic_regression", "seed": 0, "description": "", "feature_probe_top1": 84.0})
+    summary = ablation_report.summarize(records)
+    result = ablation_report.verdict(summary, "mae", "logistic_regression", "finetune_top1", 0.0, "feature_probe_top1")
+    assert result["gain"] == pytest.approx(3.0) and result["spread"] == pytest.approx(1.0)
+    assert result["outcome"] == "reproduced"
+    assert ablation_report.verdict(summary, "mae", "logistic_regression", "finetune_top1") is None
 
 
 def test_readme_table_goes_between_the_markers_only(tmp_path):
