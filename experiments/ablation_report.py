@@ -71,13 +71,16 @@ BASELINES = {
 
 # ------------------------------------------------------------------------------------------- probes
 def fit_logistic_regression(train_x, train_y, test_x, test_y, weight_decay: float = 1e-4) -> dict:
-    """Multinomial logistic regression on standardised inputs (N, D), full-batch L-BFGS (no sklearn needed)."""
+    """Multinomial logistic regression on standardised inputs (N, D), full-batch L-BFGS (no sklearn needed), on the
+    GPU where there is one."""
     import torch
 
-    train_x, test_x = train_x.double(), test_x.double()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_x, test_x = train_x.to(device, torch.float64), test_x.to(device, torch.float64)
+    train_y, test_y = train_y.to(device), test_y.to(device)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-3
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    linear = torch.nn.Linear(train_x.shape[1], int(train_y.max()) + 1).double()
+    linear = torch.nn.Linear(train_x.shape[1], int(train_y.max()) + 1).to(device, torch.float64)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
     optimizer = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=500, history_size=20,
@@ -118,20 +121,22 @@ def logistic_regression(max_samples: int, max_val_samples: int, weight_decay: fl
 
 def encoder_features(encoder, images, batch_size: int = 1000):
     """Frozen-encoder features of uint8 images: the cls token beside the mean patch token, both after the final
-    norm (N, 2D); bf16 autocast where the CPU computes bf16 natively."""
+    norm (N, 2D); on the GPU where there is one, in bf16 autocast where the hardware computes bf16 natively."""
     import torch
 
     from engine.setup import cpu_has_native
     from pipeline.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize
 
-    normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-    encoder.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD).to(device)
+    encoder = encoder.to(device).eval()
+    bf16 = device.type == "cuda" or cpu_has_native("bf16")
     features = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native("bf16")):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(images), batch_size):
-            tokens = encoder.forward_features(normalize(images[start:start + batch_size]))
+            tokens = encoder.forward_features(normalize(images[start:start + batch_size].to(device)))
             features.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1).float())
-    return torch.cat(features)
+    return torch.cat(features).cpu()
 
 
 def feature_probe(weights: str | None, seed: int, max_samples: int, max_val_samples: int,

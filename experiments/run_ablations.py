@@ -42,11 +42,13 @@ BUDGETS = {
                 finetune=dict(epochs=3, per_gpu_batch_size=128, warmup_epochs=0.2),
                 compare_images=512, seeds=3,
                 variants=("mae", "improved", "ratio_0.5", "ratio_0.9", "block", "pca_bottom"), finetuned=("mae",)),
-    "gpu": dict(pretrain=dict(epochs=100, per_gpu_batch_size=256, warmup_epochs=5, pca_samples=10000),
+    # Every variant with 3 seeds in about 10 minutes on one H100/H200 with 16 cores (--jobs 12): see docs/variants.md
+    # for the estimate; all stages of a lane share one GPU.
+    "gpu": dict(pretrain=dict(epochs=8, per_gpu_batch_size=256, warmup_epochs=1, pca_samples=10000),
                 linear_probe=dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
                 feature_probe=dict(),
-                finetune=dict(epochs=20, per_gpu_batch_size=128, warmup_epochs=2),
-                compare_images=2000, seeds=3, variants=None, finetuned=None),
+                finetune=dict(epochs=4, per_gpu_batch_size=128, warmup_epochs=0.2),
+                compare_images=2000, seeds=3, every_row_seeded=True, variants=None, finetuned=None),
 }
 
 
@@ -111,13 +113,37 @@ def precision() -> str:
     return "bf16" if torch.cuda.is_available() or cpu_has_native("bf16") else "no"
 
 
+def budget_of(args) -> dict:
+    """The budget's settings, with every stage's images capped at --max_samples where given."""
+    budget = BUDGETS[args.budget]
+    if not args.max_samples:
+        return budget
+    cap = args.max_samples
+    capped = {}
+    for stage, options in budget.items():
+        if isinstance(options, dict):
+            capped[stage] = {**options, "max_samples": min(options.get("max_samples", cap), cap)}
+            if stage != "pretrain":
+                capped[stage]["max_val_samples"] = min(options.get("max_val_samples", cap), cap)
+            if "pca_samples" in options:
+                capped[stage]["pca_samples"] = min(options["pca_samples"], cap)
+    return {**budget, **capped, "compare_images": min(budget["compare_images"], cap)}
+
+
+def loader_workers(jobs: int) -> int:
+    """Loader workers per stage: none on a CPU (the step needs the cores); on a GPU, the cores left per lane."""
+    import torch
+
+    return max(1, (os.cpu_count() or 1) // jobs - 1) if torch.cuda.is_available() else 0
+
+
 def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
     """Chains of stages (each chain runs in order; chains run side by side with --jobs) and the final stages."""
-    budget = BUDGETS[args.budget]
+    budget = budget_of(args)
     out = Path(args.out)
     python = [sys.executable]
     common = ["--log_with", "none", "--resume_from_checkpoint", "latest", "--keep_checkpoints", "1",
-              "--mixed_precision", precision()]
+              "--mixed_precision", precision(), "--num_workers", str(loader_workers(args.jobs))]
     runs = args.variants or budget["variants"]
     chosen = [v for v in variants(budget["pretrain"]["epochs"]) if runs is None or v.name in runs]
     seeds = args.seeds if args.seeds is not None else budget["seeds"]
@@ -145,7 +171,7 @@ def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
                          report + ["logreg", *flags(pixels), "--out", str(baselines / "logistic_regression")])])
     for variant in chosen:
         finetuned = budget["finetuned"] is None or variant.name in budget["finetuned"]
-        for seed in range(seeds if variant.headline else 1):
+        for seed in range(seeds if variant.headline or budget.get("every_row_seeded") else 1):
             where = out / variant.name / f"seed{seed}"
             pretrained = str(where / "pretrain" / "final")
             norm = ["--norm_pix_loss"] if variant.norm_pix_loss else []
@@ -214,6 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None,
                         help="Seeds of the headline runs: plain MAE, improved recipe, scratch (default: the budget's; "
                              "the other variants get one).")
+    parser.add_argument("--max_samples", type=int, default=None,
+                        help="Cap every stage's training and test images at N: the budget's whole pipeline at a "
+                             "reduced size, as a check that it runs.")
     parser.add_argument("--jobs", type=int, default=1,
                         help="Stage chains run side by side, each on cpu_count / jobs threads (2 suits 2 cores: "
                              "small models use two single-threaded processes better than one two-threaded).")
@@ -221,8 +250,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"Only these variants (default: the budget's; all of them: "
                              f"{', '.join(v.name for v in variants(4))}).")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
-        parser.error("--jobs and --seeds must be at least 1")
+    if args.jobs < 1 or (args.seeds is not None and args.seeds < 1) or (args.max_samples is not None
+                                                                        and args.max_samples < 1):
+        parser.error("--jobs, --seeds and --max_samples must be at least 1")
     known = {v.name for v in variants(4)}
     if args.variants and not set(args.variants) <= known:
         parser.error(f"unknown variants {sorted(set(args.variants) - known)}: choose from {sorted(known)}")
@@ -247,7 +277,7 @@ def main(argv=None) -> int:
     if failures:
         print(f"{len(failures)} stage(s) failed; rerun the same command to retry them:\n  " + "\n  ".join(failures))
         return 1
-    budget = BUDGETS[args.budget]
+    budget = budget_of(args)
     report = ablation_report.write_report(out, Path(args.report_dir), chosen, args.budget, budget,
                                           " ".join(["python", "experiments/run_ablations.py", *(argv or sys.argv[1:])]),
                                           Path(args.readme) if args.readme else None,

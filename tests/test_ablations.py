@@ -52,6 +52,41 @@ def test_every_variant_command_is_accepted_by_pretrain_mae(tmp_path):
         assert {key: getattr(args, key) for key in expected} == expected, name
 
 
+def option(command: list[str], flag: str) -> str | None:
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def test_gpu_budget_seeds_every_row_and_max_samples_caps_every_stage(tmp_path):
+    chains, finals, chosen = plan(parse_args(["--budget", "gpu", "--out", str(tmp_path), "--max_samples", "300"]))
+    stages = [stage for chain in chains for stage in chain] + finals
+    names = {stage.name for stage in stages}
+    for variant in chosen:
+        for seed in range(3):
+            for kind in ("pretrain", "linear_probe", "feature_probe", "finetune"):
+                assert f"{variant.name}/seed{seed}/{kind}" in names
+    assert len(chosen) == len(variants(8)) and len(names) == len(stages)
+    for stage in stages:
+        if option(stage.command, "--max_samples") is not None or stage.name.endswith(("probe", "finetune")):
+            assert int(option(stage.command, "--max_samples")) <= 300, stage.name
+        if stage.name.endswith("/pretrain"):
+            assert int(option(stage.command, "--pca_samples")) == 300
+        elif "--max_val_samples" in stage.command:
+            assert int(option(stage.command, "--max_val_samples")) <= 300
+    assert int(option(finals[0].command, "--num_images")) == 300
+
+
+def test_cpu_budget_fine_tunes_the_plain_mae_only_and_runs_the_longest_chains_first(tmp_path):
+    chains, _, chosen = plan(parse_args(["--budget", "cpu", "--out", str(tmp_path)]))
+    finetuned = sorted({chain[-1].name.split("/")[0] for chain in chains if chain[-1].name.endswith("/finetune")})
+    assert finetuned == ["mae"]
+    assert [v.name for v in chosen] == ["mae", "improved", "ratio_0.5", "ratio_0.9", "block", "pca_bottom"]
+    seeds = {name: sum(chain[0].name.startswith(f"{name}/") for chain in chains) for name in ("mae", "block")}
+    assert seeds == {"mae": 3, "block": 1}
+    first = [chain[-1].name for chain in chains[:3]]
+    assert all(name.endswith("/finetune") for name in first), first
+    assert all("--max_samples" not in stage.command for chain in chains for stage in chain)  # all 60k images
+
+
 @pytest.mark.slow
 def test_smoke_budget_runs_a_variant_of_each_kind_and_writes_table_and_plots(tmp_path, fashion_mnist_dir):
     out, report = tmp_path / "runs", tmp_path / "report"
