@@ -22,6 +22,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", nargs="+", required=True, help="NAME=RUN_FOLDER of finetune_classifier.py runs.")
     parser.add_argument("--pixels", type=float, default=None,
                         help="Logistic regression on raw pixels, top-1 (%%), drawn as a line.")
+    parser.add_argument("--commands", nargs="*", default=[],
+                        help="Commands that made the runs, written under the table (e.g. the pretraining's).")
     parser.add_argument("--out", required=True, help="Folder for curve.png, curve.json and CURVE.md.")
     args = parser.parse_args(argv)
     runs = dict(item.split("=", 1) for item in args.runs)
@@ -54,10 +56,11 @@ def main(argv=None) -> None:
         cells = [next((f"{r['top1']:.2f}" for r in rows if r["epoch"] == epoch), "") for rows in curves.values()]
         lines.append(f"| {epoch:g} | " + " | ".join(cells) + " |")
     keys = ("epochs", "per_gpu_batch_size", "base_learning_rate", "layer_decay", "drop_path", "label_smoothing",
-            "min_crop_scale", "mixed_precision", "path_to_pretrained_mae_weights", "from_scratch")
+            "min_crop_scale", "mixed_precision", "from_scratch")
     text = ["# Fine-tuning curves", "", "Test top-1 (%) on the 10k test images after each epoch.", "", *lines, "",
             "![curve](curve.png)", "", "Settings:", "",
-            *[f"- {name}: " + ", ".join(f"{k} {settings[name].get(k)}" for k in keys) for name in curves], ""]
+            *[f"- {name}: " + ", ".join(f"{k} {settings[name].get(k)}" for k in keys) for name in curves], "",
+            *(["Commands:", "", *[f"- `{command}`" for command in args.commands], ""] if args.commands else [])]
     (out / "CURVE.md").write_text("\n".join(text))
     print("\n".join(lines))
 
