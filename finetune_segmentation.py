@@ -16,7 +16,7 @@ import os
 
 from engine import TrainConfig, Trainer
 from engine.flags import add_data_args, add_run_args, default_dataset
-from engine.setup import start_run
+from engine.setup import leave_multiprocess_run, start_run
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.weights import encoder_state, read_weights
 from pipeline.segmentation import ADE20K_NUM_CLASSES, FashionMNISTCanvases, default_zero_is_ignore
@@ -154,3 +154,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     run_cli(main)
+    leave_multiprocess_run()

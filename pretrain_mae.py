@@ -12,7 +12,7 @@ import argparse
 
 from engine import TrainConfig, Trainer
 from engine.flags import add_data_args, add_run_args, default_dataset
-from engine.setup import save_args, start_run
+from engine.setup import leave_multiprocess_run, save_args, start_run
 from models import MAE_PRESETS, mae_config
 from models.masking import MASK_STRATEGIES, grid_cell
 from models.pca import TARGETS
@@ -195,3 +195,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     run_cli(main)
+    leave_multiprocess_run()

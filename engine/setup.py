@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +31,14 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_num_workers(device: torch.device) -> int:
+def default_num_workers(device: torch.device, processes: int | None = None) -> int:
     """Loader workers per process: none when training on the CPU (workers would steal the cores the model
     needs; the in-process loading costs a few percent), else this process's share of the cores less one for the
-    process itself (at most 32): decoding ImageNet JPEGs for ViT-B on a fast GPU takes a dozen cores or more."""
+    process itself (at most 32): decoding ImageNet JPEGs for ViT-B on a fast GPU takes a dozen cores or more.
+    ``processes``: how many share this machine's cores (default: the launch's local processes)."""
     if device.type == "cpu":
         return 0
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(32, available_cores() // local_processes - 1))
 
 
@@ -158,6 +160,22 @@ def cpu_has_native(precision: str) -> bool:
         return bool(getattr(torch.ops.mkldnn, check)())
     except (AttributeError, RuntimeError):
         return True
+
+
+def bf16_is_native() -> bool:
+    """Whether bf16 autocast runs at full speed here: on a GPU, or on a CPU that computes bf16 natively."""
+    return torch.cuda.is_available() or cpu_has_native("bf16")
+
+
+def leave_multiprocess_run() -> None:
+    """A process of a multi-process launch whose work is done leaves without the interpreter's teardown, where
+    gloo's threads now and then abort it ("terminate called without an active exception") and turn a finished run
+    into a failed launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def warn_if_precision_is_emulated(accelerator) -> None:

@@ -124,13 +124,13 @@ def encoder_features(encoder, images, batch_size: int = 1000):
     norm (N, 2D); on the GPU where there is one, in bf16 autocast where the hardware computes bf16 natively."""
     import torch
 
-    from engine.setup import cpu_has_native
+    from engine.setup import bf16_is_native
     from pipeline.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Normalize
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     normalize = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD).to(device)
     encoder = encoder.to(device).eval()
-    bf16 = device.type == "cuda" or cpu_has_native("bf16")
+    bf16 = bf16_is_native()
     features = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(images), batch_size):

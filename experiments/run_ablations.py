@@ -33,14 +33,14 @@ BUDGETS = {
                   linear_probe=dict(max_samples=256, max_val_samples=256, epochs=3, warmup_epochs=1, per_gpu_batch_size=128),
                   feature_probe=dict(max_samples=256, max_val_samples=256),
                   finetune=dict(max_samples=256, max_val_samples=256, epochs=1, per_gpu_batch_size=64, warmup_epochs=0.25),
-                  compare_images=32, seeds=1, variants=None, finetuned=None),
+                  compare_images=32, seeds=1, every_row_seeded=False, variants=None, finetuned=None),
     # About 1.5 h on 2 cores with --jobs 2: the plain MAE and every baseline with 3 seeds on all 60k images, the
     # claims that a CPU can settle; the variants need the gpu budget's longer pretraining to separate.
     "cpu": dict(pretrain=dict(epochs=2, per_gpu_batch_size=128, warmup_epochs=0.25, pca_samples=2000),
                 linear_probe=dict(epochs=90, warmup_epochs=10, per_gpu_batch_size=1024),
                 feature_probe=dict(),
                 finetune=dict(epochs=3, per_gpu_batch_size=128, warmup_epochs=0.2),
-                compare_images=512, seeds=3, variants=("mae",), finetuned=("mae",)),
+                compare_images=512, seeds=3, every_row_seeded=False, variants=("mae",), finetuned=("mae",)),
     # Every variant with 3 seeds in about 10 minutes on one H100/H200 with 16 cores (--jobs 12): see docs/variants.md
     # for the estimate; all stages of a lane share one GPU.
     "gpu": dict(pretrain=dict(epochs=8, per_gpu_batch_size=256, warmup_epochs=1, pca_samples=10000),
@@ -105,11 +105,9 @@ def machine() -> str:
 
 def precision() -> str:
     """bf16 autocast where the hardware computes it natively (a GPU, or a CPU with AVX-512 BF16 / AMX), else fp32."""
-    import torch
+    from engine.setup import bf16_is_native
 
-    from engine.setup import cpu_has_native
-
-    return "bf16" if torch.cuda.is_available() or cpu_has_native("bf16") else "no"
+    return "bf16" if bf16_is_native() else "no"
 
 
 def budget_of(args) -> dict:
@@ -133,7 +131,9 @@ def loader_workers(jobs: int) -> int:
     """Loader workers per stage: none on a CPU (the step needs the cores); on a GPU, the cores left per lane."""
     import torch
 
-    return max(1, (os.cpu_count() or 1) // jobs - 1) if torch.cuda.is_available() else 0
+    from engine.setup import default_num_workers
+
+    return default_num_workers(torch.device("cuda" if torch.cuda.is_available() else "cpu"), processes=jobs)
 
 
 def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
@@ -165,12 +165,12 @@ def plan(args) -> tuple[list[list[Stage]], list[Stage], list[Variant]]:
         chains.append([classifier(where, "scratch", ["--from_scratch"], seed)])
         chains.append([classifier(where, "random_probe", ["--from_scratch", "--linear_probe"], seed),
                        feature_probe(where, "random_features", ["--seed", str(seed)])])
-    pixels = {key: value for key, value in budget["feature_probe"].items() if key.startswith("max_")}
     chains.append([Stage("baselines/logistic_regression", baselines / "logistic_regression" / "results.json",
-                         report + ["logreg", *flags(pixels), "--out", str(baselines / "logistic_regression")])])
+                         report + ["logreg", *flags(budget["feature_probe"]), "--out",
+                                   str(baselines / "logistic_regression")])])
     for variant in chosen:
         finetuned = budget["finetuned"] is None or variant.name in budget["finetuned"]
-        for seed in range(seeds if variant.headline or budget.get("every_row_seeded") else 1):
+        for seed in range(seeds if variant.headline or budget["every_row_seeded"] else 1):
             where = out / variant.name / f"seed{seed}"
             pretrained = str(where / "pretrain" / "final")
             norm = ["--norm_pix_loss"] if variant.norm_pix_loss else []

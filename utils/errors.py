@@ -1,7 +1,6 @@
 """One-line errors for bad input: scripts print the message (problem and fix) and exit, no traceback."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -16,16 +15,9 @@ class DataError(UserError):
 
 def run_cli(main) -> None:
     """Call ``main()``; a ValueError from bad input becomes one line on stderr and exit code 2
-    (set MAE_DEBUG=1 to see the traceback instead). A process of a multi-process launch that finished its work
-    leaves without the interpreter's teardown, where gloo's threads now and then abort it ("terminate called
-    without an active exception") and turn a finished run into a failed launch."""
+    (set MAE_DEBUG=1 to see the traceback instead)."""
     try:
         main()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
     except ValueError as error:  # UserError, DataError and the models' argument checks
         if os.environ.get("MAE_DEBUG"):
             raise
