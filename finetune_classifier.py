@@ -15,7 +15,7 @@ import json
 import logging
 
 from engine import TrainConfig, Trainer
-from engine.flags import add_data_args, add_run_args, default_dataset
+from engine.flags import add_data_args, add_data_on_device_arg, add_run_args, default_dataset
 from engine.setup import leave_multiprocess_run, start_run
 from models import MAE_PRESETS, encoder_config, mae_config
 from models.weights import encoder_state, read_weights
@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  "a 🤗 dataset (--dataset hf:...) needs image and label columns.")
     data.add_argument("--num_classes", type=int, default=None, help="Number of classes (default: from the data).")
     data.add_argument("--max_val_samples", type=int, default=None, help="Evaluate on the first N validation images only.")
+    add_data_on_device_arg(data)
     model = parser.add_argument_group("model")
     model.add_argument("--path_to_pretrained_mae_weights", type=str, default=None,
                        help="pretrain_mae.py output (its final/ folder, a checkpoints/step_* folder or a .safetensors "

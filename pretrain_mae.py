@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from engine import TrainConfig, Trainer
-from engine.flags import add_data_args, add_run_args, default_dataset
+from engine.flags import add_data_args, add_data_on_device_arg, add_run_args, default_dataset
 from engine.setup import leave_multiprocess_run, save_args, start_run
 from models import MAE_PRESETS, mae_config
 from models.masking import MASK_STRATEGIES, grid_cell
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--decode_ahead", action="store_true",
                       help="With JPEGs decoded on a GPU, decode the next batch on its own CUDA stream while the "
                            "current step trains (same batches; by default the decode runs between steps).")
+    add_data_on_device_arg(data)
     data.add_argument("--streaming", action="store_true",
                       help="Stream the 🤗 dataset (hf:NAME) instead of downloading it: each process and loader worker "
                            "reads its own data files; epochs of --max_samples images or the split's row count.")

@@ -314,13 +314,16 @@ def build_pipeline(args, config: dict, device: torch.device):
     """pretrain_mae.py's training loader (same samples, sampler, epochs chained in one iterator, loader settings)."""
     from engine.setup import default_num_workers
     from pipeline.loading import build_loader
+    from pipeline.resident import resident_batches
     from pipeline.sampling import EpochChain
     from pipeline.shards import build_step_sampler
 
     samples = training_samples(args, config, decodes_on_device(args.decode, device))
     sampler = build_step_sampler(samples.base, args.batch_size, 1, 1, 0, 0)
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
-    return build_loader(samples, EpochChain(sampler), workers, device)
+    chain = EpochChain(sampler)
+    return resident_batches(args.data_on_device, samples.base, samples, chain, device) or \
+        build_loader(samples, chain, workers, device)
 
 
 def decode_paths_difference(args, config: dict, device: torch.device, count: int = 64) -> dict:
@@ -384,7 +387,8 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     seen, start, steps = 0, None, 0
     # The workers fill their prefetch queues during the warm-up; timing starts once those are drained, so the timed
     # window measures the steady rate and not batches made before it began.
-    warmup = max(args.warmup_steps, loader.num_workers * (loader.prefetch_factor or 0))
+    workers = getattr(loader, "num_workers", 0)  # (none for a set held on the device)
+    warmup = max(args.warmup_steps, workers * (getattr(loader, "prefetch_factor", 0) or 0))
     batches = DeviceBatches(loader, device, ahead=args.decode_ahead)  # as pretrain_mae.py: uint8 until on the device
     for batch in batches:
         images, noise = normalize(batch["pixel_values"]), batch["noise"]
@@ -404,14 +408,16 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     elapsed = time.perf_counter() - start
     row = {"mode": "both" if with_model else "data", "impl": "ours" if with_model else "pipeline",
            "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
-           "decode": "none (pixel cache)" if args.dataset == "cache" else
+           "decode": "none (held on the device)" if not hasattr(loader, "num_workers") else
+           "none (pixel cache)" if args.dataset == "cache" else
            "device" if decodes_on_device(args.decode, device) and args.dataset in ("folder", "shards") else "cpu",
-           "batch_size": args.batch_size, "num_workers": loader.num_workers, "precision": args.precision,
+           "batch_size": args.batch_size, "num_workers": workers, "data_on_device": not hasattr(loader, "num_workers"),
+           "precision": args.precision,
            "compile": args.compile, "decode_ahead": args.decode_ahead, "images_per_sec": round(seen / elapsed, 1),
            "step_time_ms": round(elapsed / args.steps * 1000, 2),
            "batches_per_epoch": loader.batch_sampler.sampler.steps_per_epoch, "epochs_chained": True,
            "warmup_steps": warmup}
-    if not with_model:
+    if not with_model and not row["data_on_device"]:
         row["worker_ms_per_image"] = worker_ms_per_image(loader.dataset)
     if row["decode"] == "device" and not with_model:
         row.update(decode_paths_difference(args, config, device))
@@ -569,6 +575,9 @@ def parse_args(argv=None):
     parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
                         help="--mode data/both: where a folder's JPEGs are decoded, as pretrain_mae.py's --decode "
                              "(auto: on the device when it is a GPU).")
+    parser.add_argument("--data_on_device", default="auto", choices=["auto", "on", "off"],
+                        help="--mode data/both: hold the set on the device and make the views there, as "
+                             "pretrain_mae.py's flag.")
     parser.add_argument("--decode_ahead", action="store_true",
                         help="--mode data/both: as pretrain_mae.py's --decode_ahead (decode the next batch in a thread, "
                              "on a CUDA stream of its own, while the step trains).")

@@ -3,7 +3,7 @@
 # (default: all). Wall times on one H100/H200: steps 1-6 about 7 minutes together; 16 14 15 18 19 17 about 5 (16: the
 # compiled step's profile, 14: JPEG decode routes, 15: attention backends, 18: the tiny preset, 19: the pixel cache,
 # 17: micro-batch 512); 20 about 1.5; 21 over 5 (GEMM autotuning; cuBLAS won every shape it printed); 12 about 1.5;
-# 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4.
+# 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4; 22 (not run yet) under 8, most of it compilation.
 #   OUT=bench/gpu_out STEPS="16 14 15 18 19 17" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # Step 14's nvImageCodec rows need the nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels installed (they skip without).
@@ -130,4 +130,23 @@ step 20 && run 150 --model mae_vit_base_patch16 --impl ours --batch_size 256 --p
 # 21. the same with Inductor's GEMM autotuning: Triton matmul templates may take the bias and GELU into their epilogue
 step 21 && run 330 --model mae_vit_base_patch16 --impl ours --batch_size 256 --precision bf16 --steps 10 --rounds 3 \
     --compile --patch_embed linear --inductor max_autotune=True
+# 22. Fashion-MNIST held on the device (--data_on_device on): the views alone, then feeding the compiled tiny preset at
+# batch 8192, then pretrain_mae.py itself (compiled, 3 epochs at 4096 per step; its rows' images/s). The IDX files:
+# FASHION_MNIST, else Debian's folder, else data/fashion-mnist (carried: the device machine has no internet)
+if step 22; then
+    FASHION=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
+    [ -f "$FASHION/train-images-idx3-ubyte.gz" ] || FASHION=data/fashion-mnist
+    TINY=(--dataset fashion_mnist --path_to_data "$FASHION" --model mae_vit_tiny_patch4 --data_on_device on)
+    run 60 --mode data "${TINY[@]}" --batch_size 8192 --steps 40 --warmup_steps 5
+    run 180 --mode both "${TINY[@]}" --batch_size 8192 --precision bf16 --compile --steps 30 --warmup_steps 5
+    run 150 --mode both "${TINY[@]}" --batch_size 8192 --precision bf16 --compile --steps 30 --warmup_steps 5 \
+        --data_on_device off
+    echo "== pretrain_mae.py, Fashion-MNIST held on the device, compiled"
+    timeout 240 python pretrain_mae.py "${TINY[@]}" --mixed_precision bf16 --compile --per_gpu_batch_size 4096 \
+        --epochs 3 --log_every 5 --vis_every 0 --log_with none --working_directory "$OUT/tiny" --experiment_name held \
+        2>&1 | tr "\r" "\n" | grep -v Warning | tail -3
+    grep -o '"step": [0-9]*\|"loss": [0-9.]*\|"images_per_sec": [0-9.]*' "$OUT/tiny/held/metrics.jsonl" \
+        | paste - - - | tail -8
+    rm -rf "$OUT/tiny"
+fi
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

@@ -83,6 +83,14 @@ def add_data_args(parser: argparse.ArgumentParser, folder_help: str, built_in: s
     return data
 
 
+def add_data_on_device_arg(group) -> None:
+    """``--data_on_device``, for the scripts whose training views can be made in batches (pipeline/resident.py)."""
+    group.add_argument("--data_on_device", type=str, default="auto", choices=["auto", "on", "off"],
+                       help="Hold the training images in device memory and make each batch's crops, flips and masks "
+                            "there, without loader workers; auto: on a GPU, for an in-memory or cached set of one "
+                            "image size under 4 GiB.")
+
+
 def hub_options(args) -> HubOptions:
     """How the run reads a 🤗 dataset, from its data flags (a script without one of them takes the default)."""
     names = {"config": "dataset_config", "train_split": "train_split", "val_split": "val_split",

@@ -1,5 +1,6 @@
-"""Training samples keyed by ``(index, epoch)``: each one's crop, flip and mask drawn from a generator seeded by
-``(seed, epoch, index)``, so a sample is the same for any process or worker layout and resume is exact."""
+"""Training samples keyed by ``(index, epoch)``: each one's crop, flip and mask drawn from its own counter-based
+draws (pipeline/draws.py), a function of ``(seed, epoch, index)``, so a sample is the same for any process, worker
+or device layout and resume is exact."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,16 +10,17 @@ import torch
 from torch.utils.data import Dataset
 
 from .device_decode import decode_deferred
+from .draws import MASK_SLOT, NOISE_SLOT, SampleDraws
 from .transforms import DeferredCrop
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a function of (run seed, epoch, sample index) only."""
+    """A 63-bit seed that is a function of (run seed, epoch, sample index) only (the segmentation pipeline's)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
 class SeededSamples(Dataset):
-    """Wraps a uint8 dataset: applies ``transform`` (and draws MAE mask noise) with the sample's own RNG.
+    """Wraps a uint8 dataset: applies ``transform`` (and draws MAE mask noise) with the sample's own draws.
 
     Items are requested as ``(index, epoch)``; the output is ``{"pixel_values": uint8 (C, S, S), "label",
     "noise": (num_patches,)}`` or ``None`` for an unreadable image.
@@ -33,26 +35,31 @@ class SeededSamples(Dataset):
         return len(self.base)
 
     def __getitems__(self, keys: list) -> list:
-        """A batch (the DataLoader calls this when it exists): a base that can read many items at once (tar shards
-        on an object store) reads them together first."""
-        keys = list(keys)
+        """A batch (the DataLoader calls this when it exists): its draws and crops are made together, and a base
+        that can read many items at once (tar shards on an object store) reads them together first."""
+        keys = [key if isinstance(key, tuple) else (key, 0) for key in keys]
+        indices = [index for index, _ in keys]
         if hasattr(self.base, "prefetch"):
-            self.base.prefetch([key[0] if isinstance(key, tuple) else key for key in keys])
-        return [self[key] for key in keys]
+            self.base.prefetch(indices)
+        items = [self.base[index] for index in indices]
+        read = [i for i, item in enumerate(items) if item is not None]
+        draws = SampleDraws.of(self.seed, [keys[i][1] for i in read], [indices[i] for i in read])
+        images = [items[i][0] for i in read]
+        views = self.transform.each(images, draws) if hasattr(self.transform, "each") else \
+            [self.transform(image, draws.row(i)) for i, image in enumerate(images)]
+        if self.noise_fn is not None:
+            noise = [self.noise_fn(draws.row(i).generator(MASK_SLOT)) for i in range(len(read))]
+        elif self.num_patches:
+            noise = draws.uniform(NOISE_SLOT, self.num_patches, torch.float32).unbind()
+        samples = [None] * len(keys)  # an unreadable image stays None
+        for position, (i, view) in enumerate(zip(read, views)):
+            samples[i] = {"pixel_values": view, "label": items[i][1]}
+            if self.noise_fn is not None or self.num_patches:
+                samples[i]["noise"] = noise[position]
+        return samples
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        item = self.base[index]
-        if item is None:
-            return None
-        image, label = item
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        sample = {"pixel_values": self.transform(image, generator), "label": label}
-        if self.noise_fn is not None:
-            sample["noise"] = self.noise_fn(generator)
-        elif self.num_patches:
-            sample["noise"] = torch.rand(self.num_patches, generator=generator)
-        return sample
+        return self.__getitems__([key])[0]
 
 
 def collate_skipping_bad(samples: list) -> dict:

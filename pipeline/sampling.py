@@ -83,4 +83,4 @@ class StepBatchSampler(StepSampler):
             start = step * self.global_batch + self.rank * self.per_process_batch
             for micro in range(self.accumulation_steps):
                 ids = order[start + micro * self.micro_batch: start + (micro + 1) * self.micro_batch]
-                yield [(int(i), self.epoch) for i in ids]
+                yield [(i, self.epoch) for i in ids.tolist()]

@@ -1,5 +1,5 @@
-"""Seeded training and evaluation views: uint8 (C, H, W) in, uint8 (C, S, S) out, every random choice from an
-explicit generator; normalisation happens on the device (:class:`Normalize`)."""
+"""Seeded training and evaluation views: uint8 (C, H, W) in, uint8 (C, S, S) out, every random choice from the
+sample's own draws (pipeline/draws.py); normalisation happens on the device (:class:`Normalize`)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +14,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from utils.errors import DataError, UserError
+
+from .draws import AUGMENT_SLOT, CROP_SLOT, FLIP_SLOT, SampleDraws
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -32,53 +34,100 @@ def channel_stats(num_channels: int, dataset: str | None = None) -> tuple[tuple[
 
 class RandomResizedCropFlip:
     """MAE pretraining augmentation: RandomResizedCrop(scale, ratio 3/4-4/3, bicubic) + horizontal flip, the crop
-    drawn as torchvision does (10 tries, then a centre crop) but from the generator given, so a function of the seed.
+    drawn as torchvision draws it (10 tries, then a centre crop) but from the sample's own draws
+    (:class:`pipeline.draws.SampleDraws`), so a function of (seed, epoch, index); one image at a time or a batch.
     """
 
+    batched = True  # views() makes a whole batch's views at once (pipeline/resident.py)
+
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
-        self.size, self.scale, self.log_ratio, self.flip = [img_size, img_size], scale, (math.log(ratio[0]), math.log(ratio[1])), flip
-        self.ratio = ratio
+        self.size, self.scale, self.ratio, self.flip = img_size, scale, ratio, flip
 
-    def crop_box(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
-        area = height * width
-        for _ in range(10):
-            draws = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-            target_area = area * (self.scale[0] + draws[0] * (self.scale[1] - self.scale[0]))
-            aspect = math.exp(self.log_ratio[0] + draws[1] * (self.log_ratio[1] - self.log_ratio[0]))
-            crop_w = int(round(math.sqrt(target_area * aspect)))
-            crop_h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(draws[2] * (height - crop_h + 1))
-                left = int(draws[3] * (width - crop_w + 1))
-                return top, left, crop_h, crop_w
-        in_ratio = width / height  # fallback: the largest centred crop with an allowed aspect ratio
-        if in_ratio < self.ratio[0]:
-            crop_w, crop_h = width, int(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            crop_h, crop_w = height, int(round(height * self.ratio[1]))
-        else:
-            crop_w, crop_h = width, height
-        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+    def crops(self, heights: torch.Tensor, widths: torch.Tensor, draws: SampleDraws) -> torch.Tensor:
+        """(B, 6) int64 ``(top, left, height, width, flip, size)`` for images of the given sizes: the first of ten
+        tries (area share from ``scale``, log-uniform aspect ratio) that fits, else the largest centred crop with an
+        allowed aspect ratio; computed for the whole batch where the draws live (no host sync on a GPU)."""
+        heights = heights.to(draws.keys.device, torch.float64)[:, None]
+        widths = widths.to(draws.keys.device, torch.float64)[:, None]
+        tries = draws.uniform(CROP_SLOT, 40).view(-1, 10, 4)
+        (low, high), (log_low, log_high) = self.scale, (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        target = heights * widths * (low + tries[..., 0] * (high - low))
+        aspect = torch.exp(log_low + tries[..., 1] * (log_high - log_low))
+        crop_w, crop_h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+        top = torch.floor(tries[..., 2] * (heights - crop_h + 1))
+        left = torch.floor(tries[..., 3] * (widths - crop_w + 1))
+        fits = (crop_w > 0) & (crop_w <= widths) & (crop_h > 0) & (crop_h <= heights)
+        first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+        drawn = [value.gather(1, first) for value in (top, left, crop_h, crop_w)]
+        in_ratio = widths / heights  # none fits: the largest centred crop with an allowed aspect ratio
+        centre_w = torch.where(in_ratio > self.ratio[1], torch.round(heights * self.ratio[1]), widths)
+        centre_h = torch.where(in_ratio < self.ratio[0], torch.round(widths / self.ratio[0]), heights)
+        centre = [torch.floor((heights - centre_h) / 2), torch.floor((widths - centre_w) / 2), centre_h, centre_w]
+        box = [torch.where(fits.any(1, keepdim=True), a, b) for a, b in zip(drawn, centre)]
+        flip = draws.uniform(FLIP_SLOT, 1) < 0.5 if self.flip else torch.zeros_like(box[0], dtype=torch.bool)
+        return torch.cat([*box, flip.to(torch.float64), torch.full_like(box[0], self.size)], 1).to(torch.int64)
 
-    def __call__(self, image: "torch.Tensor | EncodedJpeg", generator: torch.Generator) -> "torch.Tensor | DeferredCrop":
-        """The view of ``image``; for an :class:`EncodedJpeg`, the same view's parameters, to be decoded and cropped
-        on the device (the same draws in the same order, so both paths give the same sample)."""
-        height, width = (image.height, image.width) if isinstance(image, EncodedJpeg) else image.shape[-2:]
-        top, left, crop_h, crop_w = self.crop_box(height, width, generator)
-        flip = bool(self.flip and torch.rand(1, generator=generator).item() < 0.5)
-        crop = torch.tensor([top, left, crop_h, crop_w, int(flip), self.size[0]])
-        if isinstance(image, EncodedJpeg):
-            return DeferredCrop(image.data, crop)
-        return crop_view(image, crop.tolist())
+    def __call__(self, image: "torch.Tensor | EncodedJpeg", draws: SampleDraws) -> "torch.Tensor | DeferredCrop":
+        return self.each([image], draws)[0]
+
+    def each(self, images: list, draws: SampleDraws) -> list:
+        """The views of a list of images of any sizes (row i of ``draws`` is image i's), their crops drawn together;
+        for an :class:`EncodedJpeg`, the view's parameters, to be decoded and cropped on the device."""
+        sizes = torch.tensor([(image.height, image.width) if isinstance(image, EncodedJpeg) else tuple(image.shape[-2:])
+                              for image in images]).view(-1, 2)
+        crops = self.crops(sizes[:, 0], sizes[:, 1], draws)
+        return [DeferredCrop(image.data, crop) if isinstance(image, EncodedJpeg) else crop_view(image, crop.tolist())
+                for image, crop in zip(images, crops)]
+
+    def views(self, images: torch.Tensor, draws: SampleDraws) -> torch.Tensor:
+        """A batch's views at once: uint8 (B, C, H, W) images of one size in, uint8 (B, C, S, S) out, where they are."""
+        height, width = images.shape[-2:]
+        sizes = torch.full((len(images),), height), torch.full((len(images),), width)
+        return resized_crops(images, self.crops(*sizes, draws), self.size)
 
 
 def crop_view(image: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
     """Cut ``crop = (top, left, height, width, flip, size)`` out of a (C, H, W) uint8 image, resize it to size x size
-    (bicubic, antialiased) and flip it: the one implementation behind both the CPU and the on-device path."""
+    (bicubic, antialiased, in float: torch's uint8 kernel rounds between its two passes) and flip it; one image,
+    decoded on the CPU or on the device (``--decode device``), the same view as :func:`resized_crops` makes."""
     top, left, crop_h, crop_w, flip, size = crop
-    view = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], interpolation=InterpolationMode.BICUBIC,
-                           antialias=True)
+    view = TF.resize(image[..., top:top + crop_h, left:left + crop_w].float(), [size, size],
+                     interpolation=InterpolationMode.BICUBIC, antialias=True)
+    view = view.clamp_(0, 255).round_().to(torch.uint8)
     return view.flip(-1) if flip else view
+
+
+def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, full: int, size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(B, size, full): row i holds the weights with which output pixel i of resizing the window
+    [start, start + length) of a line of ``full`` pixels to ``size`` pixels sums the input, as torch's antialiased
+    bicubic resize weighs them (Keys' cubic with a = -0.5, widened by the scale when shrinking, each row normalised)."""
+    device = starts.device
+    length = lengths.to(torch.float64)[:, None, None]
+    scale = length / size
+    support, inverse = 2.0 * scale.clamp(min=1.0), 1.0 / scale.clamp(min=1.0)
+    centre = scale * (torch.arange(size, device=device, dtype=torch.float64)[None, :, None] + 0.5)
+    first = torch.floor(centre - support + 0.5).clamp(min=0)
+    end = torch.minimum(torch.floor(centre + support + 0.5), length)
+    position = torch.arange(full, device=device, dtype=torch.float64)[None, None, :] - \
+        starts.to(torch.float64)[:, None, None]
+    x, a = ((position - centre + 0.5) * inverse).abs(), -0.5
+    weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                          torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, torch.zeros_like(x)))
+    weights = weights * ((position >= first) & (position < end))
+    return (weights / weights.sum(-1, keepdim=True)).to(dtype)
+
+
+def resized_crops(images: torch.Tensor, crops: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`crop_view` for a batch of same-size images at once, as two batched matrix products (rows, then
+    columns): uint8 (B, C, H, W) and (B, 6) crops in, uint8 (B, C, size, size) out, equal to :func:`crop_view`'s up to
+    float rounding at half a grey level; float64 on a GPU, where float32 products may run in TF32."""
+    dtype = torch.float64 if images.is_cuda else torch.float32
+    rows = resize_weights(crops[:, 0], crops[:, 2], images.shape[-2], size, dtype)
+    cols = resize_weights(crops[:, 1], crops[:, 3], images.shape[-1], size, dtype)
+    cols = torch.where(crops[:, 4, None, None] > 0, cols.flip(1), cols)
+    out = rows[:, None] @ images.to(dtype) @ cols.transpose(1, 2)[:, None]
+    return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
 @dataclass
@@ -100,7 +149,7 @@ class DeferredCrop:
 
 class TimmRandAugment:
     """timm's RandAugment from a policy string (``rand-m9-mstd0.5-inc1``: the MAE fine-tuning recipe's) on a uint8
-    (C, H, W) image, with the global Python and NumPy RNGs that timm draws from seeded from the sample's generator
+    (C, H, W) image, with the global Python and NumPy RNGs that timm draws from seeded from the sample's draws
     (and put back after), so the view is a function of (seed, epoch, index)."""
 
     def __init__(self, policy: str, img_size: int, mean: Sequence[float]):
@@ -111,8 +160,8 @@ class TimmRandAugment:
                        interpolation=str_to_pil_interp("bicubic"))  # as timm's create_transform sets them
         self.op = rand_augment_transform(policy, hparams)
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    def __call__(self, image: torch.Tensor, draws: SampleDraws) -> torch.Tensor:
+        seed = draws.seed(AUGMENT_SLOT)
         python_state, numpy_state = random.getstate(), np.random.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -139,7 +188,7 @@ def timm_rand_augment(policy: str, img_size: int, mean: Sequence[float]) -> Timm
 class ClassifierTrainTransform(RandomResizedCropFlip):
     """Fine-tuning augmentation: RandomResizedCrop + flip, then timm's RandAugment (``auto_augment``: a
     :class:`TimmRandAugment`) or torchvision's (``num_ops`` ops of ``magnitude``, under a forked global RNG seeded
-    from the sample's generator), so the view is a function of (seed, epoch, index) whatever the process layout.
+    from the sample's draws), so the view is a function of (seed, epoch, index) whatever the process layout.
     """
 
     def __init__(self, img_size: int, min_scale: float = 0.08, randaug_magnitude: int = 0, randaug_ops: int = 2,
@@ -147,14 +196,17 @@ class ClassifierTrainTransform(RandomResizedCropFlip):
         super().__init__(img_size, scale=(min_scale, 1.0))
         self.randaug = v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude) if randaug_magnitude > 0 else None
         self.auto_augment = auto_augment
+        self.batched = self.randaug is None and auto_augment is None  # per-image augmentation: no batched views
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        image = super().__call__(image, generator)
+    def each(self, images: list, draws: SampleDraws) -> list:
+        return [self.augment(view, draws.row(i)) for i, view in enumerate(super().each(images, draws))]
+
+    def augment(self, image: torch.Tensor, draws: SampleDraws) -> torch.Tensor:
         if self.auto_augment is not None:
-            return self.auto_augment(image, generator)
+            return self.auto_augment(image, draws)
         if self.randaug is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                torch.manual_seed(draws.seed(AUGMENT_SLOT))
                 image = self.randaug(image)
         return image
 
@@ -167,7 +219,7 @@ class ResizeCenterCrop:
         self.size = img_size
         self.resize = img_size if crop_ratio >= 1.0 else math.floor(img_size / crop_ratio)  # as timm
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, draws: SampleDraws | None = None) -> torch.Tensor:
         if tuple(image.shape[-2:]) == (self.size, self.size):
             return image
         image = TF.resize(image, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)

@@ -19,6 +19,7 @@ from models import VisionTransformer
 from models.weights import load_encoder
 from pipeline.datasets import build_image_dataset
 from pipeline.loading import build_loader, move_to_device
+from pipeline.resident import resident_batches
 from pipeline.samples import SeededSamples, TensorSamples
 from pipeline.sampling import EpochChain
 from pipeline.shards import build_step_sampler
@@ -185,7 +186,10 @@ class Classification(Task):
         sampler = build_step_sampler(train_samples if self.cached else train_base, args.per_gpu_batch_size,
                                      args.gradient_accumulation_steps, accelerator.num_processes,
                                      accelerator.process_index, args.seed, getattr(args, "shard_resume", None))
-        loader = build_loader(train_samples, EpochChain(sampler), args.num_workers, accelerator.device)
+        chain = EpochChain(sampler)
+        loader = None if self.cached else resident_batches(args.data_on_device, train_base, train_samples, chain,
+                                                           accelerator.device)
+        loader = loader or build_loader(train_samples, chain, args.num_workers, accelerator.device)
         val_sampler = torch.utils.data.BatchSampler([(i, 0) for i in range(len(val_samples))], 256, drop_last=False)
         self.val_loader = accelerator.prepare_data_loader(build_loader(val_samples, val_sampler, args.num_workers,
                                                                        accelerator.device), device_placement=False)

@@ -23,6 +23,7 @@ from models.pca import PCABasis, eigenspace_errors, fit_pca, pca_target
 from pipeline.datasets import build_image_dataset
 from pipeline.device_decode import decodes_on_device
 from pipeline.loading import build_loader
+from pipeline.resident import resident_batches
 from pipeline.samples import SeededSamples, collate_skipping_bad
 from pipeline.sampling import EpochChain
 from pipeline.shards import build_step_sampler
@@ -114,7 +115,9 @@ def build_train_loader(args, num_patches: int, grid_size: tuple[int, int], accel
     sampler = build_step_sampler(base, args.per_gpu_batch_size, args.gradient_accumulation_steps,
                                  accelerator.num_processes, accelerator.process_index, args.seed,
                                  getattr(args, "shard_resume", None))
-    loader = build_loader(samples, EpochChain(sampler), args.num_workers, accelerator.device)
+    chain = EpochChain(sampler)
+    loader = resident_batches(args.data_on_device, base, samples, chain, accelerator.device) or \
+        build_loader(samples, chain, args.num_workers, accelerator.device)
     return loader, sampler
 
 

@@ -159,33 +159,28 @@ def test_timm_rand_augment_is_timms_transform_seeded_by_the_sample(channels):
 
     import torchvision.transforms.v2.functional as TF
 
+    from pipeline.draws import AUGMENT_SLOT, SampleDraws
     from pipeline.transforms import ClassifierTrainTransform, timm_rand_augment
+
+    def draws(index):
+        return SampleDraws.of(0, [0], [index])
 
     augment = timm_rand_augment("rand-m9-mstd0.5-inc1", 32, (0.5,) * channels)
     image = torch.randint(0, 256, (channels, 32, 32), dtype=torch.uint8)
     views = []
     for seed in range(12):
-        random.seed(100 + seed)  # whatever the global RNGs hold: the view depends on the sample's generator only
+        random.seed(100 + seed)  # whatever the global RNGs hold: the view depends on the sample's draws only
         np.random.seed(seed)
-        views.append(augment(image, torch.Generator().manual_seed(seed)))
+        views.append(augment(image, draws(seed)))
         assert random.random() == random.Random(100 + seed).random()  # the global state is put back
-    assert torch.equal(views[0], augment(image, torch.Generator().manual_seed(0)))
+    assert torch.equal(views[0], augment(image, draws(0)))
     assert len({bytes(view.numpy()) for view in views}) >= 6  # different samples, mostly different views
-    draw = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)))
+    draw = draws(3).seed(AUGMENT_SLOT)
     random.seed(draw)
     np.random.seed(draw % 2**32)
     assert torch.equal(views[3], TF.pil_to_tensor(augment.op(TF.to_pil_image(image))))  # timm's own op, same draws
     transform = ClassifierTrainTransform(16, auto_augment=augment)
-    assert transform(image, torch.Generator().manual_seed(1)).shape == (channels, 16, 16)
-
-
-def test_random_resized_crop_boxes_stay_inside_and_in_scale():
-    transform = RandomResizedCropFlip(16, scale=(0.2, 1.0))
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        top, left, h, w = transform.crop_box(30, 40, generator)
-        assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40
-        assert 0.2 * 1200 * 0.8 <= h * w <= 1200
+    assert transform(image, draws(1)).shape == (channels, 16, 16)
 
 
 def test_hub_dataset_from_disk_with_image_column(tmp_path):
