@@ -120,6 +120,8 @@ def budget_of(args) -> dict:
     for stage, options in budget.items():
         if isinstance(options, dict):
             capped[stage] = {**options, "max_samples": min(options.get("max_samples", cap), cap)}
+            if "per_gpu_batch_size" in options:  # at least one step per epoch
+                capped[stage]["per_gpu_batch_size"] = min(options["per_gpu_batch_size"], cap)
             if stage != "pretrain":
                 capped[stage]["max_val_samples"] = min(options.get("max_val_samples", cap), cap)
             if "pca_samples" in options:

@@ -153,12 +153,16 @@ class TimmRandAugment:
     (and put back after), so the view is a function of (seed, epoch, index)."""
 
     def __init__(self, policy: str, img_size: int, mean: Sequence[float]):
+        from timm.data import auto_augment as timm_auto_augment
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.transforms import str_to_pil_interp
 
         hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
                        interpolation=str_to_pil_interp("bicubic"))  # as timm's create_transform sets them
         self.op = rand_augment_transform(policy, hparams)
+        for op in self.op.ops:
+            if op.aug_fn is timm_auto_augment.posterize:
+                op.aug_fn = posterize_to_any_bits
 
     def __call__(self, image: torch.Tensor, draws: SampleDraws) -> torch.Tensor:
         seed = draws.seed(AUGMENT_SLOT)
@@ -171,6 +175,16 @@ class TimmRandAugment:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
         return TF.pil_to_tensor(augmented)
+
+
+def posterize_to_any_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives black as older Pillow did (Pillow 13 refuses 0 bits; the increasing
+    posterize of ``inc1`` policies, the MAE recipe's, reaches 0 bits at magnitude 10)."""
+    from timm.data import auto_augment as timm_auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return timm_auto_augment.posterize(image, bits_to_keep, **kwargs)
 
 
 def timm_rand_augment(policy: str, img_size: int, mean: Sequence[float]) -> TimmRandAugment:

@@ -67,6 +67,7 @@ def test_gpu_budget_seeds_every_row_and_max_samples_caps_every_stage(tmp_path):
     assert len(chosen) == len(variants(8)) and len(names) == len(stages)
     for stage in [stage for chain in chains for stage in chain]:
         assert int(option(stage.command, "--max_samples")) <= 300, stage.name
+        assert int(option(stage.command, "--per_gpu_batch_size") or 0) <= 300, stage.name
     for stage in stages:
         if stage.name.endswith("/pretrain"):
             assert int(option(stage.command, "--pca_samples")) == 300

@@ -183,6 +183,19 @@ def test_timm_rand_augment_is_timms_transform_seeded_by_the_sample(channels):
     assert transform(image, draws(1)).shape == (channels, 16, 16)
 
 
+def test_timm_rand_augment_posterizes_to_zero_bits_as_black():
+    from pipeline.draws import SampleDraws
+    from pipeline.transforms import timm_rand_augment
+
+    augment = timm_rand_augment("rand-m10-mstd0.5-inc1", 16, (0.5, 0.5, 0.5))  # magnitude 10: 0 bits kept
+    posterize = [op for op in augment.op.ops if op.name == "PosterizeIncreasing"][0]
+    image = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize.aug_fn(image, 0)).max() == 0 and np.array_equal(posterize.aug_fn(image, 8), image)
+    pixels = torch.full((3, 16, 16), 200, dtype=torch.uint8)
+    views = [augment(pixels, SampleDraws.of(0, [0], [index])) for index in range(200)]  # every op drawn, none fails
+    assert any(view.max() == 0 for view in views)
+
+
 def test_hub_dataset_from_disk_with_image_column(tmp_path):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
