@@ -108,16 +108,18 @@ def build_optimizer(mode: str, trained: torch.nn.Module, model: VisionTransforme
 
 @torch.no_grad()
 def compute_features(accelerator, encoder: VisionTransformer, samples, normalize: Normalize, batch_size: int):
-    """Pooled encoder features (N, D) and labels (N,) of every sample, in order, computed once."""
+    """Pooled encoder features (N, D) and labels (N,) of every sample, in order, computed once (in the run's
+    mixed precision)."""
     encoder.eval()
     features, labels = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="features", disable=not accelerator.is_main_process):
-        items = [samples[(i, 0)] for i in range(start, min(start + batch_size, len(samples)))]
+        items = samples.__getitems__([(i, 0) for i in range(start, min(start + batch_size, len(samples)))])
         items = [item for item in items if item is not None]
         if not items:
             continue
         images = normalize(torch.stack([item["pixel_values"] for item in items]).to(accelerator.device))
-        features.append(encoder.pool(encoder.forward_features(images)).float().cpu())
+        with accelerator.autocast():
+            features.append(encoder.pool(encoder.forward_features(images)).float().cpu())
         labels.append(torch.tensor([item["label"] for item in items]))
     return torch.cat(features), torch.cat(labels)
 
