@@ -137,6 +137,8 @@ if step 22; then
     FASHION=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
     [ -f "$FASHION/train-images-idx3-ubyte.gz" ] || FASHION=data/fashion-mnist
     TINY=(--dataset fashion_mnist --path_to_data "$FASHION" --model mae_vit_tiny_patch4 --data_on_device on)
+    echo "== the views made on the GPU against the loader's on the CPU"
+    timeout 60 python bench/check_resident.py --output "$OUT/results.jsonl" 2>&1 | grep -v Warning
     run 60 --mode data "${TINY[@]}" --batch_size 8192 --steps 40 --warmup_steps 5
     run 180 --mode both "${TINY[@]}" --batch_size 8192 --precision bf16 --compile --steps 30 --warmup_steps 5
     run 150 --mode both "${TINY[@]}" --batch_size 8192 --precision bf16 --compile --steps 30 --warmup_steps 5 \

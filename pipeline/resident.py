@@ -58,16 +58,20 @@ def hold_on_device(base: Dataset, device: torch.device) -> tuple[torch.Tensor, t
     """Every image of ``base`` stacked, uint8 (N, C, H, W), with its labels, both on ``device``; None when the
     images differ in size or one cannot be read (then the set is read per sample)."""
     first = base[0]
-    if first is None:
+    if first is None or not isinstance(first[0], torch.Tensor):
         return None
-    shape, images, labels = first[0].shape, [], []
-    for index in range(len(base)):
+    shape, chunk, labels = first[0].shape, [], []
+    images = torch.empty((len(base), *shape), dtype=torch.uint8, device=device)
+    for index in range(len(base)):  # copied over in chunks: the host never holds a second copy of the set
         item = base[index]
         if item is None or not isinstance(item[0], torch.Tensor) or item[0].shape != shape:
             return None
-        images.append(item[0])
+        chunk.append(item[0])
         labels.append(item[1] if item[1] is not None else -1)
-    return torch.stack(images).to(device), torch.tensor(labels, dtype=torch.int64).to(device)
+        if len(chunk) == 4096 or index == len(base) - 1:
+            images[index + 1 - len(chunk):index + 1] = torch.stack(chunk).to(device)
+            chunk = []
+    return images, torch.tensor(labels, dtype=torch.int64).to(device)
 
 
 def resident_batches(choice: str, base: Dataset, samples: SeededSamples, batch_sampler,

@@ -82,7 +82,7 @@ class RandomResizedCropFlip:
     def views(self, images: torch.Tensor, draws: SampleDraws) -> torch.Tensor:
         """A batch's views at once: uint8 (B, C, H, W) images of one size in, uint8 (B, C, S, S) out, where they are."""
         height, width = images.shape[-2:]
-        sizes = torch.full((len(images),), height), torch.full((len(images),), width)
+        sizes = [torch.full((len(images),), side, device=images.device) for side in (height, width)]
         return resized_crops(images, self.crops(*sizes, draws), self.size)
 
 
@@ -118,16 +118,22 @@ def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, full: int, size:
     return (weights / weights.sum(-1, keepdim=True)).to(dtype)
 
 
-def resized_crops(images: torch.Tensor, crops: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crops(images: torch.Tensor, crops: torch.Tensor, size: int, dtype: torch.dtype | None = None,
+                  chunk: int = 512) -> torch.Tensor:
     """:func:`crop_view` for a batch of same-size images at once, as two batched matrix products (rows, then
     columns): uint8 (B, C, H, W) and (B, 6) crops in, uint8 (B, C, size, size) out, equal to :func:`crop_view`'s up to
-    float rounding at half a grey level; float64 on a GPU, where float32 products may run in TF32."""
-    dtype = torch.float64 if images.is_cuda else torch.float32
-    rows = resize_weights(crops[:, 0], crops[:, 2], images.shape[-2], size, dtype)
-    cols = resize_weights(crops[:, 1], crops[:, 3], images.shape[-1], size, dtype)
-    cols = torch.where(crops[:, 4, None, None] > 0, cols.flip(1), cols)
-    out = rows[:, None] @ images.to(dtype) @ cols.transpose(1, 2)[:, None]
-    return out.clamp_(0, 255).round_().to(torch.uint8)
+    float rounding at half a grey level. ``dtype``: float64 on a GPU (float32 products may run in TF32), else
+    float32; made ``chunk`` images at a time, which bounds the memory and leaves every image's numbers unchanged."""
+    dtype = dtype or (torch.float64 if images.is_cuda else torch.float32)
+    views = []
+    for start in range(0, len(images), chunk):
+        part, box = images[start:start + chunk], crops[start:start + chunk]
+        rows = resize_weights(box[:, 0], box[:, 2], images.shape[-2], size, dtype)
+        cols = resize_weights(box[:, 1], box[:, 3], images.shape[-1], size, dtype)
+        cols = torch.where(box[:, 4, None, None] > 0, cols.flip(1), cols)
+        out = rows[:, None] @ part.to(dtype) @ cols.transpose(1, 2)[:, None]
+        views.append(out.clamp_(0, 255).round_().to(torch.uint8))
+    return torch.cat(views)
 
 
 @dataclass

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from conftest import copy_stopped_after, read_metrics, run_in_process, run_scrip
 from torchvision.transforms import InterpolationMode
 
 from pipeline.draws import CROP_SLOT, FLIP_SLOT, GAMMA, MIX1, MIX2, SampleDraws, signed
+from pipeline.loading import DeviceBatches
 from pipeline.resident import ResidentBatches, hold_on_device, resident_batches
 from pipeline.samples import SeededSamples, collate_skipping_bad
 from pipeline.sampling import EpochChain, StepBatchSampler
@@ -87,6 +89,9 @@ def test_batched_resized_crops_equal_one_view_at_a_time():
     one_by_one = torch.stack([crop_view(image, crop) for image, crop in zip(images, crops.tolist())])
     difference = (resized_crops(images, crops, 16).int() - one_by_one.int()).abs()
     assert difference.max() <= 1 and (difference == 0).float().mean() > 0.999  # float rounding at half a level
+    wide = resized_crops(images, crops, 16, torch.float64, chunk=7)  # the GPU's precision, in odd chunks
+    assert (wide.int() - one_by_one.int()).abs().max() <= 1
+    assert torch.equal(resized_crops(images, crops, 16, chunk=7), resized_crops(images, crops, 16))
     top, left, h, w, flip, size = crops[0].tolist()
     torchvision = TF.resized_crop(images[0].float(), top, left, h, w, [16, 16], interpolation=InterpolationMode.BICUBIC,
                                   antialias=True).clamp(0, 255).round().to(torch.uint8)
@@ -100,17 +105,22 @@ def collated(samples: SeededSamples, keys: list) -> dict:
 def test_resident_batches_are_the_seeded_samples_batches_from_any_step():
     base = SyntheticDataset(96, 3, 20)
     samples = SeededSamples(base, RandomResizedCropFlip(16, scale=(0.2, 1.0)), seed=5, num_patches=16)
-    sampler = StepBatchSampler(len(base), 32, 2, seed=5)
     images, labels = hold_on_device(base, torch.device("cpu"))
-    chain = EpochChain(sampler, first_step=4)  # resumed in the second epoch (3 steps per epoch)
-    resident = iter(ResidentBatches(images, labels, samples, chain))
-    for keys in list(zip(range(4), EpochChain(sampler, first_step=4)))[:4]:
-        keys = keys[1]
-        expected, batch = collated(samples, keys), next(resident)
-        assert {epoch for _, epoch in keys} == {1}
+    assert torch.equal(images, base.images) and torch.equal(labels, base.labels)
+    chain = EpochChain(StepBatchSampler(len(base), 32, 2, seed=5))
+    resident = ResidentBatches(images, labels, samples, chain)
+    chain.first_step = 2  # as the trainer resumes: the last step of epoch 0, then into epoch 1 (3 steps per epoch)
+    made = DeviceBatches(resident, torch.device("cpu"), ahead=True)  # (made in a thread, as --decode_ahead does)
+    expected_keys = EpochChain(StepBatchSampler(len(base), 32, 2, seed=5), first_step=2)
+    epochs = []
+    for batch, keys in itertools.islice(zip(made, expected_keys), 8):  # 2 micro-batches of epoch 0, 6 of epoch 1
+        expected = collated(samples, keys)
+        epochs.append(keys[0][1])
         assert torch.equal(batch["label"], expected["label"]) and torch.equal(batch["noise"], expected["noise"])
         difference = (batch["pixel_values"].int() - expected["pixel_values"].int()).abs()
         assert difference.max() <= 1 and (difference == 0).float().mean() > 0.999
+    made.close()
+    assert epochs == [0, 0, 1, 1, 1, 1, 1, 1]
 
 
 def test_data_on_device_on_refuses_per_image_augmentation_and_mask_strategies():
@@ -149,3 +159,11 @@ def test_data_on_device_on_with_randaugment_is_a_one_line_error(fashion_mnist_di
                                   "--per_gpu_batch_size", "32", "--epochs", "1", "--random_aug_magnitude", "9",
                                   "--data_on_device", "on", "--working_directory", tmp_path, "--log_with", "none")
     assert code == 2 and "--data_on_device on cannot make this run's views in batches" in stderr.splitlines()[-1]
+
+
+def test_the_gpu_check_of_held_data_agrees_on_the_cpu():
+    from bench import check_resident
+
+    row = check_resident.main(["--device", "cpu"])
+    assert row["draw_bits_equal"] and row["noise_and_labels_equal"]
+    assert row["pixels_max_abs_diff"] <= 1 and row["pixels_equal_share"] > 0.999
