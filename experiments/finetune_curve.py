@@ -24,6 +24,7 @@ def main(argv=None) -> None:
                         help="Logistic regression on raw pixels, top-1 (%%), drawn as a line.")
     parser.add_argument("--commands", nargs="*", default=[],
                         help="Commands that made the runs, written under the table (e.g. the pretraining's).")
+    parser.add_argument("--machine", default=None, help="Where the runs were made, written under the table.")
     parser.add_argument("--out", required=True, help="Folder for curve.png, curve.json and CURVE.md.")
     args = parser.parse_args(argv)
     runs = dict(item.split("=", 1) for item in args.runs)
@@ -60,7 +61,8 @@ def main(argv=None) -> None:
     text = ["# Fine-tuning curves", "", "Test top-1 (%) on the 10k test images after each epoch.", "", *lines, "",
             "![curve](curve.png)", "", "Settings:", "",
             *[f"- {name}: " + ", ".join(f"{k} {settings[name].get(k)}" for k in keys) for name in curves], "",
-            *(["Commands:", "", *[f"- `{command}`" for command in args.commands], ""] if args.commands else [])]
+            *(["Commands:", "", *[f"- `{command}`" for command in args.commands], ""] if args.commands else []),
+            *([f"Machine: {args.machine}", ""] if args.machine else [])]
     (out / "CURVE.md").write_text("\n".join(text))
     print("\n".join(lines))
 
