@@ -107,6 +107,7 @@ class TrainConfig:
     max_bad_steps: int = 20
     resume_from_checkpoint: str | None = None  # a step_* folder, latest or auto
     eval_only: bool = False
+    decode: str = "auto"  # where JPEGs left encoded by the loader are decoded: dali, else decode_jpeg
     decode_ahead: bool = False
     compile: bool = False
     gradient_checkpointing: bool = False
@@ -254,7 +255,7 @@ class Trainer:
             if hasattr(holder, "first_step"):  # the rest of the run, from this step on
                 holder.first_step = step
         batches = DeviceBatches(self.loader, accelerator.device, ahead=config.decode_ahead,
-                                check=task.check_batch)
+                                check=task.check_batch, decode=config.decode)
         micro_batches = iter(batches) if step < total_steps else None  # (no workers for a finished run)
         task.train_mode(model)
         with progress:  # closed before an error is printed, so the error stays the last line

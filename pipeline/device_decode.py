@@ -1,4 +1,5 @@
-"""JPEGs decoded on the training device (``--decode device``): nvJPEG on a GPU, then cropped there."""
+"""JPEGs decoded on the training device (``--decode device``: nvJPEG on a GPU; ``--decode dali``: NVIDIA DALI),
+then cropped there."""
 from __future__ import annotations
 
 import logging
@@ -12,17 +13,30 @@ logger = logging.getLogger(__name__)
 
 
 def decodes_on_device(decode: str, device: torch.device) -> bool:
-    """``--decode``: ``device``, or ``auto`` on a GPU, leaves JPEGs encoded for :func:`decode_deferred`."""
-    return decode == "device" or (decode == "auto" and device.type == "cuda")
+    """``--decode``: ``device`` or ``dali``, or ``auto`` on a GPU, leaves JPEGs encoded for :func:`decode_deferred`;
+    ``dali`` fails here, in one line, where DALI is not installed."""
+    if decode == "dali":
+        from .dali_decode import import_dali
+
+        import_dali()
+    return decode in ("device", "dali") or (decode == "auto" and device.type == "cuda")
 
 
-def decode_deferred(batch: dict, device: torch.device, fence: str = "device") -> dict:
+def decode_deferred(batch: dict, device: torch.device, fence: str = "device", decode: str = "device") -> dict:
     """Decode a batch's JPEGs on ``device`` (nvJPEG on a GPU) and crop them there: ``jpeg`` (bytes end to end, cut by
     ``jpeg_sizes``) + ``crop`` become ``pixel_values``, uint8 (B, 3, S, S); an image that does not decode is dropped
     with its label and noise and counted in ``num_skipped``.
     ``fence`` (GPU): nvJPEG writes from its own stream into blocks the caching allocator may reuse while queued kernels
     still read them (pytorch/vision PR 9606), so ``device`` synchronises the whole device around the decode; ``stream``
-    only the current stream, for :class:`pipeline.loading.DeviceBatches`, which decodes on a stream of its own."""
+    only the current stream, for :class:`pipeline.loading.DeviceBatches`, which decodes on a stream of its own.
+    ``decode="dali"``: DALI decodes and crops the batch (:mod:`pipeline.dali_decode`), this function a batch DALI
+    cannot decode."""
+    if decode == "dali":
+        from .dali_decode import decode_with_dali
+
+        decoded = decode_with_dali(batch, device)
+        if decoded is not None:
+            return decoded
     sizes, crops = batch.pop("jpeg_sizes").tolist(), batch.pop("crop").tolist()
     datas = list(torch.split(batch.pop("jpeg"), sizes))  # one buffer from the worker: one shared-memory hand-over
 

@@ -59,10 +59,11 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(stop, signal.SIG_IGN)
 
 
-def move_to_device(batch: dict, device: torch.device, fence: str = "device") -> dict:
-    """A loader batch on the device; JPEGs left encoded (``--decode device``) are decoded and cropped there."""
+def move_to_device(batch: dict, device: torch.device, fence: str = "device", decode: str = "device") -> dict:
+    """A loader batch on the device; JPEGs left encoded (``--decode device`` or ``dali``) are decoded and cropped
+    there."""
     if "jpeg" in batch:
-        batch = decode_deferred(batch, device, fence)
+        batch = decode_deferred(batch, device, fence, decode)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -74,14 +75,14 @@ class DeviceBatches:
 
     _END = object()
 
-    def __init__(self, loader, device: torch.device, ahead: bool = False, check=None):
-        self.loader, self.device, self.ahead, self.check = loader, device, ahead, check
+    def __init__(self, loader, device: torch.device, ahead: bool = False, check=None, decode: str = "device"):
+        self.loader, self.device, self.ahead, self.check, self.decode = loader, device, ahead, check, decode
         self._thread, self._stop, self._stream = None, None, None
 
     def __iter__(self):
         self.close()
         if not self.ahead:
-            return (move_to_device(self._checked(batch), self.device) for batch in self.loader)
+            return (move_to_device(self._checked(batch), self.device, decode=self.decode) for batch in self.loader)
         import queue
         import threading
 
@@ -123,7 +124,7 @@ class DeviceBatches:
                 for batch in loader_iter:
                     if stop.is_set():
                         return
-                    batch = move_to_device(self._checked(batch), self.device, fence="stream")
+                    batch = move_to_device(self._checked(batch), self.device, "stream", self.decode)
                     event = None
                     if self._stream is not None:
                         event = torch.cuda.Event()

@@ -25,6 +25,19 @@ def fashion_mnist_dir() -> Path:
     return FASHION_MNIST
 
 
+@pytest.fixture(scope="session")
+def dali():
+    """nvidia.dali (``--decode dali``; its pipelines run on the CPU here), skipped where it is not installed."""
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        missing = "needs NVIDIA DALI: pip install nvidia-dali-cuda130"
+        if os.environ.get("MAE_REQUIRE_DATA"):  # CI: every test runs
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return dali
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, so two test runs on one machine never meet."""
     with socket.socket() as probe:
