@@ -10,6 +10,9 @@ training crops (seeded random-resized-crop windows resized to --size, uint8, sta
     nvimgcodec_hw     the same on the GPU's hardware JPEG engines alone (A100, H100, H200)
     nvimgcodec_roi    every backend allowed, decoding only each crop's window (region-of-interest decode)
     nvimgcodec_cpu    nvImageCodec's CPU backend (libjpeg-turbo), crops resized on the CPU
+    dali              --decode dali's pipeline on the GPU: each window decoded (hardware engines where the GPU has
+                      them), resized (bicubic, antialiased) and flipped there
+    dali_cpu          the same pipeline on the CPU (libjpeg-turbo, its own threads)
 
 Rows give images/s and the host CPU time per image (what the decode takes from the loader's cores).
 
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.benchmark_pretrain import emit_rows, make_jpegs  # noqa: E402
 
 ROUTES = ("pil", "tv_cpu", "tv_cuda_loop", "tv_cuda_batched", "nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi",
-          "nvimgcodec_cpu")
+          "nvimgcodec_cpu", "dali", "dali_cpu")
 NVIMGCODEC_BACKENDS = {"nvimgcodec": None, "nvimgcodec_roi": None, "nvimgcodec_hw": "HW_GPU_ONLY",
                        "nvimgcodec_cpu": "CPU_ONLY"}
 
@@ -101,7 +104,7 @@ def make_missing_jpegs(folder: Path, count: int) -> None:
 
 class Route:
     def __init__(self, name: str, device: torch.device, size: int):
-        self.name, self.device, self.size = name, device, size
+        self.name, self.device, self.size, self.dali = name, device, size, None
         if name.startswith("nvimgcodec"):
             nvimgcodec = import_nvimgcodec()
             self.codec = nvimgcodec
@@ -112,6 +115,16 @@ class Route:
 
     def __call__(self, encoded: list[bytes], sizes: list[tuple[int, int]], seed: int) -> torch.Tensor:
         windows = crop_windows(sizes, seed)
+        if self.name.startswith("dali"):
+            import numpy as np
+
+            from pipeline.dali_decode import DaliCrops
+
+            if self.dali is None:
+                self.dali = DaliCrops(self.device if self.name == "dali" else torch.device("cpu"), self.size,
+                                      len(encoded))
+            boxes = np.array([(*window, 0, self.size) for window in windows], dtype=np.int64)
+            return self.dali([np.frombuffer(data, np.uint8) for data in encoded], boxes)
         if self.name == "pil":
             import io
 
@@ -198,7 +211,7 @@ def main() -> None:
     batches = [(encoded[i:i + args.batch_size], sizes[i:i + args.batch_size]) for i in range(0, needed, args.batch_size)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     for name in args.routes:
-        if device.type != "cuda" and ("cuda" in name or name in ("nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi")):
+        if device.type != "cuda" and ("cuda" in name or name in ("nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi", "dali")):
             continue
         try:
             row = time_route(Route(name, device, args.size), batches, device)

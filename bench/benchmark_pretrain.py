@@ -336,7 +336,7 @@ def decode_paths_difference(args, config: dict, device: torch.device, count: int
     for on_device in (True, False):
         samples = training_samples(args, config, on_device)
         batch = collate_skipping_bad([samples[(i, 0)] for i in range(min(count, len(samples)))])
-        views.append(move_to_device(batch, device)["pixel_values"].int())
+        views.append(move_to_device(batch, device, decode=args.decode)["pixel_values"].int())
     difference = (views[0] - views[1]).abs()
     return {"max_abs_diff_vs_cpu_decode": int(difference.max()),
             "mean_abs_diff_vs_cpu_decode": round(difference.float().mean().item(), 4)}
@@ -389,7 +389,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
     # window measures the steady rate and not batches made before it began.
     workers = getattr(loader, "num_workers", 0)  # (none for a set held on the device)
     warmup = max(args.warmup_steps, workers * (getattr(loader, "prefetch_factor", 0) or 0))
-    batches = DeviceBatches(loader, device, ahead=args.decode_ahead)  # as pretrain_mae.py: uint8 until on the device
+    batches = DeviceBatches(loader, device, ahead=args.decode_ahead, decode=args.decode)  # uint8 until on the device
     for batch in batches:
         images, noise = normalize(batch["pixel_values"]), batch["noise"]
         if trainer is not None:
@@ -410,7 +410,8 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
            "model": args.model, "dataset": args.dataset, "path_to_data": args.path_to_data,
            "decode": "none (held on the device)" if not hasattr(loader, "num_workers") else
            "none (pixel cache)" if args.dataset == "cache" else
-           "device" if decodes_on_device(args.decode, device) and args.dataset in ("folder", "shards") else "cpu",
+           ("dali" if args.decode == "dali" else "device") if decodes_on_device(args.decode, device)
+           and args.dataset in ("folder", "shards") else "cpu",
            "batch_size": args.batch_size, "num_workers": workers, "data_on_device": not hasattr(loader, "num_workers"),
            "precision": args.precision,
            "compile": args.compile, "decode_ahead": args.decode_ahead, "images_per_sec": round(seen / elapsed, 1),
@@ -419,7 +420,7 @@ def run_pipeline_mode(args, device: torch.device, config: dict, with_model: bool
            "warmup_steps": warmup}
     if not with_model and not row["data_on_device"]:
         row["worker_ms_per_image"] = worker_ms_per_image(loader.dataset)
-    if row["decode"] == "device" and not with_model:
+    if row["decode"] in ("device", "dali") and not with_model:
         row.update(decode_paths_difference(args, config, device))
     return [row]
 
@@ -555,6 +556,8 @@ def parse_args(argv=None):
                         help="Our patch embedding as the strided convolution, or as one matmul on the unfolded patches.")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for --compile, e.g. max_autotune=True.")
+    parser.add_argument("--sdpa_backend", default="default", choices=["default", "cudnn", "flash", "efficient"],
+                        help="Leave only this fused attention kernel (and the math fallback) to every model's SDPA.")
     parser.add_argument("--norm_pix_loss", action="store_true", help="Time with the per-patch normalised target.")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="Share of patches hidden from the encoder.")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
@@ -572,7 +575,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_samples", type=int, default=None, help="--mode data/both: first N training images.")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="--mode data/both: loader workers (default: pretrain_mae.py's, cores - 1 on a GPU).")
-    parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+    parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device", "dali"],
                         help="--mode data/both: where a folder's JPEGs are decoded, as pretrain_mae.py's --decode "
                              "(auto: on the device when it is a GPU).")
     parser.add_argument("--data_on_device", default="auto", choices=["auto", "on", "off"],
@@ -614,7 +617,11 @@ def linear_patch_embed(self, images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_variants(args) -> None:
-    """The step variants under test: --patch_embed linear, --inductor KEY=VALUE settings."""
+    """The step variants under test: --patch_embed linear, --inductor KEY=VALUE settings, --sdpa_backend."""
+    if args.sdpa_backend != "default":
+        for backend in ("cudnn", "flash", "efficient"):
+            getattr(torch.backends.cuda, f"enable_{backend.replace('efficient', 'mem_efficient')}_sdp")(
+                backend == args.sdpa_backend)
     if args.patch_embed == "linear":
         PatchEmbed.forward = linear_patch_embed
     for setting in args.inductor:
@@ -660,8 +667,8 @@ def main(argv=None):
     context = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "transformers": transformers.__version__,
                "command": "python " + " ".join(sys.argv)}
-    if args.patch_embed != "conv" or args.inductor:
-        context.update(patch_embed=args.patch_embed, inductor=" ".join(args.inductor))
+    if args.patch_embed != "conv" or args.inductor or args.sdpa_backend != "default":
+        context.update(patch_embed=args.patch_embed, inductor=" ".join(args.inductor), sdpa_backend=args.sdpa_backend)
     if args.mode == "finetune":
         import timm
 

@@ -3,7 +3,8 @@
 # (default: all). Wall times on one H100/H200: steps 1-6 about 7 minutes together; 16 14 15 18 19 17 about 5 (16: the
 # compiled step's profile, 14: JPEG decode routes, 15: attention backends, 18: the tiny preset, 19: the pixel cache,
 # 17: micro-batch 512); 20 about 1.5; 21 over 5 (GEMM autotuning; cuBLAS won every shape it printed); 12 about 1.5;
-# 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4; 22 (not run yet) under 8, most of it compilation.
+# 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4; 22 (not run yet) under 8, most of it compilation;
+# 23 (not run yet) about 8 by its time limits, less where DALI is missing; 24 (not run yet) about 6.
 #   OUT=bench/gpu_out STEPS="16 14 15 18 19 17" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # Step 14's nvImageCodec rows need the nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels installed (they skip without).
@@ -151,4 +152,27 @@ if step 22; then
         | paste - - - | tail -8
     rm -rf "$OUT/tiny"
 fi
+# 23. the JPEG path at the step's speed (ViT-B, 500x375 JPEGs, batch 256): decode routes, torchvision's batched
+# nvJPEG against DALI (hardware engines, each window only); the loader alone with each, decoding ahead of the step;
+# the compiled step alone; the compiled step fed by --decode dali. DALI's wheels: bench/dali_wheels.sh (the parts in
+# .dali/, installed there by `bash bench/dali_wheels.sh install`); without them the DALI rows say "not run".
+if step 23; then
+    [ -d .dali/site ] && export PYTHONPATH="$PWD/.dali/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== decode routes: batched nvJPEG against DALI"
+    timeout 120 python bench/benchmark_decode.py --make_jpegs 3000 --path_to_data /tmp/jpegs --routes tv_cuda_batched \
+        dali --batch_size 256 --batches 8 --output "$OUT/results.jsonl" 2>&1 | grep -v "Warning"
+    for decode in dali device; do
+        run 90 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --batch_size 256 --decode $decode \
+            --decode_ahead --steps 40 --warmup_steps 5
+    done
+    run 150 --model mae_vit_base_patch16 --impl ours --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile
+    run 180 --mode both --model mae_vit_base_patch16 --precision bf16 --compile --path_to_data /tmp/jpegs \
+        --batch_size 256 --decode dali --decode_ahead --steps 60 --warmup_steps 10
+fi
+# 24. step variants of the compiled ViT-B step (bf16, batch 256), each against 🤗 ViTMAE compiled in the same run:
+# SDPA on cuDNN's attention alone, then Inductor's CUDA graphs
+step 24 && run 180 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile \
+    --sdpa_backend cudnn
+step 24 && run 180 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile \
+    --inductor triton.cudagraphs=True
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

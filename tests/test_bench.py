@@ -204,6 +204,18 @@ def test_decode_routes_give_the_same_crops(tmp_path):
     assert (other.float() - tv.float()).abs().mean() > 4  # other windows: other crops
 
 
+def test_the_dali_decode_route_cuts_the_same_windows(tmp_path, dali):
+    decode = load_bench("benchmark_decode")
+    bench.make_jpegs(tmp_path, 4)
+    encoded = [f.read_bytes() for f in sorted(tmp_path.rglob("*.jpg"))]
+    sizes, device = [(375, 500)] * len(encoded), torch.device("cpu")
+    fused = decode.Route("dali_cpu", device, 32)(encoded, sizes, seed=3)
+    tv = decode.Route("tv_cpu", device, 32)(encoded, sizes, seed=3)
+    assert fused.shape == tv.shape == (4, 3, 32, 32) and fused.dtype == torch.uint8
+    assert (fused.float() - tv.float()).abs().mean() < 4  # bicubic against bilinear on the same windows
+    assert (decode.Route("tv_cpu", device, 32)(encoded, sizes, seed=4).float() - fused.float()).abs().mean() > 4
+
+
 def test_attention_backends_agree_where_they_run(capsys):
     attention = load_bench("benchmark_attention")
     q, k, v = (torch.randn(2, 3, 13, 16, requires_grad=True) for _ in range(3))
