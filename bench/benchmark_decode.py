@@ -6,6 +6,7 @@ training crops (seeded random-resized-crop windows resized to --size, uint8, sta
     tv_cpu            torchvision.io.decode_jpeg on one CPU thread, crop + resize there
     tv_cuda_loop      torchvision decode on the GPU one image at a time, crops resized on the GPU
     tv_cuda_batched   torchvision decode on the GPU, one call per batch (nvJPEG's batched decode)
+    tv_cuda_windows   the same decode, the crops then resized together (resized_windows: --decode device's bicubic)
     nvimgcodec        nvImageCodec's batched decode, every backend allowed (it picks; crops resized on the GPU)
     nvimgcodec_hw     the same on the GPU's hardware JPEG engines alone (A100, H100, H200)
     nvimgcodec_roi    every backend allowed, decoding only each crop's window (region-of-interest decode)
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.benchmark_pretrain import emit_rows, make_jpegs  # noqa: E402
 
-ROUTES = ("pil", "tv_cpu", "tv_cuda_loop", "tv_cuda_batched", "nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi",
+ROUTES = ("pil", "tv_cpu", "tv_cuda_loop", "tv_cuda_batched", "tv_cuda_windows", "nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi",
           "nvimgcodec_cpu", "dali", "dali_cpu")
 NVIMGCODEC_BACKENDS = {"nvimgcodec": None, "nvimgcodec_roi": None, "nvimgcodec_hw": "HW_GPU_ONLY",
                        "nvimgcodec_cpu": "CPU_ONLY"}
@@ -149,6 +150,11 @@ class Route:
         if self.name == "tv_cuda_batched":
             images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
             return resize_crops(images, windows, self.size, False)
+        if self.name == "tv_cuda_windows":
+            from pipeline.transforms import resized_windows
+
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+            return resized_windows(images, [(*window, 0, self.size) for window in windows], self.size)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
         if self.name != "nvimgcodec_roi":
             streams = [self.codec.CodeStream(data) for data in encoded]

@@ -153,14 +153,15 @@ if step 22; then
     rm -rf "$OUT/tiny"
 fi
 # 23. the JPEG path at the step's speed (ViT-B, 500x375 JPEGs, batch 256): decode routes, torchvision's batched
-# nvJPEG against DALI (hardware engines, each window only); the loader alone with each, decoding ahead of the step;
-# the compiled step alone; the compiled step fed by --decode dali. DALI's wheels: bench/dali_wheels.sh (the parts in
-# .dali/, installed there by `bash bench/dali_wheels.sh install`); without them the DALI rows say "not run".
+# nvJPEG (crops resized one by one, then together) against DALI (hardware engines, each window only); the loader
+# alone with each, decoding ahead of the step; the compiled step alone; the compiled step fed by --decode dali.
+# DALI's wheels: bench/dali_wheels.sh (the parts in .dali/, installed there by `bash bench/dali_wheels.sh install`);
+# without them the DALI rows say "not run".
 if step 23; then
     [ -d .dali/site ] && export PYTHONPATH="$PWD/.dali/site${PYTHONPATH:+:$PYTHONPATH}"
     echo "== decode routes: batched nvJPEG against DALI"
     timeout 120 python bench/benchmark_decode.py --make_jpegs 3000 --path_to_data /tmp/jpegs --routes tv_cuda_batched \
-        dali --batch_size 256 --batches 8 --output "$OUT/results.jsonl" 2>&1 | grep -v "Warning"
+        tv_cuda_windows dali --batch_size 256 --batches 8 --output "$OUT/results.jsonl" 2>&1 | grep -v "Warning"
     for decode in dali device; do
         run 90 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --batch_size 256 --decode $decode \
             --decode_ahead --steps 40 --warmup_steps 5

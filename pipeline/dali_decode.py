@@ -92,9 +92,11 @@ def decode_with_dali(batch: dict, device: torch.device) -> dict | None:
     and the caller's per-image decode finds and drops the bad one."""
     sizes, windows = batch["jpeg_sizes"].numpy(), batch["crop"].numpy()
     datas = np.split(batch["jpeg"].numpy(), np.cumsum(sizes)[:-1])
+    size = int(windows[0, 5])
     try:
-        views = dali_crops(device, int(windows[0, 5]), len(datas))(datas, windows)
+        views = dali_crops(device, size, len(datas))(datas, windows)
     except RuntimeError:
+        _PIPELINES.pop((str(device), size), None)  # built afresh for the next batch, whatever state the error left
         logger.warning("DALI could not decode a JPEG of this batch: decoding the batch image by image")
         return None
     batch = {key: value for key, value in batch.items() if key not in ("jpeg", "jpeg_sizes", "crop")}

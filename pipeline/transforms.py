@@ -136,6 +136,35 @@ def resized_crops(images: torch.Tensor, crops: torch.Tensor, size: int, dtype: t
     return torch.cat(views)
 
 
+def resized_windows(images: list[torch.Tensor], crops: torch.Tensor, size: int, dtype: torch.dtype | None = None,
+                    budget: int = 2**25) -> torch.Tensor:
+    """:func:`resized_crops` for (C, H, W) images of any sizes: each window is cut out, windows of similar area are
+    padded to a common size (the resize weights are zero outside a window, so the padding is never read) and resized
+    a group of at most ``budget`` padded pixels at a time; uint8 (B, C, size, size) in the crops' order."""
+    crops = crops.tolist() if isinstance(crops, torch.Tensor) else crops
+    windows = [image[:, top:top + height, left:left + width] for image, (top, left, height, width, *_) in
+               zip(images, crops)]
+    order = sorted(range(len(windows)), key=lambda i: -windows[i].shape[-2] * windows[i].shape[-1])
+    views, start = [None] * len(windows), 0
+    while start < len(order):
+        end, height, width = start, 0, 0
+        while end < len(order):  # grow the group while its padded pixels stay within the budget
+            shape = windows[order[end]].shape
+            grown = (end + 1 - start) * shape[0] * max(height, shape[-2]) * max(width, shape[-1])
+            if end > start and grown > budget:
+                break
+            height, width, end = max(height, shape[-2]), max(width, shape[-1]), end + 1
+        group = order[start:end]
+        padded = windows[group[0]].new_zeros((len(group), windows[group[0]].shape[0], height, width))
+        for slot, index in enumerate(group):
+            padded[slot, :, :windows[index].shape[-2], :windows[index].shape[-1]] = windows[index]
+        boxes = torch.tensor([[0, 0, *windows[i].shape[-2:], crops[i][4], size] for i in group], device=padded.device)
+        for slot, view in zip(group, resized_crops(padded, boxes, size, dtype)):
+            views[slot] = view
+        start = end
+    return torch.stack(views)
+
+
 @dataclass
 class EncodedJpeg:
     """A JPEG's bytes and size, read without decoding it (``--decode device``: decoded later, on the GPU)."""

@@ -202,6 +202,8 @@ def test_decode_routes_give_the_same_crops(tmp_path):
     assert (pil.float() - tv.float()).abs().mean() < 4  # two resamplers and IDCTs, the same pixels
     other = decode.Route("tv_cpu", device, 32)(encoded, sizes, seed=4)
     assert (other.float() - tv.float()).abs().mean() > 4  # other windows: other crops
+    together = decode.Route("tv_cuda_windows", device, 32)(encoded, sizes, seed=3)  # (its decode: here on the CPU)
+    assert together.shape == tv.shape and (together.float() - tv.float()).abs().mean() < 4
 
 
 def test_the_dali_decode_route_cuts_the_same_windows(tmp_path, dali):

@@ -88,7 +88,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_with_each_decode(tmp_path, de
     copy_stopped_after(tmp_path / "whole", tmp_path / "resumed", 6)
     result = run_pretraining(tmp_path / "images", tmp_path, "resumed", decode, "--resume_from_checkpoint", "latest")
     assert "step_00000006 at step 6" in result.stderr
-    whole, resumed = without_timing(read_metrics(tmp_path / "whole")), without_timing(read_metrics(tmp_path / "resumed"))
+    whole, resumed = (without_timing(read_metrics(tmp_path / name)) for name in ("whole", "resumed"))
     assert [row["step"] for row in whole] == [2, 4, 6, 8] and resumed == whole  # bit-identical
     if decode == "dali":  # the same samples as the workers' decode: losses within the views' rounding
         run_pretraining(tmp_path / "images", tmp_path, "workers", "cpu")

@@ -13,7 +13,9 @@ from pipeline.resident import ResidentBatches, hold_on_device, resident_batches
 from pipeline.samples import SeededSamples, collate_skipping_bad
 from pipeline.sampling import EpochChain, StepBatchSampler
 from pipeline.sources import SyntheticDataset
-from pipeline.transforms import ClassifierTrainTransform, RandomResizedCropFlip, crop_view, resized_crops
+from pipeline.transforms import (
+    ClassifierTrainTransform, RandomResizedCropFlip, crop_view, resized_crops, resized_windows,
+)
 from utils.errors import UserError
 
 MASK64 = (1 << 64) - 1
@@ -167,3 +169,18 @@ def test_the_gpu_check_of_held_data_agrees_on_the_cpu():
     row = check_resident.main(["--device", "cpu"])
     assert row["draw_bits_equal"] and row["noise_and_labels_equal"]
     assert row["pixels_max_abs_diff"] <= 1 and row["pixels_equal_share"] > 0.999
+
+
+def test_windows_of_images_of_any_size_resized_together_equal_one_view_at_a_time():
+    """resized_windows (the batched crops after a GPU decode): images of many sizes, windows padded in groups."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(int(h), int(w)) for h, w in torch.randint(20, 90, (40, 2), generator=generator)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+    draws = SampleDraws.of(5, torch.zeros(40, dtype=torch.int64), torch.arange(40))
+    crops = RandomResizedCropFlip(24).crops(*torch.tensor(sizes).T, draws)
+    one_by_one = torch.stack([crop_view(image, crop) for image, crop in zip(images, crops.tolist())])
+    for budget in (2**25, 3 * 90 * 90 * 3):  # one group; groups of about three
+        difference = (resized_windows(images, crops, 24, budget=budget).int() - one_by_one.int()).abs()
+        assert difference.max() <= 1 and (difference == 0).float().mean() > 0.999
+    wide = resized_windows(images, crops, 24, torch.float64, budget=3 * 90 * 90 * 3)
+    assert (wide.int() - one_by_one.int()).abs().max() <= 1
