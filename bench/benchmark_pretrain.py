@@ -556,6 +556,8 @@ def parse_args(argv=None):
                         help="Our patch embedding as the strided convolution, or as one matmul on the unfolded patches.")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for --compile, e.g. max_autotune=True.")
+    parser.add_argument("--residual_dtype", default="fp32", choices=["fp32", "autocast"],
+                        help="Our blocks' residual stream in fp32 (as trained), or in the autocast dtype (bf16/fp16).")
     parser.add_argument("--sdpa_backend", default="default", choices=["default", "cudnn", "flash", "efficient"],
                         help="Leave only this fused attention kernel (and the math fallback) to every model's SDPA.")
     parser.add_argument("--norm_pix_loss", action="store_true", help="Time with the per-patch normalised target.")
@@ -616,8 +618,20 @@ def linear_patch_embed(self, images: torch.Tensor) -> torch.Tensor:
     return F.linear(patches.reshape(batch, (height // p) * (width // p), -1), weight, self.proj.bias)
 
 
+def low_precision_residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Block.forward with the residual stream in the autocast dtype: half the bytes in every residual add and in the
+    norms' saved inputs (the norms still compute in fp32 under autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x = x + self.drop_path(self.attn(self.norm1(x)))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
 def apply_variants(args) -> None:
-    """The step variants under test: --patch_embed linear, --inductor KEY=VALUE settings, --sdpa_backend."""
+    """The step variants under test: --patch_embed linear, --inductor KEY=VALUE settings, --sdpa_backend,
+    --residual_dtype."""
+    if args.residual_dtype == "autocast":
+        Block.forward = low_precision_residual_forward
     if args.sdpa_backend != "default":
         for backend in ("cudnn", "flash", "efficient"):
             getattr(torch.backends.cuda, f"enable_{backend.replace('efficient', 'mem_efficient')}_sdp")(
@@ -667,8 +681,9 @@ def main(argv=None):
     context = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "transformers": transformers.__version__,
                "command": "python " + " ".join(sys.argv)}
-    if args.patch_embed != "conv" or args.inductor or args.sdpa_backend != "default":
-        context.update(patch_embed=args.patch_embed, inductor=" ".join(args.inductor), sdpa_backend=args.sdpa_backend)
+    if args.patch_embed != "conv" or args.inductor or args.sdpa_backend != "default" or args.residual_dtype != "fp32":
+        context.update(patch_embed=args.patch_embed, inductor=" ".join(args.inductor), sdpa_backend=args.sdpa_backend,
+                       residual_dtype=args.residual_dtype)
     if args.mode == "finetune":
         import timm
 

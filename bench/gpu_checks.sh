@@ -4,7 +4,7 @@
 # compiled step's profile, 14: JPEG decode routes, 15: attention backends, 18: the tiny preset, 19: the pixel cache,
 # 17: micro-batch 512); 20 about 1.5; 21 over 5 (GEMM autotuning; cuBLAS won every shape it printed); 12 about 1.5;
 # 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4; 22 (not run yet) under 8, most of it compilation;
-# 23 (not run yet) about 8 by its time limits, less where DALI is missing; 24 (not run yet) about 6.
+# 23 (not run yet) about 8 by its time limits, less where DALI is missing; 24 (not run yet) about 8.
 #   OUT=bench/gpu_out STEPS="16 14 15 18 19 17" bash bench/gpu_checks.sh      # then, back here:
 #   cat $OUT/results.jsonl >> bench/results.jsonl && python bench/summarize.py
 # Step 14's nvImageCodec rows need the nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels installed (they skip without).
@@ -171,9 +171,11 @@ if step 23; then
         --batch_size 256 --decode dali --decode_ahead --steps 60 --warmup_steps 10
 fi
 # 24. step variants of the compiled ViT-B step (bf16, batch 256), each against 🤗 ViTMAE compiled in the same run:
-# SDPA on cuDNN's attention alone, then Inductor's CUDA graphs
+# SDPA on cuDNN's attention alone, Inductor's CUDA graphs, the residual stream in bf16
 step 24 && run 180 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile \
     --sdpa_backend cudnn
 step 24 && run 180 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile \
     --inductor triton.cudagraphs=True
+step 24 && run 180 --model mae_vit_base_patch16 --batch_size 256 --precision bf16 --steps 20 --rounds 3 --compile \
+    --residual_dtype autocast
 exit 0  # (each step's failure shows in its output; the rows that came back are what counts)

@@ -225,3 +225,16 @@ def test_attention_backends_agree_where_they_run(capsys):
     assert seconds > 0 and q.grad is not None and torch.isfinite(q.grad).all()
     with pytest.raises(RuntimeError):  # cuDNN attention has no CPU kernel: the script reports it as not run
         attention.time_backend(attention.BACKENDS["cudnn"], q, k, v, steps=1)
+
+
+def test_the_low_precision_residual_variant_keeps_the_blocks_output():
+    """--residual_dtype autocast: the block's residual stream in bf16 under autocast, its output that of the fp32
+    stream up to bf16 rounding (whether training losses match is for a run to show)."""
+    from models.vit import Block
+
+    block = Block(32, 2).eval()
+    x = torch.randn(4, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, low = block(x), bench.low_precision_residual_forward(block, x)
+    assert reference.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), reference, atol=0.05, rtol=0.02) and not torch.equal(low.float(), reference)
