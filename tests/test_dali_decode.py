@@ -106,3 +106,29 @@ def test_decode_dali_without_dali_installed_is_a_one_line_error(tmp_path, monkey
     assert code == 2 and len(lines) == 1, stderr
     assert lines[0].startswith("pretrain_mae.py: error: --decode dali needs NVIDIA DALI, which is not installed: "
                                "pip install nvidia-dali-cuda130"), stderr
+
+
+def test_dali_batches_made_ahead_in_a_thread_are_the_inline_ones(tmp_path, dali):
+    """--decode dali --decode_ahead: the pipeline is driven from the thread of each epoch in turn."""
+    from pipeline.loading import DeviceBatches, build_loader
+
+    photos(tmp_path, 16, seed=2)
+    base = build_image_dataset("folder", str(tmp_path), "train", 3, 32, encoded_jpeg=True)
+    sampler = StepBatchSampler(len(base), 8, 2, seed=4)
+    loader = build_loader(SeededSamples(base, RandomResizedCropFlip(32), 7, 16), sampler, 1, torch.device("cpu"))
+
+    def epochs(ahead: bool) -> list:
+        batches, taken = DeviceBatches(loader, torch.device("cpu"), ahead=ahead, decode="dali"), []
+        for epoch in range(2):
+            batches.close()
+            sampler.set_epoch(epoch)
+            taken += list(batches)
+        batches.close()
+        return taken
+
+    inline, ahead = epochs(False), epochs(True)
+    loader.close()
+    assert len(inline) == len(ahead) == 8
+    for expected, batch in zip(inline, ahead):
+        assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+        assert torch.equal(batch["noise"], expected["noise"])
