@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,11 +22,19 @@ INSTALL_HINT = ("pip install nvidia-dali-cuda130 (CUDA 13 builds of torch; nvidi
 
 
 def import_dali():
-    """``nvidia.dali``, or a one-line error naming the package to install."""
+    """``nvidia.dali``, or a one-line error naming the package to install. Also found where another install made
+    ``nvidia`` a regular package (an ``__init__.py``), which hides the namespace's other folders on ``sys.path``."""
     try:
         import nvidia.dali as dali
     except ImportError:
-        raise UserError(f"--decode dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}") from None
+        try:
+            import nvidia
+
+            folders = [Path(entry or ".") / "nvidia" for entry in sys.path]
+            nvidia.__path__ = list(nvidia.__path__) + [str(folder) for folder in folders if (folder / "dali").is_dir()]
+            import nvidia.dali as dali
+        except ImportError:
+            raise UserError(f"--decode dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}") from None
     return dali
 
 
@@ -57,6 +67,7 @@ class DaliCrops:
 
         self.pipeline = crops()
         self.pipeline.build()
+        self.held = None  # (GPU) the last outputs and the event of their copy: DALI may reuse them once let go
 
     def __call__(self, datas: list[np.ndarray], windows: np.ndarray) -> torch.Tensor:
         """``datas``: each JPEG's bytes; ``windows``: int64 (B, >= 5) rows of (top, left, height, width, flip)."""
@@ -64,14 +75,22 @@ class DaliCrops:
         self.pipeline.feed_input("anchors", list(np.ascontiguousarray(windows[:, 0:2])))
         self.pipeline.feed_input("shapes", list(np.ascontiguousarray(windows[:, 2:4])))
         self.pipeline.feed_input("flips", list(windows[:, 4].astype(np.int32)))
+        if self.held is not None:
+            self.held[1].synchronize()  # the last copy has run (it was queued before the step that followed it)
+            self.held = None
         views, = self.pipeline.run()
         if self.device.type != "cuda":
             return torch.from_numpy(views.as_array())
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dense = views.as_tensor()
+        # the copy runs on the caller's stream, the one the allocator gave `out` to, so no kernel still queued there
+        # reads the block while DALI writes it
+        dense, stream = views.as_tensor(), torch.cuda.current_stream(self.device)
         out = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+        feed_ndarray(dense, out, cuda_stream=stream)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        self.held = (views, copied)
         return out
 
 
