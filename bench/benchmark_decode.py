@@ -104,8 +104,8 @@ def make_missing_jpegs(folder: Path, count: int) -> None:
 
 
 class Route:
-    def __init__(self, name: str, device: torch.device, size: int):
-        self.name, self.device, self.size, self.dali = name, device, size, None
+    def __init__(self, name: str, device: torch.device, size: int, hw_decoder_load: float | None = None):
+        self.name, self.device, self.size, self.dali, self.hw_decoder_load = name, device, size, None, hw_decoder_load
         if name.startswith("nvimgcodec"):
             nvimgcodec = import_nvimgcodec()
             self.codec = nvimgcodec
@@ -123,7 +123,7 @@ class Route:
 
             if self.dali is None:
                 self.dali = DaliCrops(self.device if self.name == "dali" else torch.device("cpu"), self.size,
-                                      len(encoded))
+                                      len(encoded), self.hw_decoder_load)
             boxes = np.array([(*window, 0, self.size) for window in windows], dtype=np.int64)
             return self.dali([np.frombuffer(data, np.uint8) for data in encoded], boxes)
         if self.name == "pil":
@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="Timed batches per route.")
     parser.add_argument("--size", type=int, default=224, help="Side of the training crops.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--hw_decoder_load", type=float, nargs="+", default=[None], metavar="SHARE",
+                        help="dali: the shares of JPEGs for the hardware decoder to time (default: DALI's own).")
     parser.add_argument("--output", default=None, help="Also append each row as a JSON line to this file.")
     args = parser.parse_args()
 
@@ -216,14 +218,17 @@ def main() -> None:
             sizes.append((image.height, image.width))
     batches = [(encoded[i:i + args.batch_size], sizes[i:i + args.batch_size]) for i in range(0, needed, args.batch_size)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    for name in args.routes:
+    runs = [(name, load) for name in args.routes for load in (args.hw_decoder_load if name == "dali" else [None])]
+    for name, load in runs:
         if device.type != "cuda" and ("cuda" in name or name in ("nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi", "dali")):
             continue
         try:
-            row = time_route(Route(name, device, args.size), batches, device)
+            row = time_route(Route(name, device, args.size, load), batches, device)
         except Exception as error:  # a route the machine lacks (no nvImageCodec, no batched nvJPEG) is reported, not fatal
             print(f"{name}: not run ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
             continue
+        if load is not None:
+            row["hw_decoder_load"] = load
         row = {"mode": "decode", "route": name, "batch_size": args.batch_size, "size": args.size,
                "mean_kb_per_file": round(sum(map(len, encoded)) / len(encoded) / 1024, 1), **row,
                "machine": machine, "torch": torch.__version__, "command": " ".join(sys.argv)}

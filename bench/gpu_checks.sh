@@ -161,7 +161,8 @@ if step 23; then
     [ -d .dali/site ] && export PYTHONPATH="$PWD/.dali/site${PYTHONPATH:+:$PYTHONPATH}"
     echo "== decode routes: batched nvJPEG against DALI"
     timeout 120 python bench/benchmark_decode.py --make_jpegs 3000 --path_to_data /tmp/jpegs --routes tv_cuda_batched \
-        tv_cuda_windows dali --batch_size 256 --batches 8 --output "$OUT/results.jsonl" 2>&1 | grep -v "Warning"
+        tv_cuda_windows dali --hw_decoder_load 0.65 0.9 --batch_size 256 --batches 8 --output "$OUT/results.jsonl" \
+        2>&1 | grep -v "Warning"
     for decode in dali device; do
         run 90 --mode data --model mae_vit_base_patch16 --path_to_data /tmp/jpegs --batch_size 256 --decode $decode \
             --decode_ahead --steps 40 --warmup_steps 5

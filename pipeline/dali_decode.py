@@ -40,9 +40,10 @@ def import_dali():
 
 class DaliCrops:
     """A DALI pipeline for batches of up to ``max_batch`` JPEGs: bytes + (top, left, height, width, flip) windows in,
-    uint8 (B, 3, size, size) views out, on ``device`` (a GPU, or the CPU)."""
+    uint8 (B, 3, size, size) views out, on ``device`` (a GPU, or the CPU). ``hw_decoder_load``: the share of the
+    JPEGs for the GPU's hardware decoder (DALI's default where None), the rest decoded by nvJPEG's hybrid path."""
 
-    def __init__(self, device: torch.device, size: int, max_batch: int):
+    def __init__(self, device: torch.device, size: int, max_batch: int, hw_decoder_load: float | None = None):
         dali = import_dali()
         from nvidia.dali import fn, types
 
@@ -58,9 +59,10 @@ class DaliCrops:
             anchors = fn.external_source(name="anchors", dtype=types.INT64)  # (top, left)
             shapes = fn.external_source(name="shapes", dtype=types.INT64)  # (height, width)
             flips = fn.external_source(name="flips", dtype=types.INT32)
+            load = {"hw_decoder_load": hw_decoder_load} if on_gpu and hw_decoder_load is not None else {}
             images = fn.decoders.image_slice(jpegs, anchors, shapes, device="mixed" if on_gpu else "cpu",
                                              output_type=types.RGB, axis_names="HW", normalized_anchor=False,
-                                             normalized_shape=False)
+                                             normalized_shape=False, **load)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True,
                                dtype=types.FLOAT)  # in float, rounded once below, as crop_view does
             return fn.crop_mirror_normalize(images, mirror=flips, output_layout="CHW", dtype=types.UINT8)
