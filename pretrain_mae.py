@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="Where a folder's JPEGs are decoded: cpu (loader workers), device (decode_jpeg on the "
                            "training device, nvJPEG on a GPU), dali (NVIDIA DALI, the GPU's JPEG engines, each crop's "
                            "window only: pip install nvidia-dali-cuda130) or auto (device when training on a GPU); all "
-                           "cut the same crops, with pixels within about one level of each other.")
+                           "cut the same crops, with pixels within about two levels of each other.")
     data.add_argument("--decode_ahead", action="store_true",
                       help="With JPEGs decoded on a GPU, decode the next batch on its own CUDA stream while the "
                            "current step trains (same batches; by default the decode runs between steps).")

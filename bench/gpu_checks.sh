@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements, each step with its own time limit so one failure leaves the others' rows; STEPS picks some
-# (default: all). Wall times on one H100/H200: steps 1-6 about 7 minutes together; 16 14 15 18 19 17 about 5 (16: the
+# (default: 1-21; 22-24 run when named). Wall times on one H100/H200: steps 1-6 about 7 minutes together; 16 14 15 18 19 17 about 5 (16: the
 # compiled step's profile, 14: JPEG decode routes, 15: attention backends, 18: the tiny preset, 19: the pixel cache,
 # 17: micro-batch 512); 20 about 1.5; 21 over 5 (GEMM autotuning; cuBLAS won every shape it printed); 12 about 1.5;
 # 8 9 about 6; 7 about 2.5; 10 about 3; 11 about 2.5; 13 about 4; 22 (not run yet) under 8, most of it compilation;

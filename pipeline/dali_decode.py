@@ -1,7 +1,8 @@
-"""JPEGs decoded by NVIDIA DALI (``--decode dali``): on a GPU its hardware JPEG engines (A100, H100, H200) or nvJPEG
-decode only each training crop's window, then resize (bicubic, antialiased) and flip it there; on a machine without
-a GPU the same pipeline runs on the CPU (libjpeg-turbo). The windows are the loader's own (drawn from each sample's
-seeded draws), so the views are the default path's within one grey level and a resumed run gets the same samples.
+"""JPEGs decoded by NVIDIA DALI (``--decode dali``): on a GPU its hardware JPEG decoder (A100, H100, H200: a share of
+the images) and nvJPEG decode only each training crop's window, then resize (bicubic, antialiased) and flip it
+there; on a machine without a GPU the same pipeline runs on the CPU (libjpeg-turbo). The windows are the loader's
+own (drawn from each sample's seeded draws), so the views are the default path's within two grey levels and a
+resumed run gets the same samples. EXIF orientation is ignored, as torchvision's decode_jpeg ignores it.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def import_dali():
             folders = [Path(entry or ".") / "nvidia" for entry in sys.path]
             nvidia.__path__ = list(nvidia.__path__) + [str(folder) for folder in folders if (folder / "dali").is_dir()]
             import nvidia.dali as dali
-        except ImportError:
-            raise UserError(f"--decode dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}") from None
+        except ImportError as error:
+            problem = "is not installed" if isinstance(error, ModuleNotFoundError) else \
+                f"does not import ({str(error).splitlines()[0]})"
+            raise UserError(f"--decode dali needs NVIDIA DALI, which {problem}: {INSTALL_HINT}") from None
     return dali
 
 
@@ -62,7 +65,7 @@ class DaliCrops:
             load = {"hw_decoder_load": hw_decoder_load} if on_gpu and hw_decoder_load is not None else {}
             images = fn.decoders.image_slice(jpegs, anchors, shapes, device="mixed" if on_gpu else "cpu",
                                              output_type=types.RGB, axis_names="HW", normalized_anchor=False,
-                                             normalized_shape=False, **load)
+                                             normalized_shape=False, adjust_orientation=False, **load)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True,
                                dtype=types.FLOAT)  # in float, rounded once below, as crop_view does
             return fn.crop_mirror_normalize(images, mirror=flips, output_layout="CHW", dtype=types.UINT8)
@@ -77,9 +80,7 @@ class DaliCrops:
         self.pipeline.feed_input("anchors", list(np.ascontiguousarray(windows[:, 0:2])))
         self.pipeline.feed_input("shapes", list(np.ascontiguousarray(windows[:, 2:4])))
         self.pipeline.feed_input("flips", list(windows[:, 4].astype(np.int32)))
-        if self.held is not None:
-            self.held[1].synchronize()  # the last copy has run (it was queued before the step that followed it)
-            self.held = None
+        self.close()  # the last copy has run (it was queued before the step that followed it)
         views, = self.pipeline.run()
         if self.device.type != "cuda":
             return torch.from_numpy(views.as_array())
@@ -95,31 +96,60 @@ class DaliCrops:
         self.held = (views, copied)
         return out
 
+    def close(self) -> None:
+        """Wait for the last copy out of DALI's buffers, before the pipeline (and its memory pool) is let go."""
+        if self.held is not None:
+            self.held[1].synchronize()
+            self.held = None
+
 
 _PIPELINES: dict = {}
+_FAILURES = {"in_a_row": 0, "given_up": False}
+GIVE_UP_AFTER = 10  # batches failed in a row: DALI itself (memory, a library), not a bad JPEG; decode_jpeg takes over
 
 
 def dali_crops(device: torch.device, size: int, batch_size: int) -> DaliCrops:
-    """The process's pipeline for ``device`` and view ``size``, rebuilt larger when a bigger batch comes."""
+    """The process's pipeline for ``device`` and view ``size``, rebuilt larger when a bigger batch comes; a pipeline
+    that cannot be built is a one-line error."""
     key = (str(device), size)
     if key not in _PIPELINES or _PIPELINES[key].max_batch < batch_size:
-        _PIPELINES[key] = DaliCrops(device, size, batch_size)
+        drop_pipeline(key)
+        try:
+            _PIPELINES[key] = DaliCrops(device, size, batch_size)
+        except RuntimeError as error:
+            raise UserError(f"--decode dali: DALI cannot build its pipeline on {device} "
+                            f"({str(error).strip().splitlines()[-1]}): use --decode device") from None
     return _PIPELINES[key]
+
+
+def drop_pipeline(key: tuple) -> None:
+    if key in _PIPELINES:
+        _PIPELINES.pop(key).close()
 
 
 def decode_with_dali(batch: dict, device: torch.device) -> dict | None:
     """:func:`pipeline.device_decode.decode_deferred`'s batch, decoded and cropped by DALI: ``jpeg`` + ``crop``
     become ``pixel_values``. None (the batch untouched) when a JPEG in it does not decode: DALI fails the whole batch,
     and the caller's per-image decode finds and drops the bad one."""
+    if _FAILURES["given_up"]:
+        return None
     sizes, windows = batch["jpeg_sizes"].numpy(), batch["crop"].numpy()
     datas = np.split(batch["jpeg"].numpy(), np.cumsum(sizes)[:-1])
     size = int(windows[0, 5])
+    pipeline = dali_crops(device, size, len(datas))
     try:
-        views = dali_crops(device, size, len(datas))(datas, windows)
-    except RuntimeError:
-        _PIPELINES.pop((str(device), size), None)  # built afresh for the next batch, whatever state the error left
-        logger.warning("DALI could not decode a JPEG of this batch: decoding the batch image by image")
+        views = pipeline(datas, windows)
+    except RuntimeError as error:
+        drop_pipeline((str(device), size))  # built afresh for the next batch, whatever state the error left
+        _FAILURES["in_a_row"] += 1
+        if _FAILURES["in_a_row"] >= GIVE_UP_AFTER:
+            _FAILURES["given_up"] = True
+            logger.warning("DALI failed %d batches in a row (last: %s): decode_jpeg decodes from here on",
+                           GIVE_UP_AFTER, str(error).strip().splitlines()[-1])
+        else:
+            logger.warning("DALI could not decode a JPEG of this batch: decoding the batch image by image")
         return None
+    _FAILURES["in_a_row"] = 0
     batch = {key: value for key, value in batch.items() if key not in ("jpeg", "jpeg_sizes", "crop")}
     batch["pixel_values"] = views
     return batch

@@ -69,14 +69,14 @@ def decode_deferred(batch: dict, device: torch.device, fence: str = "device", de
     keep = [image is not None for image in images]
     kept = [(image, crop) for image, crop in zip(images, crops) if image is not None]
     if kept and fast_float64(device):  # a handful of batched products instead of ~6 kernels per image
-        views = list(resized_windows([image for image, _ in kept], [crop for _, crop in kept], crops[0][5]))
-    else:
-        views = [crop_view(image, crop) for image, crop in kept]
+        views = resized_windows([image for image, _ in kept], [crop for _, crop in kept], crops[0][5])
+    elif kept:
+        views = torch.stack([crop_view(image, crop) for image, crop in kept])
     if not all(keep):
         mask = torch.tensor(keep)
         batch = {k: v[mask] if isinstance(v, torch.Tensor) and v.ndim and len(v) == len(keep) else v
                  for k, v in batch.items()}
         batch["num_skipped"] = batch.get("num_skipped", 0) + keep.count(False)
-    if views:
-        batch["pixel_values"] = torch.stack(views)
+    if kept:
+        batch["pixel_values"] = views
     return batch

@@ -140,7 +140,8 @@ def resized_windows(images: list[torch.Tensor], crops: torch.Tensor, size: int, 
                     budget: int = 2**25) -> torch.Tensor:
     """:func:`resized_crops` for (C, H, W) images of any sizes: each window is cut out, windows of similar area are
     padded to a common size (the resize weights are zero outside a window, so the padding is never read) and resized
-    a group of at most ``budget`` padded pixels at a time; uint8 (B, C, size, size) in the crops' order."""
+    a group of at most ``budget`` padded pixel values at a time (each takes 2 x 8 bytes in the float64 products);
+    uint8 (B, C, size, size) in the crops' order."""
     crops = crops.tolist() if isinstance(crops, torch.Tensor) else crops
     windows = [image[:, top:top + height, left:left + width] for image, (top, left, height, width, *_) in
                zip(images, crops)]

@@ -28,9 +28,12 @@ def fashion_mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def dali():
     """nvidia.dali (``--decode dali``; its pipelines run on the CPU here), skipped where it is not installed."""
+    from pipeline.dali_decode import import_dali
+    from utils.errors import UserError
+
     try:
-        import nvidia.dali as dali
-    except ImportError:
+        dali = import_dali()
+    except UserError:
         missing = "needs NVIDIA DALI: pip install nvidia-dali-cuda130"
         if os.environ.get("MAE_REQUIRE_DATA"):  # CI: every test runs
             pytest.fail(missing)

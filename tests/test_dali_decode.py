@@ -21,15 +21,19 @@ SMALL = ["--model", "mae_vit_tiny_patch4", "--img_size", 32, "--input_channels",
 
 
 def photos(root, count: int, seed: int = 0):
-    """Smooth, slightly noisy colour images of many sizes (every fifth grayscale), as JPEGs in two class folders."""
+    """Smooth, slightly noisy colour images of many sizes (every fifth grayscale, every seventh with an EXIF
+    orientation, which every decode path ignores), as JPEGs in two class folders."""
     rng = np.random.default_rng(seed)
     for index in range(count):
         size = (60 + 11 * index % 97, 80 + 17 * index % 113)
         coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size[::-1], Image.BICUBIC)
         noisy = np.clip(np.asarray(coarse, np.int16) + rng.integers(-12, 13, (*size, 3)), 0, 255).astype(np.uint8)
         image = Image.fromarray(noisy).convert("L" if index % 5 == 2 else "RGB")
+        exif = Image.Exif()
+        if index % 7 == 3:
+            exif[0x0112] = 3  # "rotated 180 degrees"
         (root / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
-        image.save(root / f"class{index % 2}" / f"{index:03d}.jpg", quality=90)
+        image.save(root / f"class{index % 2}" / f"{index:03d}.jpg", quality=90, exif=exif)
 
 
 def first_batch(folder, decode: str, count: int, size: int = 48) -> dict:
@@ -51,9 +55,10 @@ def assert_views_agree(views: torch.Tensor, expected: torch.Tensor) -> None:
         (apart.max(), (apart > 0).float().mean())
 
 
-def test_dali_views_are_the_default_paths_views(tmp_path, dali):
+def test_dali_views_are_the_default_paths_views(tmp_path, dali, caplog):
     photos(tmp_path, 24)
     plain, fused = first_batch(tmp_path, "cpu", 24), first_batch(tmp_path, "dali", 24)
+    assert not [record for record in caplog.records if "DALI" in record.message]  # DALI made these views
     assert "jpeg" not in fused and "crop" not in fused
     assert_views_agree(fused["pixel_values"], plain["pixel_values"])
     assert torch.equal(fused["label"], plain["label"]) and torch.equal(fused["noise"], plain["noise"])
@@ -132,3 +137,20 @@ def test_dali_batches_made_ahead_in_a_thread_are_the_inline_ones(tmp_path, dali)
     for expected, batch in zip(inline, ahead):
         assert torch.equal(batch["pixel_values"], expected["pixel_values"])
         assert torch.equal(batch["noise"], expected["noise"])
+
+
+def test_dali_failing_batch_after_batch_hands_over_to_decode_jpeg(tmp_path, dali, monkeypatch, caplog):
+    """Not a bad JPEG but DALI itself failing (memory, a library): after GIVE_UP_AFTER batches in a row, one
+    warning and decode_jpeg from then on; every batch still comes, with the default path's views."""
+    from pipeline import dali_decode
+
+    photos(tmp_path, 8)
+    monkeypatch.setattr(dali_decode, "_FAILURES", {"in_a_row": 0, "given_up": False})
+    monkeypatch.setattr(dali_decode.DaliCrops, "__call__", lambda self, *args: (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory in DALI's pool")))
+    plain = first_batch(tmp_path, "device", 8)
+    for _ in range(dali_decode.GIVE_UP_AFTER + 2):
+        batch = first_batch(tmp_path, "dali", 8)
+        assert torch.equal(batch["pixel_values"], plain["pixel_values"])  # decode_jpeg's views exactly
+    assert dali_decode._FAILURES["given_up"]
+    assert sum("decode_jpeg decodes from here on" in record.message for record in caplog.records) == 1
