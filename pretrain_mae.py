@@ -38,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--decode", type=str, default="auto", choices=["auto", "cpu", "device", "dali"],
                       help="Where a folder's JPEGs are decoded: cpu (loader workers), device (decode_jpeg on the "
                            "training device, nvJPEG on a GPU), dali (NVIDIA DALI, partly on the GPU's hardware JPEG "
-                           "decoder, each crop's window only: pip install nvidia-dali-cuda130) or auto (device when training on a GPU); all "
-                           "cut the same crops, with pixels within about two levels of each other.")
+                           "decoder, each crop's window only: pip install nvidia-dali-cuda130) or auto (device when "
+                           "training on a GPU); all cut the same crops, with pixels within about two levels of each "
+                           "other.")
     data.add_argument("--decode_ahead", action="store_true",
                       help="With JPEGs decoded on a GPU, decode the next batch on its own CUDA stream while the "
                            "current step trains (same batches; by default the decode runs between steps).")

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.benchmark_pretrain import emit_rows, make_jpegs  # noqa: E402
 
-ROUTES = ("pil", "tv_cpu", "tv_cuda_loop", "tv_cuda_batched", "tv_cuda_windows", "nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi",
-          "nvimgcodec_cpu", "dali", "dali_cpu")
+ROUTES = ("pil", "tv_cpu", "tv_cuda_loop", "tv_cuda_batched", "tv_cuda_windows", "nvimgcodec", "nvimgcodec_hw",
+          "nvimgcodec_roi", "nvimgcodec_cpu", "dali", "dali_cpu")
 NVIMGCODEC_BACKENDS = {"nvimgcodec": None, "nvimgcodec_roi": None, "nvimgcodec_hw": "HW_GPU_ONLY",
                        "nvimgcodec_cpu": "CPU_ONLY"}
 
@@ -76,15 +76,9 @@ def resize_crops(images: list[torch.Tensor], windows: list[tuple], size: int, ch
 
 def import_nvimgcodec():
     """nvidia.nvimgcodec, also where another install made ``nvidia`` a regular package that hides it."""
-    try:
-        from nvidia import nvimgcodec
-    except ImportError:
-        import nvidia
+    from pipeline.dali_decode import import_nvidia
 
-        nvidia.__path__ = list(nvidia.__path__) + [str(Path(entry) / "nvidia") for entry in sys.path
-                                                     if (Path(entry or ".") / "nvidia" / "nvimgcodec").is_dir()]
-        from nvidia import nvimgcodec
-    return nvimgcodec
+    return import_nvidia("nvimgcodec")
 
 
 def as_tensor(image, device: torch.device) -> torch.Tensor:
@@ -220,7 +214,8 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     runs = [(name, load) for name in args.routes for load in (args.hw_decoder_load if name == "dali" else [None])]
     for name, load in runs:
-        if device.type != "cuda" and ("cuda" in name or name in ("nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi", "dali")):
+        if device.type != "cuda" and ("cuda" in name or name in ("nvimgcodec", "nvimgcodec_hw", "nvimgcodec_roi",
+                                                                  "dali")):
             continue
         try:
             row = time_route(Route(name, device, args.size, load), batches, device)

@@ -22,23 +22,29 @@ INSTALL_HINT = ("pip install nvidia-dali-cuda130 (CUDA 13 builds of torch; nvidi
                 "--decode device")
 
 
-def import_dali():
-    """``nvidia.dali``, or a one-line error naming the package to install. Also found where another install made
-    ``nvidia`` a regular package (an ``__init__.py``), which hides the namespace's other folders on ``sys.path``."""
-    try:
-        import nvidia.dali as dali
-    except ImportError:
-        try:
-            import nvidia
+def import_nvidia(name: str):
+    """``nvidia.<name>`` (dali, nvimgcodec), also where another install made ``nvidia`` a regular package (an
+    ``__init__.py``), which hides the namespace's other folders on ``sys.path``."""
+    import importlib
 
-            folders = [Path(entry or ".") / "nvidia" for entry in sys.path]
-            nvidia.__path__ = list(nvidia.__path__) + [str(folder) for folder in folders if (folder / "dali").is_dir()]
-            import nvidia.dali as dali
-        except ImportError as error:
-            problem = "is not installed" if isinstance(error, ModuleNotFoundError) else \
-                f"does not import ({str(error).splitlines()[0]})"
-            raise UserError(f"--decode dali needs NVIDIA DALI, which {problem}: {INSTALL_HINT}") from None
-    return dali
+    try:
+        return importlib.import_module(f"nvidia.{name}")
+    except ImportError:
+        import nvidia
+
+        folders = [Path(entry or ".") / "nvidia" for entry in sys.path]
+        nvidia.__path__ = list(nvidia.__path__) + [str(folder) for folder in folders if (folder / name).is_dir()]
+        return importlib.import_module(f"nvidia.{name}")
+
+
+def import_dali():
+    """``nvidia.dali``, or a one-line error naming the package to install."""
+    try:
+        return import_nvidia("dali")
+    except ImportError as error:
+        problem = "is not installed" if isinstance(error, ModuleNotFoundError) else \
+            f"does not import ({str(error).splitlines()[0]})"
+        raise UserError(f"--decode dali needs NVIDIA DALI, which {problem}: {INSTALL_HINT}") from None
 
 
 class DaliCrops:
@@ -50,7 +56,7 @@ class DaliCrops:
         dali = import_dali()
         from nvidia.dali import fn, types
 
-        self.device, self.size, self.max_batch = device, size, max_batch
+        self.device, self.max_batch = device, max_batch
         on_gpu = device.type == "cuda"
         threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
 

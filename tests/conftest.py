@@ -15,13 +15,18 @@ sys.path.insert(0, str(ROOT))
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def skip_or_fail(missing: str):
+    """Skip a test that needs what this machine lacks; in CI (MAE_REQUIRE_DATA), where every test runs, fail it."""
+    if os.environ.get("MAE_REQUIRE_DATA"):
+        pytest.fail(missing)
+    pytest.skip(missing)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-        missing = "trains on the real Fashion-MNIST images, which are missing: apt-get install dataset-fashion-mnist"
-        if os.environ.get("MAE_REQUIRE_DATA"):  # CI: every test runs
-            pytest.fail(missing)
-        pytest.skip(missing)
+        skip_or_fail("trains on the real Fashion-MNIST images, which are missing: "
+                     "apt-get install dataset-fashion-mnist")
     return FASHION_MNIST
 
 
@@ -32,13 +37,9 @@ def dali():
     from utils.errors import UserError
 
     try:
-        dali = import_dali()
+        return import_dali()
     except UserError:
-        missing = "needs NVIDIA DALI: pip install nvidia-dali-cuda130"
-        if os.environ.get("MAE_REQUIRE_DATA"):  # CI: every test runs
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return dali
+        skip_or_fail("needs NVIDIA DALI: pip install nvidia-dali-cuda130")
 
 
 def free_port() -> int:
